@@ -1,0 +1,119 @@
+"""``HyperGradient``: one interface over every registered mode."""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from .errors import HypergradientWarning, SolverBreakdownError
+from .modes import Mode, get_mode
+from .problem import BilevelProblem, Closure
+from .solvers import Tensors
+from .stats import Stats
+
+_BREAKDOWNS = {
+    "negative_curvature": "the conjugate-gradient solve met negative curvature (pᵀHp ≤ 0): the "
+                          "inner Hessian is not positive definite at params (not a minimum, or a "
+                          "non-convex inner problem). The result used the iterate before it; add "
+                          "damping, or use implicit-neumann",
+    "diverged": "the Neumann series diverged (its residual grew): alpha is above 2/λmax; lower "
+                "alpha or use alpha='auto'",
+    "singular": "the linear system is numerically singular (a least-squares or pseudo-inverse "
+                "solution was used); add damping/rho or check that params is a strict minimum",
+}
+
+
+class HyperGradient:
+    """Hypergradients ``dg/dφ`` of ``g(θ*(φ), φ)`` where ``θ*(φ)`` minimises ``f(·, φ)``.
+
+    Args:
+        mode: a name from :func:`bilevel.available_modes` (default ``"implicit-cg"``).
+        strict: raise :class:`~bilevel.errors.SolverBreakdownError` instead of warning when a
+            solver diverges, meets negative curvature or a singular system.
+        **options: the mode's options (see each mode's docstring); unknown ones raise
+            ``TypeError``.
+
+    Every call fills :attr:`stats`. A call never modifies ``params``, ``hparams``, module
+    buffers or ``.grad`` fields, except that :meth:`backward` accumulates into the hparams'
+    ``.grad`` (and modes that document an ``update_params`` option).
+    """
+
+    def __init__(self, mode: str = "implicit-cg", *, strict: bool = False, **options: Any) -> None:
+        self.mode: Mode = get_mode(mode).from_options(**options)
+        self.strict = strict
+        self.stats = Stats(mode=mode)
+        self._warned: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"HyperGradient({self.mode!r})"
+
+    def compute(self, inner_loss: Closure, outer_loss: Closure, params: Any, hparams: Any) -> Any:
+        """The hypergradient, detached, in the structure of ``hparams`` (a module gives a
+        name -> tensor dict of its trainable parameters).
+
+        Args:
+            inner_loss: ``f(params, hparams) -> scalar`` (the training loss).
+            outer_loss: ``g(params, hparams) -> scalar`` (the validation loss).
+            params: θ: a tensor, a tuple/list/dict of tensors or an ``nn.Module``. Implicit
+                modes assume it is (close to) a minimiser of ``inner_loss``.
+            hparams: φ: same kinds as ``params``; its tensors must require grad.
+        """
+        problem = BilevelProblem(inner_loss, outer_loss, params, hparams)
+        grads = self._run(problem)
+        return problem.hparams_structure.unflatten(grads)
+
+    def backward(self, inner_loss: Closure, outer_loss: Closure, params: Any, hparams: Any) -> None:
+        """Like :meth:`compute`, then accumulate the result into the hparams' ``.grad``
+        (as ``loss.backward()`` would); nothing is written if the computation fails."""
+        problem = BilevelProblem(inner_loss, outer_loss, params, hparams)
+        grads = self._run(problem)
+        with torch.no_grad():
+            for leaf, grad in zip(problem.phi0, grads):
+                if leaf.grad is None:
+                    leaf.grad = grad.clone()
+                else:
+                    leaf.grad.add_(grad)
+
+    def solve(self, problem: BilevelProblem) -> Tensors:
+        """The hypergradient of a prepared :class:`~bilevel.problem.BilevelProblem`, flat and
+        aligned with ``problem.phi0`` (for adapters that build their own problems)."""
+        return self._run(problem)
+
+    def _run(self, problem: BilevelProblem) -> Tensors:
+        stats = Stats(mode=self.mode.name)
+        self.stats = stats
+        start = time.perf_counter()
+        grads = self.mode.hypergradient(problem, stats)
+        if problem.device.type == "cuda":
+            torch.cuda.synchronize(problem.device)
+        stats.wall_time = time.perf_counter() - start
+        grads = tuple(g.detach() for g in grads)
+        self._report(stats)
+        return grads
+
+    def _report(self, stats: Stats) -> None:
+        for flag, message in _BREAKDOWNS.items():
+            if getattr(stats, flag):
+                if self.strict:
+                    raise SolverBreakdownError(f"{stats.mode}: {message}")
+                self._warn_once(flag, f"{stats.mode}: {message} (warned once per HyperGradient; "
+                                      "pass strict=True to raise)")
+        if stats.extra.get("hparams_unused_by_inner"):
+            self._warn_once("unused", "no hparam affects the gradient of inner_loss, so the "
+                                      "hypergradient is only the direct term ∂outer_loss/∂hparams")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, HypergradientWarning, stacklevel=4)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The mode's state (warm-start solutions, optimizer state, generator state)."""
+        return {"mode": self.mode.name, "state": self.mode.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("mode") != self.mode.name:
+            raise ValueError(f"state_dict is for mode {state.get('mode')!r}, not {self.mode.name!r}")
+        self.mode.load_state_dict(state["state"])

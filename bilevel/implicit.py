@@ -1,0 +1,55 @@
+"""Implicit differentiation (IFT) around a stationary point, shared by the ``implicit-*`` modes.
+
+    dg/dφ = ∂g/∂φ − (∂G/∂φ)ᵀ x,   Jᵀ x = ∂g/∂θ,   J = ∂G/∂θ,
+
+with ``G = ∇θ f`` (so ``Jᵀ = H`` and ``(∂G/∂φ)ᵀ = ∇²φθ f``) unless the problem supplies
+another stationarity map. Assumes ``θ`` is (close to) a point where ``G(θ, φ) = 0``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .errors import check_finite
+from .operators import StationarityJacobian
+from .problem import BilevelProblem
+from .solvers import SolveResult, Tensors
+from .stats import Stats
+
+Solve = Callable[[StationarityJacobian, Tensors], SolveResult]
+
+
+def outer_gradients(problem: BilevelProblem, theta: Tensors, phi: Tensors) -> tuple[Tensors, Tensors]:
+    """``(∂g/∂θ, ∂g/∂φ)`` at the given leaves, zeros where ``g`` does not depend on a tensor."""
+    with torch.enable_grad():
+        g = problem.outer(theta, phi)
+        check_finite((g,), "the value of outer_loss")
+        grads = torch.autograd.grad(g, theta + phi, allow_unused=True)
+    if all(x is None for x in grads):
+        raise ValueError("outer_loss depends on neither params nor hparams; compute it from the "
+                         "arguments the closure receives (or, for modules, by calling the module)")
+    grads = tuple(torch.zeros_like(t) if x is None else x for x, t in zip(grads, theta + phi))
+    v, direct = grads[:len(theta)], grads[len(theta):]
+    check_finite(v, "the gradient of outer_loss w.r.t. params")
+    check_finite(direct, "the gradient of outer_loss w.r.t. hparams")
+    return v, direct
+
+
+def implicit_hypergradient(problem: BilevelProblem, solve: Solve, stats: Stats) -> Tensors:
+    """The IFT hypergradient with ``x`` from ``solve(operator, v)``; fills ``stats``."""
+    theta, phi = problem.leaf_copies()
+    field = problem.stationarity(theta, phi)
+    v, direct = outer_gradients(problem, theta, phi)
+    operator = StationarityJacobian(field, theta, phi)
+    result = solve(operator, v)
+    mixed = operator.mixed(result.x)
+    stats.hvps = operator.products
+    stats.iters = result.iters
+    stats.residual = result.residual
+    stats.converged = result.converged
+    stats.negative_curvature = result.negative_curvature
+    stats.diverged = result.diverged
+    stats.singular = result.singular
+    stats.extra["hparams_unused_by_inner"] = all(operator.unused)
+    return tuple(d - m for d, m in zip(direct, mixed))

@@ -1,0 +1,88 @@
+"""The mode protocol and the registry: a mode is one small file in ``bilevel/modes/``.
+
+A mode is a dataclass whose fields are its options (with their defaults), registered under a
+name with :func:`register_mode`. It implements ``hypergradient(problem, stats)``, which
+returns the hypergradient as a tuple aligned with ``problem.phi0`` and fills ``stats``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, TypeVar
+
+from ..problem import BilevelProblem
+from ..solvers import Tensors
+from ..stats import Stats
+
+_REGISTRY: dict[str, type["Mode"]] = {}
+
+M = TypeVar("M", bound=type["Mode"])
+
+
+class Mode:
+    """Base class of the modes. Subclasses are dataclasses; their fields are the options."""
+
+    name: ClassVar[str] = ""
+    #: whether the mode can solve the non-symmetric systems of non-gradient stationarity maps
+    supports_nonsymmetric: ClassVar[bool] = False
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "Mode":
+        """Build the mode from user keywords; unknown ones raise a ``TypeError`` naming the valid ones."""
+        unknown = sorted(set(options) - set(cls.option_names()))
+        if unknown:
+            raise TypeError(f"mode {cls.name!r} got unknown option(s) {', '.join(unknown)}; "
+                            f"its options are: {', '.join(cls.option_names())}")
+        return cls(**options)
+
+    def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
+        raise NotImplementedError
+
+    def check_problem(self, problem: BilevelProblem) -> None:
+        """Refuse problems the mode cannot solve correctly."""
+        if not problem.symmetric and not self.supports_nonsymmetric:
+            capable = [n for n, c in _REGISTRY.items() if c.supports_nonsymmetric]
+            raise ValueError(f"mode {self.name!r} needs a symmetric inner Hessian, but this problem's "
+                             "stationarity map is not the gradient of one loss; use one of: "
+                             f"{', '.join(capable)}")
+
+    # Stateful modes (warm starts, optimizer state, random generators) override these.
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"mode {self.name!r} has no state, got keys {sorted(state)}")
+
+
+def register_mode(cls: M) -> M:
+    """Class decorator: make ``cls`` available as ``HyperGradient(mode=cls.name)``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a class attribute `name`")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a mode named {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_modes() -> list[str]:
+    """The names of the registered modes."""
+    return sorted(_REGISTRY)
+
+
+def get_mode(name: str) -> type[Mode]:
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown mode {name!r}; available modes: {', '.join(available_modes())}")
+    return _REGISTRY[name]
+
+
+def check_positive(name: str, value: Any, integer: bool = False, allow_zero: bool = False) -> None:
+    """Validate a numeric option with a readable error."""
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"option {name} must be {'an int' if integer else 'a number'}, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"option {name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")

@@ -1,0 +1,48 @@
+"""``implicit-exact``: IFT with the inner Hessian materialised and solved densely."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..implicit import implicit_hypergradient
+from ..problem import BilevelProblem
+from ..solvers import Tensors, dense_solve
+from ..stats import Stats
+from .base import Mode, check_positive, register_mode
+
+
+@register_mode
+@dataclass
+class ImplicitExact(Mode):
+    """Build the P×P matrix ``Jᵀ`` (the Hessian for a loss) from P products and solve it.
+
+    The reference for the other modes on small problems. Option ``max_params`` (default
+    5000): refuse larger problems, whose P products and P² memory would be prohibitive.
+    Handles non-symmetric systems. A numerically singular matrix is reported in
+    ``stats.singular`` (with a warning) and solved in the least-squares sense.
+    """
+
+    name: ClassVar[str] = "implicit-exact"
+    supports_nonsymmetric: ClassVar[bool] = True
+    max_params: int = 5000
+
+    def __post_init__(self) -> None:
+        check_positive("max_params", self.max_params, integer=True)
+
+    def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
+        self.check_problem(problem)
+        size = sum(t.numel() for t in problem.theta0)
+        if size > self.max_params:
+            raise ValueError(f"implicit-exact materialises the {size}x{size} inner Hessian, above "
+                             f"max_params={self.max_params}; raise max_params if you can afford "
+                             f"{size} Hessian-vector products and {size * size} entries, or use "
+                             "mode='implicit-cg'")
+
+        def solve(operator, v):
+            identity = torch.eye(size, dtype=v[0].dtype, device=v[0].device)
+            rows = operator.matmat(identity)  # row i = Jᵀ e_i, so the stack is J
+            return dense_solve(rows.T, v)
+
+        return implicit_hypergradient(problem, solve, stats)

@@ -1,0 +1,37 @@
+"""``implicit-identity``: the zeroth-order IFT approximation H⁻¹ ≈ α·I (no Hessian products)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..implicit import implicit_hypergradient
+from ..problem import BilevelProblem
+from ..solvers import SolveResult, Tensors, scale
+from ..stats import Stats
+from .base import Mode, check_positive, register_mode
+
+
+@register_mode
+@dataclass
+class ImplicitIdentity(Mode):
+    """``dg/dφ ≈ ∂g/∂φ − α (∇²φθ f) ∂g/∂θ``: one mixed product, no Hessian-vector products.
+
+    The one-step ("T1–T2", first-order DARTS) approximation: the first Neumann term. Cheap,
+    biased; useful when the inner Hessian is unavailable (an op without double backward
+    that touches only θ) or as a baseline. Option ``alpha`` (default 1.0): the scale of the
+    identity approximation, usually the inner learning rate.
+    """
+
+    name: ClassVar[str] = "implicit-identity"
+    supports_nonsymmetric: ClassVar[bool] = True
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_positive("alpha", self.alpha)
+
+    def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
+        self.check_problem(problem)
+        return implicit_hypergradient(
+            problem, lambda operator, v: SolveResult(x=scale(self.alpha, v), products=0, iters=0,
+                                                    converged=None),
+            stats)

@@ -1,0 +1,194 @@
+"""The bilevel problem as the modes see it: flat tuples of tensors and pure closures.
+
+``BilevelProblem`` takes the user's closures and structures once, checks them, and offers
+``inner(θ, φ)``, ``outer(θ, φ)`` and ``stationarity(θ, φ)`` on flat tuples, evaluating
+``nn.Module`` arguments at the given tensors without touching the modules.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ._structure import Structure, Tensors, flatten, modules_of
+from .errors import check_finite, second_order_guard
+
+Closure = Callable[[Any, Any], Tensor]
+
+
+class _ClosureCall(nn.Module):
+    """Holds the user's modules as children so ``functional_call`` can rebind all of them."""
+
+    def __init__(self, closure: Closure, modules: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.closure = closure
+        self.bound = nn.ModuleList(modules)
+
+    def forward(self, params: Any, hparams: Any) -> Tensor:
+        return self.closure(params, hparams)
+
+
+class BilevelProblem:
+    """``min_φ g(θ*(φ), φ)`` with ``θ*(φ) = argmin_θ f(θ, φ)``, in flat form.
+
+    Args:
+        inner_loss: ``f(params, hparams) -> scalar``.
+        outer_loss: ``g(params, hparams) -> scalar``.
+        params: θ: a tensor, a tuple/list/dict of tensors or an ``nn.Module``.
+        hparams: φ: same kinds as ``params``.
+
+    ``theta0`` and ``phi0`` are the user's tensors (never modified here). Module buffers
+    (BatchNorm statistics) are evaluated on private copies in ``buffers``, so calling the
+    closures leaves the modules exactly as they were.
+    """
+
+    symmetric = True  # the stationarity map is a gradient, so its Jacobian is symmetric
+
+    def __init__(self, inner_loss: Closure, outer_loss: Closure, params: Any, hparams: Any) -> None:
+        for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
+            if not callable(fn):
+                raise TypeError(f"{name}: expected a callable (params, hparams) -> scalar tensor, "
+                                f"got {type(fn).__name__}")
+        self.inner_loss, self.outer_loss = inner_loss, outer_loss
+        self.theta0, self.params_structure = flatten(params, "params")
+        self.phi0, self.hparams_structure = flatten(hparams, "hparams")
+        self._check_tensors()
+        self._modules = [s for s, _ in modules_of(self.params_structure)] + [
+            s for s, _ in modules_of(self.hparams_structure)]
+        self.buffers: dict[str, Tensor] = {}
+        for i, s in enumerate(self._modules):
+            for name, b in s.module.named_buffers():
+                self.buffers[f"bound.{i}.{name}"] = b.detach().clone()
+
+    # ------------------------------------------------------------------ checks
+    def _check_tensors(self) -> None:
+        reference = self.phi0[0]
+        for argument, tensors in (("params", self.theta0), ("hparams", self.phi0)):
+            for i, t in enumerate(tensors):
+                where = f"{argument}[{i}]" if len(tensors) > 1 else argument
+                if not t.is_floating_point():
+                    raise TypeError(f"{where}: expected a floating-point tensor, got {t.dtype}")
+                if not t.requires_grad:
+                    raise ValueError(f"{where} does not require grad; call .requires_grad_() on it "
+                                     "(hparams receive the hypergradient, params are differentiated)")
+                if t.device != reference.device:
+                    raise ValueError(f"{where} is on {t.device} but hparams[0] is on "
+                                     f"{reference.device}; move params and hparams to one device")
+                if t.dtype != reference.dtype:
+                    raise ValueError(f"{where} has dtype {t.dtype} but hparams[0] has "
+                                     f"{reference.dtype}; use one floating dtype for params and hparams")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.phi0[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.phi0[0].device
+
+    # ------------------------------------------------------------ evaluation
+    def leaf_copies(self, theta: Tensors | None = None, phi: Tensors | None = None) -> tuple[Tensors, Tensors]:
+        """Fresh leaves (detached, requiring grad) at θ and φ (by default the user's values)."""
+        theta = self.theta0 if theta is None else theta
+        phi = self.phi0 if phi is None else phi
+        return (tuple(t.detach().requires_grad_() for t in theta),
+                tuple(t.detach().requires_grad_() for t in phi))
+
+    def _evaluate(self, closure: Closure, name: str, theta: Tensors, phi: Tensors) -> Tensor:
+        p_arg = self.params_structure.unflatten(theta)
+        h_arg = self.hparams_structure.unflatten(phi)
+        if not self._modules:
+            loss = closure(p_arg, h_arg)
+        else:
+            bindings = dict(self.buffers)
+            for i, (s, offset) in enumerate(modules_of(self.params_structure)):
+                bindings.update({f"bound.{i}.{k}": t for k, t in zip(s.keys, theta[offset:])})
+            n_param_modules = len(modules_of(self.params_structure))
+            for j, (s, offset) in enumerate(modules_of(self.hparams_structure)):
+                i = n_param_modules + j
+                bindings.update({f"bound.{i}.{k}": t for k, t in zip(s.keys, phi[offset:])})
+            p_arg = _modules_as_given(self.params_structure, p_arg)
+            h_arg = _modules_as_given(self.hparams_structure, h_arg)
+            call = _ClosureCall(closure, [s.module for s in self._modules])
+            loss = functional_call(call, bindings, (p_arg, h_arg))
+        return _check_loss(loss, name)
+
+    def inner(self, theta: Tensors, phi: Tensors) -> Tensor:
+        """f(θ, φ) as a scalar tensor."""
+        return self._evaluate(self.inner_loss, "inner_loss", theta, phi)
+
+    def outer(self, theta: Tensors, phi: Tensors) -> Tensor:
+        """g(θ, φ) as a scalar tensor."""
+        return self._evaluate(self.outer_loss, "outer_loss", theta, phi)
+
+    def stationarity(self, theta: Tensors, phi: Tensors) -> Tensors:
+        """G(θ, φ) = ∇θ f(θ, φ) with its graph (``create_graph=True``), one tensor per θ leaf.
+
+        Raises if ``inner_loss`` does not depend on some parameter, or if its gradient has no
+        graph (an op without double backward): the implicit system would be singular or wrong.
+        """
+        with torch.enable_grad():
+            f = self.inner(theta, phi)
+            check_finite((f,), "the value of inner_loss")
+            with second_order_guard("the gradient of inner_loss"):
+                grads = torch.autograd.grad(f, theta, create_graph=True, allow_unused=True)
+        for i, (g, t) in enumerate(zip(grads, theta)):
+            where = f"params[{i}]" if len(theta) > 1 else "params"
+            if g is None:
+                raise ValueError(f"{where} (shape {tuple(t.shape)}) does not affect inner_loss, so the "
+                                 "inner Hessian is singular; leave it out of params, or make sure "
+                                 "inner_loss uses the params it receives")
+            if g.grad_fn is None:
+                raise ValueError(
+                    f"the gradient of inner_loss w.r.t. {where} has no graph, so its Hessian "
+                    "cannot be differentiated: inner_loss is linear in it, or it passes through "
+                    f"an op without double backward{_custom_functions(f)}. Replace that op by a "
+                    "twice-differentiable one")
+        check_finite(grads, "the gradient of inner_loss w.r.t. params")
+        return grads
+
+
+def _modules_as_given(structure: Structure, rebuilt: Any) -> Any:
+    """Closures receive modules themselves (rebound), not the name -> tensor dicts."""
+    if structure.kind == "module":
+        return structure.module
+    if structure.kind in ("tuple", "list", "dict"):
+        items = rebuilt.items() if structure.kind == "dict" else enumerate(rebuilt)
+        out = {k: _modules_as_given(c, v) for (k, v), c in zip(items, structure.children)}
+        if structure.kind == "dict":
+            return out
+        values = list(out.values())
+        return values if structure.kind == "list" else tuple(values)
+    return rebuilt
+
+
+def _check_loss(loss: Any, name: str) -> Tensor:
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"{name} must return a scalar, got a tensor of shape {tuple(loss.shape)}; "
+                         "reduce it, e.g. with .mean() or .sum()")
+    if not loss.is_floating_point():
+        raise TypeError(f"{name} must return a floating-point scalar, got {loss.dtype}")
+    if not loss.requires_grad:
+        raise ValueError(f"{name} returned a tensor without a graph: it depends on neither params "
+                         "nor hparams. Compute it from the arguments the closure receives "
+                         "(or, for modules, by calling the module), not from detached copies")
+    return loss.reshape(())
+
+
+def _custom_functions(loss: Tensor) -> str:
+    """Names of custom ``autograd.Function`` nodes in the graph of ``loss`` (suspects for
+    a missing double backward), as a clause for an error message."""
+    names, seen, stack = set(), set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            names.add(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return f" (custom autograd Functions in the graph: {', '.join(sorted(names))})" if names else ""

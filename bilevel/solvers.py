@@ -1,0 +1,229 @@
+"""Linear solvers for ``A x = v`` on tuples of tensors, given only products with ``A``.
+
+Pure functions: ``matvec`` maps a tuple of tensors to a tuple of the same shapes; nothing
+here knows about losses or models. In the implicit modes ``A`` is the inner Hessian ``H``
+(or the transposed Jacobian ``Jᵀ`` of a non-gradient stationarity field).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import NonFiniteError
+
+Tensors = tuple[Tensor, ...]
+MatVec = Callable[[Tensors], Tensors]
+
+
+@dataclass
+class SolveResult:
+    """``x`` ≈ A⁻¹v and what it took.
+
+    ``residual`` is ‖v − A x‖ / ‖v‖ where the solver knows it (None otherwise);
+    ``products`` counts products with ``A``.
+    """
+
+    x: Tensors
+    products: int
+    iters: int
+    residual: float | None = None
+    converged: bool = True
+    negative_curvature: bool = False
+    diverged: bool = False
+    singular: bool = False
+
+
+# ----------------------------------------------------------------- tuple algebra
+def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """Σᵢ ⟨aᵢ, bᵢ⟩ as a 0-dim tensor (no host sync)."""
+    return sum((x * y).sum() for x, y in zip(a, b))
+
+
+def norm(a: Sequence[Tensor]) -> Tensor:
+    return dot(a, a).sqrt()
+
+
+def axpy(alpha: float | Tensor, x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensors:
+    """``y + alpha * x`` leaf-wise."""
+    return tuple(yi + alpha * xi for xi, yi in zip(x, y))
+
+
+def scale(alpha: float | Tensor, x: Sequence[Tensor]) -> Tensors:
+    return tuple(alpha * xi for xi in x)
+
+
+def flat(x: Sequence[Tensor]) -> Tensor:
+    """Concatenate a tuple of tensors into one vector."""
+    return torch.cat([xi.reshape(-1) for xi in x])
+
+
+def unflat(vector: Tensor, like: Sequence[Tensor]) -> Tensors:
+    """Split a vector (or a batch ``(..., P)``) back into tensors shaped like ``like``."""
+    out, start = [], 0
+    batch = vector.shape[:-1]
+    for t in like:
+        n = t.numel()
+        out.append(vector[..., start:start + n].reshape(*batch, *t.shape))
+        start += n
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------- solvers
+def neumann(matvec: MatVec, v: Tensors, iters: int, alpha: float) -> SolveResult:
+    """Truncated Neumann series ``x = α Σ_{j<K} (I − αA)ʲ v`` with ``K = iters`` terms.
+
+    Uses ``K`` products: ``K − 1`` for the terms and one more for the exact residual
+    ``v − A x = (I − αA)ᴷ v``. Converges for any ``A`` (symmetric or not) whose spectrum
+    lies in the disc |1 − αλ| < 1, e.g. SPD ``A`` with ``α < 2/λmax``. ``diverged`` is set
+    when the residual grew above ‖v‖.
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    term, total = v, v
+    norms = []
+    for j in range(1, iters + 1):
+        term = axpy(-alpha, matvec(term), term)
+        norms.append(norm(term))
+        if j < iters:
+            total = axpy(1.0, term, total)
+    norms_host = torch.stack(norms).tolist()
+    v_norm = float(norm(v))
+    for j, value in enumerate(norms_host, start=1):
+        if not math.isfinite(value):
+            raise NonFiniteError(f"non-finite values in term {j} of the Neumann series (product {j}); "
+                                 f"alpha={alpha:g} may be above 2/λmax: lower it or use alpha='auto'")
+    residual = norms_host[-1] / v_norm if v_norm > 0 else 0.0
+    return SolveResult(x=scale(alpha, total), products=iters, iters=iters, residual=residual,
+                       converged=residual < 1.0, diverged=residual > 1.0)
+
+
+def conjugate_gradient(matvec: MatVec, v: Tensors, iters: int, tol: float = 1e-10,
+                       damping: float = 0.0, x0: Tensors | None = None) -> SolveResult:
+    """Conjugate gradient for ``(A + damping·I) x = v`` with ``A`` symmetric.
+
+    Stops after ``iters`` products or when ‖r‖ ≤ tol·‖v‖. On negative or zero curvature
+    (pᵀAp ≤ 0: ``A`` is not positive definite along p) it stops, keeps the last iterate and
+    sets ``negative_curvature``. One host synchronisation per iteration.
+    """
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+
+    def apply(p: Tensors) -> Tensors:
+        ap = matvec(p)
+        return axpy(damping, p, ap) if damping else ap
+
+    v_norm = float(norm(v))
+    if v_norm == 0.0:
+        return SolveResult(x=tuple(torch.zeros_like(t) for t in v), products=0, iters=0, residual=0.0)
+    products = 0
+    if x0 is None:
+        x, r = tuple(torch.zeros_like(t) for t in v), v
+    else:
+        x = x0
+        r = axpy(-1.0, apply(x0), v)
+        products += 1
+    p, rs = r, dot(r, r)
+    residual = math.sqrt(float(rs)) / v_norm
+    negative = False
+    k = 0
+    while k < iters and residual > tol:
+        ap = apply(p)
+        products += 1
+        k += 1
+        curvature = float(dot(p, ap))
+        if not math.isfinite(curvature):
+            raise NonFiniteError(f"non-finite values in Hessian-vector product {products} of the "
+                                 "conjugate-gradient solve")
+        if curvature <= 0.0:
+            negative = True
+            break
+        step = rs / curvature
+        x = axpy(step, p, x)
+        r = axpy(-step, ap, r)
+        rs_new = dot(r, r)
+        residual = math.sqrt(float(rs_new)) / v_norm
+        p = axpy(rs_new / rs, p, r)
+        rs = rs_new
+    return SolveResult(x=x, products=products, iters=k, residual=residual,
+                       converged=residual <= max(tol, 1e-12) and not negative, negative_curvature=negative)
+
+
+def power_iteration(matvec: MatVec, like: Tensors, iters: int = 10,
+                    generator: torch.Generator | None = None) -> float:
+    """Estimate the largest |eigenvalue| of ``A`` by ``iters`` products from a random start."""
+    u = tuple(torch.randn(t.shape, generator=generator, dtype=t.dtype, device="cpu").to(t.device)
+              for t in like)
+    u = scale(1.0 / norm(u), u)
+    estimate = torch.zeros((), dtype=like[0].dtype, device=like[0].device)
+    for _ in range(iters):
+        au = matvec(u)
+        estimate = norm(au)
+        u = scale(1.0 / estimate.clamp_min(torch.finfo(estimate.dtype).tiny), au)
+    value = float(estimate)
+    if not math.isfinite(value):
+        raise NonFiniteError("non-finite values in the power iteration that estimates the largest "
+                             "curvature for alpha='auto'")
+    return value
+
+
+def nystrom(columns: Tensor, indices: Tensor, v: Tensors, rho: float) -> SolveResult:
+    """Nyström-approximated solve ``(C M⁺ Cᵀ + ρI)⁻¹ v`` by the Woodbury identity.
+
+    ``columns`` is ``C = A[:, S]`` as a ``(k, P)`` batch (row ``i`` is ``A e_{S_i}``) and
+    ``indices`` the index set ``S``; ``M = A[S, S]``. With the thin QR ``C = QR`` and
+    ``B = R M⁺ Rᵀ``, the solution is ``(v − QQᵀv)/ρ + Q (B + ρI)⁻¹ Qᵀv``, which avoids the
+    cancellation of the textbook form for small ρ. ``M⁺`` drops eigenvalues below machine
+    precision (``singular`` is then set). With ``S`` all indices this is ``(A + ρI)⁻¹ v``.
+    The caller counts the ``k`` products.
+    """
+    if rho <= 0:
+        raise ValueError(f"rho must be > 0, got {rho}")
+    vf = flat(v)
+    c = columns.T  # (P, k)
+    if not bool(torch.isfinite(c).all()):
+        raise NonFiniteError("non-finite values in the Hessian columns of the Nyström solve")
+    m = c[indices]  # (k, k) = A[S, S]
+    eigvals, eigvecs = torch.linalg.eigh(0.5 * (m + m.T))
+    cutoff = eigvals.abs().max() * m.shape[0] * torch.finfo(m.dtype).eps
+    keep = eigvals.abs() > cutoff
+    singular = bool((~keep).any())
+    inverse = torch.where(keep, 1.0 / torch.where(keep, eigvals, torch.ones_like(eigvals)),
+                          torch.zeros_like(eigvals))
+    q, r = torch.linalg.qr(c)
+    rv = r @ eigvecs
+    b = (rv * inverse) @ rv.T
+    qtv = q.T @ vf
+    eye = torch.eye(b.shape[0], dtype=b.dtype, device=b.device)
+    inner, info = torch.linalg.solve_ex(0.5 * (b + b.T) + rho * eye, qtv)
+    singular = singular or bool(info != 0)
+    x = (vf - q @ qtv) / rho + q @ inner
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError("non-finite values in the Nyström solve: its core matrix is singular; "
+                             "raise rho")
+    return SolveResult(x=unflat(x, v), products=0, iters=1, singular=singular)
+
+
+def dense_solve(matrix: Tensor, v: Tensors) -> SolveResult:
+    """Solve ``A x = v`` with ``A`` given densely as a ``(P, P)`` matrix.
+
+    Sets ``singular`` (and returns a least-squares solution) when ``A`` is numerically singular.
+    """
+    vf = flat(v)
+    if not bool(torch.isfinite(matrix).all()):
+        raise NonFiniteError("non-finite values in the dense Hessian")
+    solution, info = torch.linalg.solve_ex(matrix, vf)
+    r = vf - matrix @ solution
+    v_norm = float(vf.norm())
+    scale_ = float(matrix.abs().max()) * float(solution.norm()) + v_norm
+    singular = bool(info != 0) or not (float(r.norm()) <= 1e3 * torch.finfo(matrix.dtype).eps
+                                       * matrix.shape[0] * scale_)
+    if singular:
+        solution = torch.linalg.lstsq(matrix.cpu(), vf.cpu().unsqueeze(-1)).solution.squeeze(-1).to(vf.device)
+        r = vf - matrix @ solution
+    residual = float(r.norm()) / v_norm if v_norm > 0 else 0.0
+    return SolveResult(x=unflat(solution, v), products=0, iters=1, residual=residual,
+                       converged=not singular, singular=singular)

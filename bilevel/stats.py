@@ -1,0 +1,37 @@
+"""What one hypergradient call did, for users comparing modes."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Stats:
+    """Filled by every call of :class:`~bilevel.HyperGradient`.
+
+    Attributes:
+        mode: the mode name.
+        hvps: Hessian-vector (or Jacobian-vector) products used, power iterations included.
+        residual: relative residual ‖v − H x‖/‖v‖ of the linear solve, where there is one.
+        converged: whether the solver met its tolerance (None where the mode has no solver).
+        negative_curvature: CG met pᵀHp ≤ 0 (the inner Hessian is not positive definite).
+        diverged: an iteration grew instead of shrinking (Neumann with too large ``alpha``).
+        singular: a dense or Nyström core matrix was numerically singular.
+        wall_time: seconds for the call.
+        iters: solver iterations (or unrolled steps).
+        extra: mode-specific facts (chosen ``alpha``, Nyström indices, peak memory, ...).
+    """
+
+    mode: str
+    hvps: int = 0
+    residual: float | None = None
+    converged: bool | None = None
+    negative_curvature: bool = False
+    diverged: bool = False
+    singular: bool = False
+    wall_time: float = 0.0
+    iters: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -41,7 +41,7 @@ def implicit_hypergradient(problem: BilevelProblem, solve: Solve, stats: Stats) 
     theta, phi = problem.leaf_copies()
     field = problem.stationarity(theta, phi)
     v, direct = outer_gradients(problem, theta, phi)
-    operator = StationarityJacobian(field, theta, phi)
+    operator = StationarityJacobian(field, theta, phi, problem.suspects)
     result = solve(operator, v)
     mixed = operator.mixed(result.x)
     stats.hvps = operator.products

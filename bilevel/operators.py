@@ -22,8 +22,9 @@ class StationarityJacobian:
     ``products`` counts the ``Jᵀx`` products (a batch of ``k`` counts ``k``).
     """
 
-    def __init__(self, field: Tensors, theta: Tensors, phi: Tensors) -> None:
+    def __init__(self, field: Tensors, theta: Tensors, phi: Tensors, suspects: str = "") -> None:
         self.field, self.theta, self.phi = field, theta, phi
+        self.suspects = suspects
         self.products = 0
         self.unused: tuple[bool, ...] = ()
         self.batched = theta[0].device.type == "cuda"
@@ -34,6 +35,14 @@ class StationarityJacobian:
                                         allow_unused=True, is_grads_batched=batched)
         batch = (x[0].shape[0],) if batched else ()
         self.unused = tuple(g is None for g in grads)
+        if wrt is self.theta and any(self.unused):
+            i = self.unused.index(True)
+            where = f"params[{i}]" if len(wrt) > 1 else "params"
+            raise ValueError(
+                f"the gradient of inner_loss does not depend on {where}, so the inner Hessian has a "
+                "zero block and the implicit system is singular: inner_loss is linear in it, or an "
+                f"op without double backward cut the graph{self.suspects}. Replace that op by a "
+                "twice-differentiable one, or leave the tensor out of params")
         return tuple(torch.zeros(batch + w.shape, dtype=w.dtype, device=w.device) if g is None else g
                      for g, w in zip(grads, wrt))
 

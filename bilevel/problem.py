@@ -45,6 +45,7 @@ class BilevelProblem:
     """
 
     symmetric = True  # the stationarity map is a gradient, so its Jacobian is symmetric
+    suspects = ""  # custom autograd Functions seen in inner_loss, named in second-order errors
 
     def __init__(self, inner_loss: Closure, outer_loss: Closure, params: Any, hparams: Any) -> None:
         for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
@@ -134,6 +135,7 @@ class BilevelProblem:
             check_finite((f,), "the value of inner_loss")
             with second_order_guard("the gradient of inner_loss"):
                 grads = torch.autograd.grad(f, theta, create_graph=True, allow_unused=True)
+        self.suspects = _custom_functions(f)
         for i, (g, t) in enumerate(zip(grads, theta)):
             where = f"params[{i}]" if len(theta) > 1 else "params"
             if g is None:
@@ -144,7 +146,7 @@ class BilevelProblem:
                 raise ValueError(
                     f"the gradient of inner_loss w.r.t. {where} has no graph, so its Hessian "
                     "cannot be differentiated: inner_loss is linear in it, or it passes through "
-                    f"an op without double backward{_custom_functions(f)}. Replace that op by a "
+                    f"an op without double backward{self.suspects}. Replace that op by a "
                     "twice-differentiable one")
         check_finite(grads, "the gradient of inner_loss w.r.t. params")
         return grads

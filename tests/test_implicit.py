@@ -1,0 +1,256 @@
+"""Implicit modes against exact hypergradients (closed-form ridge, Newton-solved logistic)."""
+import warnings
+
+import pytest
+import torch
+
+import bilevel
+from bilevel import HyperGradient, HypergradientWarning, SolverBreakdownError
+from problems import logistic, ridge
+
+IMPLICIT = ["implicit-exact", "implicit-cg", "implicit-neumann", "implicit-nystrom"]
+
+
+def rel_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_registry_lists_the_implicit_modes():
+    assert set(IMPLICIT + ["implicit-identity"]) <= set(bilevel.available_modes())
+
+
+def test_exact_matches_closed_form_ridge(device):
+    problem = ridge(device=device)
+    hg = HyperGradient("implicit-exact")
+    grad = hg.compute(problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    assert rel_error(grad, problem.exact_hypergradient()) < 1e-10
+    assert hg.stats.mode == "implicit-exact" and hg.stats.hvps == 6 and hg.stats.converged
+
+
+def test_exact_includes_the_direct_term(device):
+    problem = ridge(device=device, outer_uses_hparams=True)
+    grad = HyperGradient("implicit-exact").compute(problem.inner_loss, problem.outer_loss,
+                                                   problem.params_star(), problem.hparams)
+    assert rel_error(grad, problem.exact_hypergradient()) < 1e-10
+
+
+def test_cg_with_p_iterations_matches_exact(device):
+    problem = ridge(p=12, device=device)
+    hg = HyperGradient("implicit-cg", iters=12, tol=0.0)
+    grad = hg.compute(problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    assert rel_error(grad, problem.exact_hypergradient()) < 1e-8
+    assert hg.stats.hvps <= 12 and hg.stats.residual < 1e-8 and hg.stats.converged
+
+
+def test_nystrom_full_rank_matches_exact():
+    problem = ridge(p=8)
+    hg = HyperGradient("implicit-nystrom", rank=8, rho=1e-9)
+    grad = hg.compute(problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    assert rel_error(grad, problem.exact_hypergradient()) < 1e-6
+    assert hg.stats.hvps == 8 and not hg.stats.singular
+
+
+def test_nystrom_rank_is_capped_and_low_rank_is_an_approximation():
+    problem = ridge(p=8)
+    exact = problem.exact_hypergradient()
+    hg = HyperGradient("implicit-nystrom", rank=100, rho=1e-9)
+    hg.compute(problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    assert hg.stats.hvps == 8
+    low = HyperGradient("implicit-nystrom", rank=3, rho=0.1).compute(
+        problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    assert rel_error(low, exact) > 1e-3 and bool(torch.isfinite(low).all())
+
+
+def test_errors_shrink_with_budget():
+    problem = ridge(p=10, n=25)
+    exact = problem.exact_hypergradient()
+    args = (problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    neumann = [rel_error(HyperGradient("implicit-neumann", iters=k).compute(*args), exact)
+               for k in (2, 8, 32, 128)]
+    cg = [rel_error(HyperGradient("implicit-cg", iters=k, tol=0.0).compute(*args), exact)
+          for k in (1, 3, 6, 9)]
+    assert all(a > b for a, b in zip(neumann, neumann[1:])), neumann
+    assert all(a > b for a, b in zip(cg, cg[1:])), cg
+    assert neumann[-1] < 1e-6 and cg[-1] < 1e-3
+
+
+def test_neumann_with_explicit_alpha_is_the_truncated_series():
+    """x = α Σ_{j<K} (I − αH)^j v, checked against the dense formula."""
+    problem = ridge(p=5)
+    theta = problem.params_star()
+    lam = problem.hparams
+    hess = torch.autograd.functional.hessian(lambda w: problem.inner_loss(w, lam), theta.detach())
+    v = torch.autograd.grad(problem.outer_loss(theta, lam), theta)[0]
+    alpha, k = 0.3, 7
+    step = torch.eye(5, dtype=hess.dtype) - alpha * hess
+    x = alpha * sum(torch.linalg.matrix_power(step, j) @ v for j in range(k))
+    mixed = torch.autograd.functional.jacobian(
+        lambda l: torch.autograd.grad(problem.inner_loss(theta, l), theta, create_graph=True)[0],
+        lam.detach())
+    expected = -(mixed.T @ x)
+    hg = HyperGradient("implicit-neumann", iters=k, alpha=alpha)
+    grad = hg.compute(problem.inner_loss, problem.outer_loss, theta, lam)
+    assert rel_error(grad, expected) < 1e-12
+    assert hg.stats.hvps == k
+    residual = float((v - hess @ x).norm() / v.norm())
+    assert hg.stats.residual == pytest.approx(residual, rel=1e-8)
+
+
+def test_logistic_regression_all_implicit_modes(device):
+    problem = logistic(device=device)
+    exact = problem.exact_hypergradient()
+    args = (problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    assert rel_error(HyperGradient("implicit-exact").compute(*args), exact) < 1e-9
+    assert rel_error(HyperGradient("implicit-cg", tol=1e-12).compute(*args), exact) < 1e-8
+    assert rel_error(HyperGradient("implicit-nystrom", rank=5, rho=1e-10).compute(*args), exact) < 1e-6
+    assert rel_error(HyperGradient("implicit-neumann", iters=400).compute(*args), exact) < 1e-6
+
+
+def test_identity_mode_is_the_first_neumann_term():
+    problem = ridge(p=5)
+    args = (problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    identity = HyperGradient("implicit-identity", alpha=0.2)
+    one_term = HyperGradient("implicit-neumann", iters=1, alpha=0.2).compute(*args)
+    assert rel_error(identity.compute(*args), one_term) < 1e-14
+    assert identity.stats.hvps == 0
+
+
+def test_backward_accumulates_like_loss_backward():
+    problem = ridge()
+    expected = problem.exact_hypergradient()
+    hg = HyperGradient("implicit-exact")
+    theta = problem.params_star()
+    hg.backward(problem.inner_loss, problem.outer_loss, theta, problem.hparams)
+    assert rel_error(problem.hparams.grad, expected) < 1e-10
+    hg.backward(problem.inner_loss, problem.outer_loss, theta, problem.hparams)
+    assert rel_error(problem.hparams.grad, 2 * expected) < 1e-10
+    assert theta.grad is None
+
+
+def test_result_is_detached_and_inputs_untouched():
+    problem = ridge()
+    theta = problem.params_star()
+    before = (theta.detach().clone(), problem.hparams.detach().clone())
+    grad = HyperGradient("implicit-cg").compute(problem.inner_loss, problem.outer_loss, theta,
+                                                 problem.hparams)
+    assert not grad.requires_grad
+    assert torch.equal(theta, before[0]) and torch.equal(problem.hparams, before[1])
+    assert theta.grad is None and problem.hparams.grad is None
+    assert theta.requires_grad and problem.hparams.requires_grad
+
+
+def test_stats_report_what_the_call_did():
+    problem = ridge(p=10)
+    hg = HyperGradient("implicit-cg", iters=3, tol=0.0)
+    hg.compute(problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    stats = hg.stats
+    assert (stats.mode, stats.hvps, stats.iters) == ("implicit-cg", 3, 3)
+    assert stats.residual > 1e-6 and stats.converged is False
+    assert stats.wall_time > 0 and not stats.negative_curvature
+    assert set(stats.as_dict()) >= {"mode", "hvps", "residual", "converged", "negative_curvature",
+                                    "wall_time"}
+
+
+def _saddle():
+    """f(w, φ) = ½ wᵀ diag(1, −1) w − φᵀw at the stationary point w = (φ₀, −φ₁): indefinite H."""
+    phi = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    theta = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    signs = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    inner = lambda w, p: 0.5 * (signs * w * w).sum() - (p * w).sum()
+    outer = lambda w, p: (w ** 2).sum()
+    return inner, outer, theta, phi
+
+
+def test_cg_negative_curvature_is_reported_and_warned_once():
+    inner, outer, theta, phi = _saddle()
+    hg = HyperGradient("implicit-cg")
+    with pytest.warns(HypergradientWarning, match="negative curvature"):
+        hg.compute(inner, outer, theta, phi)
+    assert hg.stats.negative_curvature and not hg.stats.converged
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hg.compute(inner, outer, theta, phi)  # second time: no warning
+    with pytest.raises(SolverBreakdownError, match="negative curvature"):
+        HyperGradient("implicit-cg", strict=True).compute(inner, outer, theta, phi)
+    # the exact solve handles indefinite (invertible) Hessians: dθ*/dφ = diag(1, -1)
+    exact = HyperGradient("implicit-exact").compute(inner, outer, theta, phi)
+    assert torch.allclose(exact, torch.tensor([2.0, 4.0], dtype=torch.float64))
+
+
+def test_neumann_divergence_is_reported():
+    problem = ridge()
+    hg = HyperGradient("implicit-neumann", iters=30, alpha=10.0)
+    with pytest.warns(HypergradientWarning, match="diverged"):
+        hg.compute(problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    assert hg.stats.diverged and hg.stats.residual > 1.0
+
+
+def test_singular_hessian_is_reported():
+    """f = ½(w₀ + w₁)² + φ·w₀: H = [[1, 1], [1, 1]] is singular."""
+    inner = lambda w, p: 0.5 * (w[0] + w[1]) ** 2 + p[0] * w[0]
+    outer = lambda w, p: (w ** 2).sum()
+    theta = torch.tensor([-1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    phi = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    for mode, options in [("implicit-exact", {}), ("implicit-nystrom", {"rank": 2, "rho": 1e-3})]:
+        hg = HyperGradient(mode, **options)
+        with pytest.warns(HypergradientWarning, match="singular"):
+            hg.compute(inner, outer, theta, phi)
+        assert hg.stats.singular
+
+
+def test_hparam_unused_by_inner_gets_only_its_direct_term():
+    problem = ridge(p=4)
+    extra = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    inner = lambda w, h: problem.inner_loss(w, h["lam"])
+    outer = lambda w, h: problem.outer_loss(w, h["lam"]) + h["extra"] ** 2
+    grads = HyperGradient("implicit-exact").compute(inner, outer, problem.params_star(),
+                                                    {"lam": problem.hparams, "extra": extra})
+    assert rel_error(grads["lam"], problem.exact_hypergradient()) < 1e-10
+    assert float(grads["extra"]) == pytest.approx(1.4)
+
+
+def test_no_hparam_in_inner_warns_direct_term_only():
+    problem = ridge(p=4)
+    phi = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    outer = lambda w, h: problem.outer_loss(w, None) + h ** 2
+    hg = HyperGradient("implicit-cg")
+    with pytest.warns(HypergradientWarning, match="only the direct term"):
+        grad = hg.compute(lambda w, h: problem.inner_loss(w, problem.hparams.detach()), outer,
+                          problem.params_star(), phi)
+    assert float(grad) == pytest.approx(1.0)
+
+
+def test_param_unused_by_outer_loss_gives_zero_contribution():
+    problem = ridge(p=4)
+    spare = torch.tensor([0.0], dtype=torch.float64, requires_grad=True)
+    inner = lambda ps, lam: problem.inner_loss(ps[0], lam) + 0.5 * (ps[1] ** 2).sum()
+    outer = lambda ps, lam: problem.outer_loss(ps[0], lam)
+    grad = HyperGradient("implicit-cg", tol=1e-12).compute(inner, outer, (problem.params_star(), spare),
+                                                           problem.hparams)
+    assert rel_error(grad, problem.exact_hypergradient()) < 1e-9
+
+
+def test_warm_start_reaches_the_answer_with_fewer_products():
+    problem = ridge(p=12, n=30)
+    args = (problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    hg = HyperGradient("implicit-cg", tol=1e-10, warm_start=True)
+    first = hg.compute(*args)
+    cold_products = hg.stats.hvps
+    second = hg.compute(*args)
+    assert hg.stats.hvps < cold_products
+    assert rel_error(second, first) < 1e-8
+    restored = HyperGradient("implicit-cg", tol=1e-10, warm_start=True)
+    restored.load_state_dict(hg.state_dict())
+    restored.compute(*args)
+    assert restored.stats.hvps == hg.stats.hvps
+
+
+def test_nystrom_generator_makes_runs_reproducible_and_resumable():
+    problem = ridge(p=10)
+    args = (problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    a, b = HyperGradient("implicit-nystrom", rank=4, generator=3), HyperGradient("implicit-nystrom", rank=4, generator=3)
+    assert torch.equal(a.compute(*args), b.compute(*args))
+    state = a.state_dict()
+    next_a = a.compute(*args)
+    b.load_state_dict(state)
+    assert torch.equal(b.compute(*args), next_a)

@@ -45,6 +45,7 @@ class HyperGradient:
         self.strict = strict
         self.stats = Stats(mode=mode)
         self._warned: set[str] = set()
+        self._layout: tuple | None = None
 
     def __repr__(self) -> str:
         return f"HyperGradient({self.mode!r})"
@@ -82,6 +83,7 @@ class HyperGradient:
         return self._run(problem)
 
     def _run(self, problem: BilevelProblem) -> Tensors:
+        self._check_layout(problem)
         stats = Stats(mode=self.mode.name)
         self.stats = stats
         start = time.perf_counter()
@@ -92,6 +94,19 @@ class HyperGradient:
         grads = tuple(g.detach() for g in grads)
         self._report(stats)
         return grads
+
+    def _check_layout(self, problem: BilevelProblem) -> None:
+        """A stateful mode (warm start, optimizer state) needs the same structure every call."""
+        layout = (problem.params_structure, problem.hparams_structure,
+                  tuple(t.shape for t in problem.theta0), tuple(t.shape for t in problem.phi0))
+        if self._layout is not None and layout != self._layout and self.mode.state_dict():
+            raise ValueError(
+                "params/hparams changed structure or shapes since the last call "
+                f"(params was {self._layout[0].describe()}, now {layout[0].describe()}; hparams was "
+                f"{self._layout[1].describe()}, now {layout[1].describe()}), but mode "
+                f"{self.mode.name!r} carries state from that call; use a new HyperGradient for "
+                "the new problem")
+        self._layout = layout
 
     def _report(self, stats: Stats) -> None:
         for flag, message in _BREAKDOWNS.items():

@@ -198,3 +198,16 @@ def test_mismatched_structure_in_closure_is_the_users_structure(rp):
     call(rp, inner=inner, outer=lambda ps, hs: rp.outer_loss(ps["w"], hs[0]),
          params={"w": rp.params_star()}, hparams=[rp.hparams])
     assert seen["types"] == (dict, list)
+
+
+def test_structure_change_between_calls_of_a_stateful_mode(rp):
+    hg = HyperGradient("implicit-cg", warm_start=True)
+    call_args = (rp.inner_loss, rp.outer_loss, rp.params_star(), rp.hparams)
+    hg.compute(*call_args)
+    inner = lambda ps, lam: rp.inner_loss(ps["w"], lam)
+    outer = lambda ps, lam: rp.outer_loss(ps["w"], lam)
+    with pytest.raises(ValueError, match="changed structure.*was tensor, now \\{'w': tensor\\}"):
+        hg.compute(inner, outer, {"w": rp.params_star()}, rp.hparams)
+    stateless = HyperGradient("implicit-cg")
+    stateless.compute(*call_args)
+    stateless.compute(inner, outer, {"w": rp.params_star()}, rp.hparams)  # fine: nothing carried over

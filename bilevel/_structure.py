@@ -36,24 +36,25 @@ class Structure:
             return len(self.keys)
         return sum(child.num_leaves for child in self.children)
 
-    def unflatten(self, leaves: Sequence[Tensor]) -> Any:
-        """Rebuild the user structure from ``leaves`` (a module becomes a name -> tensor dict)."""
+    def unflatten(self, leaves: Sequence[Tensor], keep_modules: bool = False) -> Any:
+        """Rebuild the user structure from ``leaves``. A module becomes a name -> tensor dict,
+        or stays the module itself with ``keep_modules`` (its leaves are then bound elsewhere)."""
         leaves = tuple(leaves)
         if len(leaves) != self.num_leaves:
             raise ValueError(f"expected {self.num_leaves} tensors, got {len(leaves)}")
-        out, rest = self._build(leaves)
+        out, rest = self._build(leaves, keep_modules)
         assert not rest
         return out
 
-    def _build(self, leaves: Tensors) -> tuple[Any, Tensors]:
+    def _build(self, leaves: Tensors, keep_modules: bool) -> tuple[Any, Tensors]:
         if self.kind == "tensor":
             return leaves[0], leaves[1:]
         if self.kind == "module":
             n = len(self.keys)
-            return dict(zip(self.keys, leaves[:n])), leaves[n:]
+            return (self.module if keep_modules else dict(zip(self.keys, leaves[:n]))), leaves[n:]
         built = []
         for child in self.children:
-            value, leaves = child._build(leaves)
+            value, leaves = child._build(leaves, keep_modules)
             built.append(value)
         if self.kind == "dict":
             return dict(zip(self.keys, built)), leaves

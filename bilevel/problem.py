@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._structure import Structure, Tensors, flatten, modules_of
+from ._structure import Tensors, flatten, modules_of
 from .errors import check_finite, second_order_guard
 
 Closure = Callable[[Any, Any], Tensor]
@@ -56,12 +56,15 @@ class BilevelProblem:
         self.theta0, self.params_structure = flatten(params, "params")
         self.phi0, self.hparams_structure = flatten(hparams, "hparams")
         self._check_tensors()
-        self._modules = [s for s, _ in modules_of(self.params_structure)] + [
-            s for s, _ in modules_of(self.hparams_structure)]
-        self.buffers: dict[str, Tensor] = {}
-        for i, s in enumerate(self._modules):
-            for name, b in s.module.named_buffers():
-                self.buffers[f"bound.{i}.{name}"] = b.detach().clone()
+        # modules to rebind at each evaluation: (which flat tuple, structure, first leaf)
+        self._bound = [("theta", s, offset) for s, offset in modules_of(self.params_structure)] + [
+            ("phi", s, offset) for s, offset in modules_of(self.hparams_structure)]
+        modules = [s.module for _, s, _ in self._bound]
+        self._calls = {name: _ClosureCall(fn, modules) for name, fn in
+                       (("inner_loss", inner_loss), ("outer_loss", outer_loss))}
+        self.buffers: dict[str, Tensor] = {
+            f"bound.{i}.{name}": b.detach().clone()
+            for i, module in enumerate(modules) for name, b in module.named_buffers()}
 
     # ------------------------------------------------------------------ checks
     def _check_tensors(self) -> None:
@@ -97,32 +100,28 @@ class BilevelProblem:
         return (tuple(t.detach().requires_grad_() for t in theta),
                 tuple(t.detach().requires_grad_() for t in phi))
 
-    def _evaluate(self, closure: Closure, name: str, theta: Tensors, phi: Tensors) -> Tensor:
-        p_arg = self.params_structure.unflatten(theta)
-        h_arg = self.hparams_structure.unflatten(phi)
-        if not self._modules:
-            loss = closure(p_arg, h_arg)
+    def _evaluate(self, name: str, theta: Tensors, phi: Tensors) -> Tensor:
+        keep = bool(self._bound)
+        p_arg = self.params_structure.unflatten(theta, keep_modules=keep)
+        h_arg = self.hparams_structure.unflatten(phi, keep_modules=keep)
+        if not self._bound:
+            loss = self._calls[name].closure(p_arg, h_arg)
         else:
+            sources = {"theta": theta, "phi": phi}
             bindings = dict(self.buffers)
-            for i, (s, offset) in enumerate(modules_of(self.params_structure)):
-                bindings.update({f"bound.{i}.{k}": t for k, t in zip(s.keys, theta[offset:])})
-            n_param_modules = len(modules_of(self.params_structure))
-            for j, (s, offset) in enumerate(modules_of(self.hparams_structure)):
-                i = n_param_modules + j
-                bindings.update({f"bound.{i}.{k}": t for k, t in zip(s.keys, phi[offset:])})
-            p_arg = _modules_as_given(self.params_structure, p_arg)
-            h_arg = _modules_as_given(self.hparams_structure, h_arg)
-            call = _ClosureCall(closure, [s.module for s in self._modules])
-            loss = functional_call(call, bindings, (p_arg, h_arg))
+            for i, (source, s, offset) in enumerate(self._bound):
+                leaves = sources[source][offset:offset + len(s.keys)]
+                bindings.update({f"bound.{i}.{k}": t for k, t in zip(s.keys, leaves)})
+            loss = functional_call(self._calls[name], bindings, (p_arg, h_arg))
         return _check_loss(loss, name)
 
     def inner(self, theta: Tensors, phi: Tensors) -> Tensor:
         """f(θ, φ) as a scalar tensor."""
-        return self._evaluate(self.inner_loss, "inner_loss", theta, phi)
+        return self._evaluate("inner_loss", theta, phi)
 
     def outer(self, theta: Tensors, phi: Tensors) -> Tensor:
         """g(θ, φ) as a scalar tensor."""
-        return self._evaluate(self.outer_loss, "outer_loss", theta, phi)
+        return self._evaluate("outer_loss", theta, phi)
 
     def stationarity(self, theta: Tensors, phi: Tensors) -> Tensors:
         """G(θ, φ) = ∇θ f(θ, φ) with its graph (``create_graph=True``), one tensor per θ leaf.
@@ -150,20 +149,6 @@ class BilevelProblem:
                     "twice-differentiable one")
         check_finite(grads, "the gradient of inner_loss w.r.t. params")
         return grads
-
-
-def _modules_as_given(structure: Structure, rebuilt: Any) -> Any:
-    """Closures receive modules themselves (rebound), not the name -> tensor dicts."""
-    if structure.kind == "module":
-        return structure.module
-    if structure.kind in ("tuple", "list", "dict"):
-        items = rebuilt.items() if structure.kind == "dict" else enumerate(rebuilt)
-        out = {k: _modules_as_given(c, v) for (k, v), c in zip(items, structure.children)}
-        if structure.kind == "dict":
-            return out
-        values = list(out.values())
-        return values if structure.kind == "list" else tuple(values)
-    return rebuilt
 
 
 def _check_loss(loss: Any, name: str) -> Tensor:

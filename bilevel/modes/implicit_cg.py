@@ -22,7 +22,8 @@ class ImplicitCG(Mode):
         damping: λ ≥ 0 added to the diagonal; a small λ regularises ill-conditioned or
             slightly indefinite Hessians at the price of bias (default 0).
         warm_start: start each solve from the previous call's solution when the shapes
-            match; an online loop whose system changes slowly then needs fewer products.
+            match and that solve converged; an online loop whose system changes slowly then
+            needs fewer products (benchmarks/warm_start.py measures it).
 
     Assumes ``H`` is symmetric positive definite; pᵀHp ≤ 0 stops the solve and is reported
     in ``stats.negative_curvature`` (with a warning).
@@ -48,8 +49,8 @@ class ImplicitCG(Mode):
             if x0 is not None and [t.shape for t in x0] != [t.shape for t in v]:
                 x0 = None
             result = conjugate_gradient(operator.matvec, v, self.iters, self.tol, self.damping, x0=x0)
-            if self.warm_start:
-                self._previous = tuple(t.detach() for t in result.x)
+            if self.warm_start:  # only a solve that converged is a good start for the next one
+                self._previous = tuple(t.detach() for t in result.x) if result.converged else None
             return result
 
         return implicit_hypergradient(problem, solve, stats)

@@ -26,8 +26,8 @@ class _ClosureCall(nn.Module):
         self.closure = closure
         self.bound = nn.ModuleList(modules)
 
-    def forward(self, params: Any, hparams: Any) -> Tensor:
-        return self.closure(params, hparams)
+    def forward(self, params: Any, hparams: Any, *extra: Any) -> Tensor:
+        return self.closure(params, hparams, *extra)
 
 
 class BilevelProblem:
@@ -100,28 +100,40 @@ class BilevelProblem:
         return (tuple(t.detach().requires_grad_() for t in theta),
                 tuple(t.detach().requires_grad_() for t in phi))
 
-    def _evaluate(self, name: str, theta: Tensors, phi: Tensors) -> Tensor:
+    def _evaluate(self, name: str, theta: Tensors, phi: Tensors, extra: tuple = ()) -> Tensor:
         keep = bool(self._bound)
         p_arg = self.params_structure.unflatten(theta, keep_modules=keep)
         h_arg = self.hparams_structure.unflatten(phi, keep_modules=keep)
         if not self._bound:
-            loss = self._calls[name].closure(p_arg, h_arg)
+            loss = self._calls[name].closure(p_arg, h_arg, *extra)
         else:
             sources = {"theta": theta, "phi": phi}
             bindings = dict(self.buffers)
             for i, (source, s, offset) in enumerate(self._bound):
                 leaves = sources[source][offset:offset + len(s.keys)]
                 bindings.update({f"bound.{i}.{k}": t for k, t in zip(s.keys, leaves)})
-            loss = functional_call(self._calls[name], bindings, (p_arg, h_arg))
+            loss = functional_call(self._calls[name], bindings, (p_arg, h_arg, *extra))
         return _check_loss(loss, name)
 
-    def inner(self, theta: Tensors, phi: Tensors) -> Tensor:
-        """f(θ, φ) as a scalar tensor."""
-        return self._evaluate("inner_loss", theta, phi)
+    def inner(self, theta: Tensors, phi: Tensors, *extra: Any) -> Tensor:
+        """f(θ, φ) as a scalar tensor; ``extra`` arguments (a mini-batch) are passed on."""
+        return self._evaluate("inner_loss", theta, phi, extra)
 
     def outer(self, theta: Tensors, phi: Tensors) -> Tensor:
         """g(θ, φ) as a scalar tensor."""
         return self._evaluate("outer_loss", theta, phi)
+
+    def write_back(self, theta: Tensors, buffers: dict[str, Tensor] | None = None) -> None:
+        """Copy ``theta`` (detached) into the user's params, and ``buffers`` (by default the
+        private buffer copies) into the modules' buffers: for modes documented to update the
+        user's model."""
+        with torch.no_grad():
+            for leaf, value in zip(self.theta0, theta):
+                leaf.copy_(value)
+            modules = [s.module for _, s, _ in self._bound]
+            for key, value in (self.buffers if buffers is None else buffers).items():
+                _, index, name = key.split(".", 2)
+                modules[int(index)].get_buffer(name).copy_(value)
 
     def stationarity(self, theta: Tensors, phi: Tensors) -> Tensors:
         """G(θ, φ) = ∇θ f(θ, φ) with its graph (``create_graph=True``), one tensor per θ leaf.

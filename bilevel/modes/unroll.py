@@ -1,0 +1,23 @@
+"""``unroll``: backpropagate through all inner optimizer steps."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..unrolled import UnrolledMode
+from .base import register_mode
+
+
+@register_mode
+@dataclass
+class Unroll(UnrolledMode):
+    """Run ``steps`` differentiable inner-optimizer steps from ``params`` and backpropagate
+    ``outer_loss`` at the result to ``hparams`` through all of them (memory grows with
+    ``steps``). Does not assume ``params`` is a minimiser. Options: see
+    :class:`bilevel.unrolled.UnrolledMode` (``steps=10``, SGD with ``lr=0.1``, torchopt).
+    """
+
+    name: ClassVar[str] = "unroll"
+
+    def graph_steps(self) -> int:
+        return self.steps

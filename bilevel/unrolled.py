@@ -1,0 +1,335 @@
+"""Unrolled differentiation: run T differentiable inner-optimizer steps and backpropagate.
+
+θ_{t+1} = Φ(θ_t, φ) for t < T from θ_0 = params; the hypergradient is d g(θ_T, φ)/dφ through
+the steps. Truncation keeps the graph of the last K steps only (θ_{T−K} is detached), so
+memory grows with K, not T. Backends: torchopt's functional optimizers (default) and
+higher's differentiable optimizers. Shared by the ``unroll`` and ``truncated-unroll`` modes.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from .errors import check_finite, second_order_guard
+from .memory import SavedTensorMemory
+from .modes.base import Mode, check_positive
+from .problem import BilevelProblem
+from .solvers import Tensors
+from .stats import Stats
+
+BACKENDS = ("torchopt", "higher")
+DEFAULT_LR = 0.1  # for the default inner optimizer, torch.optim.SGD
+
+
+def _torchopt_factories() -> dict[type, Callable]:
+    import torchopt
+
+    return {torch.optim.SGD: torchopt.sgd, torch.optim.Adam: torchopt.adam,
+            torch.optim.AdamW: torchopt.adamw, torch.optim.RMSprop: torchopt.rmsprop,
+            torch.optim.Adagrad: torchopt.adagrad}
+
+
+def _is_transformation(optimizer: Any) -> bool:
+    return hasattr(optimizer, "init") and hasattr(optimizer, "update") and not isinstance(optimizer, type)
+
+
+def _optimizer_class(optimizer: Any) -> type | None:
+    """The torch optimizer class behind a class or a ``functools.partial`` of one."""
+    base = optimizer.func if isinstance(optimizer, functools.partial) else optimizer
+    return base if isinstance(base, type) and issubclass(base, torch.optim.Optimizer) else None
+
+
+def optimizer_option_names(optimizer: Any) -> list[str]:
+    """Keyword arguments a torch optimizer class accepts (none for a GradientTransformation)."""
+    cls = _optimizer_class(optimizer)
+    if cls is None:
+        return []
+    return [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "params")]
+
+
+def _optimizer_kwargs(optimizer: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """The class's keywords: those of a ``partial`` overridden by the user's options."""
+    kwargs = dict(optimizer.keywords) if isinstance(optimizer, functools.partial) else {}
+    kwargs.update(options)
+    return kwargs
+
+
+# --------------------------------------------------------------------------- steppers
+class _TorchoptStepper:
+    """θ, state ↦ θ', state' with a torchopt GradientTransformation (out of place)."""
+
+    def __init__(self, optimizer: Any, options: dict[str, Any], hyper: dict[str, Tensor]) -> None:
+        self.unused = True  # no update has run through this transformation yet
+        if _is_transformation(optimizer):
+            self.transform = optimizer
+            return
+        cls = _optimizer_class(optimizer)
+        factories = _torchopt_factories()
+        if cls not in factories:
+            raise TypeError(f"inner_optimizer {cls.__name__ if cls else repr(optimizer)} has no torchopt "
+                            f"equivalent; use one of {', '.join(c.__name__ for c in factories)}, a "
+                            "torchopt GradientTransformation, or backend='higher'")
+        factory = factories[cls]
+        accepted = inspect.signature(factory).parameters
+        kwargs = {**_optimizer_kwargs(optimizer, options), **hyper}
+        defaults = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()}
+        passed = {}
+        for name, value in kwargs.items():
+            if name in accepted:
+                passed[name] = value
+            elif name in ("foreach", "fused", "differentiable", "capturable"):
+                continue  # implementation switches of torch.optim, meaningless here
+            elif value != defaults.get(name, inspect.Parameter.empty):
+                raise TypeError(f"torchopt's {factory.__name__} has no option {name}={value!r}; "
+                                "use backend='higher' or leave it at its default")
+        self.transform = factory(**passed)
+
+    def init(self, theta: Tensors) -> Any:
+        import torchopt
+
+        state = self.transform.init(theta)
+        if theta[0].dtype != torch.float64:
+            return state
+        # torchopt keeps step counts as int64 tensors, and `decay ** count` then comes out in
+        # the default dtype (float32): Adam's bias correction would cap float64 runs at float32
+        # accuracy. Counts stored in float64 are exact (below 2**53) and keep float64 throughout.
+        return torchopt.pytree.tree_map(
+            lambda t: t.to(torch.float64) if isinstance(t, Tensor) and t.dtype == torch.int64 else t, state)
+
+    def step(self, grads: Tensors, theta: Tensors, state: Any, fresh_state: bool) -> tuple[Tensors, Any]:
+        import torchopt
+
+        if self.unused and not fresh_state:
+            # torchopt's momentum treats the first update of a transformation specially (a flag
+            # kept in the transformation, not in its state). Continuing from an advanced state,
+            # spend that first update on a throwaway so the next one uses the state as it is.
+            self.transform.update(grads, state, params=theta, inplace=False)
+        self.unused = False
+        updates, state = self.transform.update(grads, state, params=theta, inplace=False)
+        return tuple(torchopt.apply_updates(theta, updates, inplace=False)), state
+
+    @staticmethod
+    def detach_state(state: Any) -> Any:
+        import torchopt
+
+        return torchopt.pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, state)
+
+
+class _HigherStepper:
+    """θ, state ↦ θ', state' with higher's differentiable version of a torch optimizer."""
+
+    def __init__(self, optimizer: Any, options: dict[str, Any], hyper: dict[str, Tensor],
+                 theta: Tensors) -> None:
+        import higher.optim
+
+        if _is_transformation(optimizer):
+            raise TypeError("a torchopt GradientTransformation cannot run on backend='higher'; use "
+                            "backend='torchopt', or pass a torch optimizer class such as torch.optim.SGD")
+        cls = _optimizer_class(optimizer)
+        if cls is None or cls not in higher.optim._opt_mapping:
+            supported = ", ".join(c.__name__ for c in higher.optim._opt_mapping)
+            raise TypeError(f"higher has no differentiable version of {optimizer!r}; supported: {supported}")
+        kwargs = _optimizer_kwargs(optimizer, options)
+        kwargs.update({k: float(v.detach()) for k, v in hyper.items()})  # real values come via override
+        self.placeholders = [torch.zeros_like(t) for t in theta]
+        self.optimizer = cls(self.placeholders, **kwargs)
+        self.override = {k: [v] for k, v in hyper.items()}
+        self._diffopts: dict[bool, Any] = {}
+
+    def diffopt(self, graph: bool) -> Any:
+        import higher.optim
+
+        if graph not in self._diffopts:
+            self._diffopts[graph] = higher.optim.get_diff_optim(
+                self.optimizer, self.placeholders, override=self.override or None,
+                track_higher_grads=graph)
+        return self._diffopts[graph]
+
+    def init(self, theta: Tensors) -> list[dict[str, Any]]:
+        return [{} for _ in theta]
+
+    def step_loss(self, loss: Tensor, theta: Tensors, state: list[dict[str, Any]],
+                  graph: bool) -> tuple[Tensors, list[dict[str, Any]]]:
+        opt = self.diffopt(graph)
+        for i, entry in enumerate(state):
+            opt.state[0][i] = dict(entry)
+        new = opt.step(loss, params=list(theta))
+        return tuple(new), [dict(opt.state[0][i]) for i in range(len(theta))]
+
+    @staticmethod
+    def detach_state(state: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v.detach() if isinstance(v, Tensor) else v for k, v in entry.items()} for entry in state]
+
+
+# ------------------------------------------------------------------------------ mode base
+@dataclass
+class UnrolledMode(Mode):
+    """Options shared by the unrolled modes.
+
+    steps: inner optimizer steps T (default 10).
+    inner_optimizer: a torch optimizer class (or a ``functools.partial`` of one) whose own
+        keyword arguments (``lr``, ``momentum``, ``betas``, ...) are passed to
+        ``HyperGradient`` directly, or a torchopt ``GradientTransformation``. Default
+        ``torch.optim.SGD`` with ``lr=0.1``.
+    backend: ``"torchopt"`` (default) or ``"higher"``.
+    inner_batches: an iterable of mini-batches; then each step calls
+        ``inner_loss(params, hparams, batch)`` with the next batch (the iterator persists
+        across calls and restarts when a re-iterable such as a DataLoader is exhausted).
+    update_params: write the final inner parameters (and module buffers) back into the
+        user's params after the call, detached, and keep the optimizer state for the next
+        call, so one call is one step of an online bilevel loop (default False).
+    measure_memory: record in ``stats.extra["saved_bytes_peak"]`` the peak bytes that the
+        graph of the unrolled steps holds (any device; costs a hook per saved tensor).
+
+    Backends differ in one place: higher's Adam adds ``eps`` to √v before the bias correction
+    (as torch.optim.Adam once did), torchopt after (as torch.optim.Adam does now), an
+    O(eps/√v) difference; SGD (with momentum, Nesterov, weight decay) agrees to rounding.
+
+    A hyperparameter can be an optimizer setting: pass the very tensor that is in
+    ``hparams`` as the keyword (``HyperGradient("unroll", lr=log_lr.exp())`` will not work,
+    ``lr=lr_tensor`` with ``lr_tensor`` in hparams will).
+    """
+
+    supports_nonsymmetric: ClassVar[bool] = False
+    steps: int = 10
+    inner_optimizer: Any = None
+    backend: str = "torchopt"
+    inner_batches: Iterable | None = None
+    update_params: bool = False
+    measure_memory: bool = False
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
+    _state: Any = field(default=None, init=False, repr=False)
+    _batches: Iterator | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_positive("steps", self.steps, integer=True)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"option backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.inner_optimizer is None:
+            self.inner_optimizer = torch.optim.SGD
+            self.optimizer_options.setdefault("lr", DEFAULT_LR)
+        if not _is_transformation(self.inner_optimizer) and _optimizer_class(self.inner_optimizer) is None:
+            raise TypeError("option inner_optimizer must be a torch optimizer class (or a "
+                            "functools.partial of one) or a torchopt GradientTransformation, got "
+                            f"{self.inner_optimizer!r}")
+        if self.backend == "higher" and _is_transformation(self.inner_optimizer):
+            raise TypeError("a torchopt GradientTransformation cannot run on backend='higher'; use "
+                            "backend='torchopt', or pass a torch optimizer class")
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [n for n in super().option_names() if n != "optimizer_options"]
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "UnrolledMode":
+        own = {k: v for k, v in options.items() if k in cls.option_names()}
+        rest = {k: v for k, v in options.items() if k not in own}
+        optimizer = own.get("inner_optimizer") or torch.optim.SGD
+        valid = optimizer_option_names(optimizer)
+        unknown = sorted(set(rest) - set(valid))
+        if unknown:
+            raise TypeError(f"mode {cls.name!r} got unknown option(s) {', '.join(unknown)}; its options "
+                            f"are: {', '.join(cls.option_names())}" +
+                            (f"; the inner optimizer's are: {', '.join(valid)}" if valid else ""))
+        return cls(**own, optimizer_options=rest)
+
+    # the number of final steps that carry the graph
+    def graph_steps(self) -> int:
+        raise NotImplementedError
+
+    def _next_batch(self) -> tuple:
+        if self.inner_batches is None:
+            return ()
+        if self._batches is None:
+            self._batches = iter(self.inner_batches)
+        try:
+            return (next(self._batches),)
+        except StopIteration:
+            self._batches = iter(self.inner_batches)  # a DataLoader or list starts over
+        try:
+            return (next(self._batches),)
+        except StopIteration:
+            raise ValueError("inner_batches ran out of batches; pass a re-iterable (a list or a "
+                             "DataLoader) or an endless iterator") from None
+
+    def _hyper_settings(self, problem: BilevelProblem, phi: Tensors) -> dict[str, Tensor]:
+        """Optimizer settings given as hparams tensors, mapped to the differentiable copies."""
+        hyper = {}
+        for name, value in self.optimizer_options.items():
+            if isinstance(value, Tensor):
+                index = next((i for i, t in enumerate(problem.phi0) if t is value), None)
+                if index is not None:
+                    hyper[name] = phi[index]
+                elif value.requires_grad:
+                    raise ValueError(f"option {name} is a tensor that requires grad but is not one of the "
+                                     "hparams tensors; put that very tensor in hparams to get its "
+                                     "hypergradient, or pass a float")
+        return hyper
+
+    def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
+        self.check_problem(problem)
+        theta, phi = problem.leaf_copies()
+        hyper = self._hyper_settings(problem, phi)
+        constant_hyper = {k: v.detach() for k, v in hyper.items()}
+        options = {k: v for k, v in self.optimizer_options.items() if k not in hyper}
+        higher_backend = self.backend == "higher"
+        if higher_backend:
+            stepper = _HigherStepper(self.inner_optimizer, options, hyper, theta)
+        else:
+            stepper = _TorchoptStepper(self.inner_optimizer, options, hyper)
+            cheap = _TorchoptStepper(self.inner_optimizer, options, constant_hyper) if hyper else stepper
+        carried = self.update_params and self._state is not None
+        state = self._state if carried else stepper.init(theta)
+        fresh_state = not carried
+        first_graph_step = self.steps - self.graph_steps()
+        phi_constant = tuple(t.detach() for t in phi)
+        meter = SavedTensorMemory() if self.measure_memory else contextlib.nullcontext()
+        with torch.enable_grad(), meter:
+            for step in range(self.steps):
+                graph = step >= first_graph_step
+                if step == first_graph_step:
+                    theta = tuple(t.detach().requires_grad_() for t in theta)
+                    state = stepper.detach_state(state)
+                loss = problem.inner(theta, phi if graph else phi_constant, *self._next_batch())
+                check_finite((loss,), f"the value of inner_loss at unrolled step {step}")
+                with second_order_guard("differentiating through an inner optimizer step"):
+                    if higher_backend:
+                        theta, state = stepper.step_loss(loss, theta, state, graph)
+                    else:
+                        grads = torch.autograd.grad(loss, theta, create_graph=graph, allow_unused=True)
+                        grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, theta))
+                        theta, state = (stepper if graph else cheap).step(grads, theta, state, fresh_state)
+                fresh_state = False
+                if not graph:
+                    theta = tuple(t.detach().requires_grad_() for t in theta)
+                    state = stepper.detach_state(state)
+            inner_buffers = {k: v.clone() for k, v in problem.buffers.items()}  # before outer_loss runs
+            outer = problem.outer(theta, phi)
+            check_finite((outer,), "the value of outer_loss after the unrolled steps")
+            with second_order_guard("backpropagating through the unrolled steps"):
+                grads = torch.autograd.grad(outer, phi, allow_unused=True)
+        result = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, phi))
+        check_finite(result, "the unrolled hypergradient")
+        if self.update_params:
+            problem.write_back(theta, inner_buffers)
+            self._state = stepper.detach_state(state)
+        stats.iters = self.steps
+        stats.extra["graph_steps"] = self.graph_steps()
+        if self.measure_memory:
+            stats.extra["saved_bytes_peak"] = meter.peak
+        if problem.device.type == "cuda":
+            stats.extra["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(problem.device)
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer_state": self._state} if self._state is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._state = state.get("optimizer_state")
+

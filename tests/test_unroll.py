@@ -1,0 +1,309 @@
+"""Unrolled modes: closed forms, backend agreement, truncation = Neumann, FD, memory, modules."""
+import copy
+import functools
+
+import pytest
+import torch
+import torchopt
+from torch import nn
+
+from bilevel import HyperGradient
+from problems import ridge
+
+
+def rel_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _ridge_matrices(problem, lam):
+    """f(w) = ½ wᵀA w − bᵀw + const for the ridge problem: A = XᵀX/n + diag(e^λ), b = Xᵀy/n."""
+    w = torch.zeros(lam.shape[0], dtype=torch.float64, requires_grad=True)
+    b = -torch.autograd.grad(problem.inner_loss(w, lam.detach()), w)[0]
+    a = torch.autograd.functional.hessian(lambda v: problem.inner_loss(v, torch.zeros_like(lam)), w.detach())
+    a = a - torch.eye(lam.shape[0], dtype=torch.float64)  # remove diag(e^0)
+    return a + torch.diag(lam.exp()), b
+
+
+def test_unroll_sgd_equals_the_closed_form_of_the_iterates(device):
+    problem = ridge(p=5, device="cpu")
+    theta0 = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    steps, lr = 12, 0.3
+
+    def unrolled_outer(lam):  # θ_T = (I − αA)^T θ0 + Σ_{j<T} (I − αA)^j α b, differentiable in λ
+        a, b = _ridge_matrices(problem, lam)
+        step = torch.eye(5, dtype=torch.float64) - lr * a
+        theta = torch.linalg.matrix_power(step, steps) @ theta0
+        theta = theta + sum(torch.linalg.matrix_power(step, j) @ (lr * b) for j in range(steps))
+        return problem.outer_loss(theta, lam)
+
+    lam = problem.hparams.detach().clone().requires_grad_()
+    expected = torch.autograd.grad(unrolled_outer(lam), lam)[0]
+    for backend in ("torchopt", "higher"):
+        hg = HyperGradient("unroll", steps=steps, lr=lr, backend=backend)
+        got = hg.compute(problem.inner_loss, problem.outer_loss, theta0.clone().requires_grad_(),
+                         problem.hparams)
+        assert rel_error(got, expected) < 1e-10, backend
+        assert hg.stats.iters == steps
+
+
+@pytest.mark.parametrize("optimizer, options", [
+    (torch.optim.SGD, {"lr": 0.2}),
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.5, "nesterov": True, "weight_decay": 0.01}),
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.5, "dampening": 0.3}),
+    # higher's Adam adds eps to √v before the bias correction (torch.optim.Adam and torchopt
+    # after), an O(eps/√v) difference; with a tiny eps the two formulas coincide
+    (torch.optim.Adam, {"lr": 0.05, "eps": 1e-14}),
+    (torch.optim.Adam, {"lr": 0.05, "betas": (0.8, 0.9), "weight_decay": 0.1, "eps": 1e-14}),
+])
+def test_torchopt_and_higher_backends_agree(optimizer, options):
+    problem = ridge(p=6)
+    theta0 = torch.full((6,), 0.5, dtype=torch.float64, requires_grad=True)
+    args = (problem.inner_loss, problem.outer_loss, theta0, problem.hparams)
+    a = HyperGradient("unroll", steps=15, inner_optimizer=optimizer, backend="torchopt", **options).compute(*args)
+    b = HyperGradient("unroll", steps=15, inner_optimizer=optimizer, backend="higher", **options).compute(*args)
+    assert rel_error(a, b) < 1e-10
+
+
+def test_partial_and_gradient_transformation_are_accepted():
+    problem = ridge(p=4)
+    theta0 = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    args = (problem.inner_loss, problem.outer_loss, theta0, problem.hparams)
+    reference = HyperGradient("unroll", steps=8, inner_optimizer=torch.optim.SGD, lr=0.2, momentum=0.9).compute(*args)
+    partial = HyperGradient("unroll", steps=8, inner_optimizer=functools.partial(torch.optim.SGD, lr=0.2,
+                                                                                 momentum=0.9)).compute(*args)
+    transformation = HyperGradient("unroll", steps=8, inner_optimizer=torchopt.sgd(0.2, momentum=0.9)).compute(*args)
+    assert rel_error(partial, reference) < 1e-12 and rel_error(transformation, reference) < 1e-12
+
+
+def test_default_options_work():
+    problem = ridge(p=4)
+    for mode in ("unroll", "truncated-unroll"):
+        hg = HyperGradient(mode)
+        grad = hg.compute(problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+        assert grad.shape == (4,) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("backend", ["torchopt", "higher"])
+def test_truncated_unroll_from_the_optimum_equals_neumann(backend):
+    problem = ridge(p=6)
+    args = (problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    for truncate, alpha in ((1, 0.4), (4, 0.3), (9, 0.5)):
+        truncated = HyperGradient("truncated-unroll", steps=20, truncate=truncate, lr=alpha,
+                                  backend=backend).compute(*args)
+        neumann = HyperGradient("implicit-neumann", iters=truncate, alpha=alpha).compute(*args)
+        assert rel_error(truncated, neumann) < 1e-10, (truncate, alpha)
+
+
+def _nonconvex():
+    """A tanh model with a learned log input scale; inner: MSE + per-weight decay."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    y = torch.sin(x.sum(1))
+    xv = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    yv = torch.sin(xv.sum(1))
+
+    def inner(ws, h):
+        hidden = torch.tanh((x * h["scale"].exp()) @ ws["w1"])
+        return ((hidden @ ws["w2"] - y) ** 2).mean() + 0.5 * (h["decay"].exp() * ws["w1"] ** 2).sum()
+
+    def outer(ws, h):
+        return ((torch.tanh((xv * h["scale"].exp()) @ ws["w1"]) @ ws["w2"] - yv) ** 2).mean()
+
+    params = {"w1": 0.5 * torch.randn(3, 4, generator=g, dtype=torch.float64),
+              "w2": 0.5 * torch.randn(4, generator=g, dtype=torch.float64)}
+    hparams = {"scale": torch.zeros(3, dtype=torch.float64), "decay": torch.full((3, 4), -2.0, dtype=torch.float64)}
+    return inner, outer, params, hparams
+
+
+@pytest.mark.parametrize("mode, optimizer, options", [
+    ("unroll", torch.optim.SGD, {"lr": 0.3, "momentum": 0.5}),
+    ("truncated-unroll", torch.optim.SGD, {"lr": 0.3, "truncate": 4}),
+    ("unroll", torch.optim.Adam, {"lr": 0.05}),
+])
+def test_against_finite_differences_of_the_unrolled_map(mode, optimizer, options):
+    inner, outer, params, hparams = _nonconvex()
+    steps = 10
+    truncate = options.pop("truncate", steps)
+
+    def unrolled_map(h):  # the map being differentiated, written with a plain torch optimizer
+        ws = {k: v.clone().requires_grad_() for k, v in params.items()}
+        opt = optimizer(ws.values(), **options)
+        for step in range(steps):
+            opt.zero_grad()
+            with torch.enable_grad():
+                inner(ws, h).backward()
+            opt.step()
+        return ws
+
+    base = {k: v.clone() for k, v in hparams.items()}
+    hg = HyperGradient(mode, steps=steps, inner_optimizer=optimizer, **options,
+                       **({"truncate": truncate} if mode == "truncated-unroll" else {}))
+    got = hg.compute(inner, outer, {k: v.clone().requires_grad_() for k, v in params.items()},
+                     {k: v.clone().requires_grad_() for k, v in hparams.items()})
+    eps = 1e-6
+    for key in ("scale",):
+        for i in range(3):
+            plus = {k: v.clone() for k, v in base.items()}
+            minus = {k: v.clone() for k, v in base.items()}
+            plus[key][i] += eps
+            minus[key][i] -= eps
+            with torch.no_grad():
+                fd = (outer(unrolled_map(plus), plus) - outer(unrolled_map(minus), minus)) / (2 * eps)
+            if mode == "unroll":
+                assert float(got[key][i]) == pytest.approx(float(fd), rel=1e-6, abs=1e-10)
+            else:  # truncation drops the early steps' contribution: close, not equal
+                assert float(got[key][i]) != pytest.approx(float(fd), rel=1e-6)
+
+
+def _memory(mode, steps, **options):
+    problem = ridge(p=50, n=400)
+    hg = HyperGradient(mode, steps=steps, lr=0.1, measure_memory=True, **options)
+    hg.compute(problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    return hg.stats.extra["saved_bytes_peak"]
+
+
+def test_truncated_memory_is_flat_in_steps_and_full_unroll_grows_linearly():
+    truncated = [_memory("truncated-unroll", steps, truncate=5) for steps in (10, 40)]
+    full = [_memory("unroll", steps) for steps in (10, 20, 40)]
+    assert truncated[0] == truncated[1] > 0
+    per_step = (full[1] - full[0]) / 10  # graph bytes per step, above a constant (the data)
+    assert per_step > 0 and full[2] - full[1] == pytest.approx(20 * per_step, rel=0.05)
+    assert truncated[0] == pytest.approx(full[0] - 5 * per_step, rel=0.05)
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 1)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(16, 1, generator=g, dtype=torch.float64)
+    decay = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    inner = lambda m, d: ((m(x) - y) ** 2).mean() + d.exp() * sum((p ** 2).sum() for p in m.parameters())
+    outer = lambda m, d: ((m(x) - y) ** 2).mean()
+    return model, decay, inner, outer, x, y
+
+
+@pytest.mark.parametrize("backend", ["torchopt", "higher"])
+def test_module_with_batchnorm_is_restored_or_updated(backend):
+    model, decay, inner, outer, x, y = _bn_model()
+    before = copy.deepcopy(model.state_dict())
+    HyperGradient("unroll", steps=5, backend=backend).compute(inner, outer, model, decay)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+    # update_params=True: the model ends where 5 plain SGD steps take it, running stats included
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        ((reference(x) - y) ** 2).mean().add(decay.detach().exp() * sum((p ** 2).sum() for p in reference.parameters())).backward()
+        opt.step()
+    HyperGradient("unroll", steps=5, backend=backend, update_params=True).compute(inner, outer, model, decay)
+    for k, v in reference.state_dict().items():
+        assert torch.allclose(model.state_dict()[k], v, rtol=1e-12, atol=1e-14), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend, optimizer, options", [
+    ("torchopt", torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    ("higher", torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    ("torchopt", torch.optim.Adam, {"lr": 0.01}),
+    ("higher", torch.optim.Adam, {"lr": 0.01, "eps": 1e-14}),  # higher's eps placement: see above
+])
+def test_optimizer_state_carries_over_and_resumes(backend, optimizer, options):
+    problem = ridge(p=4)
+    start = torch.zeros(4, dtype=torch.float64)
+    make = lambda: HyperGradient("unroll", steps=3, inner_optimizer=optimizer, backend=backend,
+                                 update_params=True, **options)
+    # two calls of 3 steps with carried state == 6 plain optimizer steps
+    theta = start.clone().requires_grad_()
+    hg = make()
+    hg.compute(problem.inner_loss, problem.outer_loss, theta, problem.hparams)
+    saved_state, saved_theta = hg.state_dict(), theta.detach().clone()
+    second = hg.compute(problem.inner_loss, problem.outer_loss, theta, problem.hparams)
+    plain = start.clone().requires_grad_()
+    opt = optimizer([plain], **options)
+    for _ in range(6):
+        opt.zero_grad()
+        problem.inner_loss(plain, problem.hparams.detach()).backward()
+        opt.step()
+    assert torch.allclose(theta, plain, rtol=1e-10, atol=1e-14)
+    # resume from state_dict: bit-exact
+    resumed = make()
+    resumed.load_state_dict(saved_state)
+    theta2 = saved_theta.clone().requires_grad_()
+    again = resumed.compute(problem.inner_loss, problem.outer_loss, theta2, problem.hparams)
+    assert torch.equal(again, second) and torch.equal(theta2, theta)
+
+
+@pytest.mark.parametrize("backend", ["torchopt", "higher"])
+def test_learning_rate_and_momentum_as_hyperparameters(backend):
+    problem = ridge(p=4)
+    lr = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    momentum = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    theta0 = torch.zeros(4, dtype=torch.float64)
+
+    def run(lr_value, momentum_value):
+        w = theta0.clone()
+        buf = None
+        for _ in range(6):
+            g = torch.autograd.grad(problem.inner_loss(w.requires_grad_() if not w.requires_grad else w,
+                                                       problem.hparams), w, create_graph=True)[0]
+            buf = g if buf is None else momentum_value * buf + g
+            w = w - lr_value * buf
+        return problem.outer_loss(w, problem.hparams)
+
+    lr2, mom2 = lr.detach().clone().requires_grad_(), momentum.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        expected = torch.autograd.grad(run(lr2, mom2), (lr2, mom2))
+    hg = HyperGradient("unroll", steps=6, lr=lr, momentum=momentum, backend=backend)
+    got = hg.compute(lambda w, h: problem.inner_loss(w, h[0]), lambda w, h: problem.outer_loss(w, h[0]),
+                     theta0.clone().requires_grad_(), (problem.hparams, lr, momentum))
+    assert torch.allclose(got[1], expected[0], rtol=1e-10) and torch.allclose(got[2], expected[1], rtol=1e-10)
+
+
+def test_inner_batches_feed_one_batch_per_step():
+    problem = ridge(p=3)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64))
+               for _ in range(4)]
+    seen = []
+
+    def inner(w, lam, batch):
+        seen.append(batch)
+        x, y = batch
+        return 0.5 * ((x @ w - y) ** 2).mean() + 0.5 * (lam.exp() * w ** 2).sum()
+
+    hg = HyperGradient("unroll", steps=3, lr=0.1, inner_batches=batches)
+    w0 = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    hg.compute(inner, problem.outer_loss, w0, problem.hparams)
+    hg.compute(inner, problem.outer_loss, w0, problem.hparams)
+    # 6 steps over 4 batches: the list starts over after the 4th
+    assert [id(b) for b in seen] == [id(batches[i]) for i in (0, 1, 2, 3, 0, 1)]
+    once = HyperGradient("unroll", steps=3, inner_batches=iter(batches[:2]))
+    with pytest.raises(ValueError, match="inner_batches ran out"):
+        once.compute(inner, problem.outer_loss, w0, problem.hparams)
+
+
+def test_bad_input_errors():
+    problem = ridge(p=3)
+    args = (problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    with pytest.raises(ValueError, match="truncate=8 exceeds steps=5"):
+        HyperGradient("truncated-unroll", steps=5, truncate=8)
+    with pytest.raises(TypeError, match="GradientTransformation cannot run on backend='higher'"):
+        HyperGradient("unroll", inner_optimizer=torchopt.sgd(0.1), backend="higher")
+    with pytest.raises(TypeError, match="unknown option.*betas.*inner optimizer's are: lr, momentum"):
+        HyperGradient("unroll", betas=(0.9, 0.99))
+    with pytest.raises(TypeError, match="inner_optimizer must be a torch optimizer class"):
+        HyperGradient("unroll", inner_optimizer="sgd")
+    with pytest.raises(ValueError, match="backend must be one of torchopt, higher"):
+        HyperGradient("unroll", backend="jax")
+    with pytest.raises(TypeError, match="LBFGS has no torchopt equivalent.*backend='higher'"):
+        HyperGradient("unroll", inner_optimizer=torch.optim.LBFGS).compute(*args)
+    with pytest.raises(TypeError, match="higher has no differentiable version"):
+        HyperGradient("unroll", inner_optimizer=torch.optim.LBFGS, backend="higher").compute(*args)
+    with pytest.raises(TypeError, match="amsgrad=True; use backend='higher'"):
+        HyperGradient("unroll", inner_optimizer=torch.optim.Adam, amsgrad=True).compute(*args)
+    stray_lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="option lr is a tensor that requires grad but is not one of the hparams"):
+        HyperGradient("unroll", lr=stray_lr).compute(*args)

@@ -21,7 +21,9 @@ class ImplicitNystrom(Mode):
     Options:
         rank: number k of Hessian columns, drawn uniformly without replacement (default 10;
             capped at the number of parameters P).
-        rho: ρ > 0 regularises the low-rank approximation (default 0.01). With ``rank = P``
+        rho: ρ > 0 regularises the low-rank approximation (default 0.1); it stands in for the Hessian in
+            the directions the k columns miss, so choose it near the small end of the
+            spectrum: too small amplifies those directions by 1/ρ. With ``rank = P``
             the result is exactly ``(H + ρI)⁻¹ ∂g/∂θ``.
         generator: a ``torch.Generator`` or an int seed for the column draw (default seed 0,
             so runs are reproducible); its state is part of ``state_dict()``.
@@ -31,7 +33,7 @@ class ImplicitNystrom(Mode):
 
     name: ClassVar[str] = "implicit-nystrom"
     rank: int = 10
-    rho: float = 0.01
+    rho: float = 0.1
     generator: torch.Generator | int | None = None
     _generator: torch.Generator = field(init=False, repr=False)
 

@@ -7,6 +7,8 @@ which rebuilds the first-order graph each time.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -20,22 +22,34 @@ class StationarityJacobian:
     For a gradient field ``G = ∇θ f``, ``Jᵀ = H`` is the inner Hessian (symmetric) and
     ``(∂G/∂φ)ᵀ x = (∇²φθ f) x`` is the mixed product of the IFT formula.
     ``products`` counts the ``Jᵀx`` products (a batch of ``k`` counts ``k``).
+
+    ``strict`` (default) refuses a θ that ``G`` does not depend on (a zero Hessian block, so
+    a singular system); with ``strict=False`` such blocks are zero, as formulas that never
+    solve the system exactly (AuxiLearn's Neumann series) expect. Entries of ``field`` that
+    are None or constant count as zero.
     """
 
-    def __init__(self, field: Tensors, theta: Tensors, phi: Tensors, suspects: str = "") -> None:
-        self.field, self.theta, self.phi = field, theta, phi
+    def __init__(self, field: Sequence[Tensor | None], theta: Tensors, phi: Tensors, suspects: str = "",
+                 strict: bool = True) -> None:
+        self.theta, self.phi = theta, phi
+        self._live = [i for i, g in enumerate(field) if g is not None and g.grad_fn is not None]
+        self.field = tuple(field[i] for i in self._live)
         self.suspects = suspects
+        self.strict = strict
         self.products = 0
         self.unused: tuple[bool, ...] = ()
         self.batched = theta[0].device.type == "cuda"
 
     def _vjp(self, x: Tensors, wrt: Tensors, what: str, batched: bool = False) -> Tensors:
-        with second_order_guard(what):
-            grads = torch.autograd.grad(self.field, wrt, grad_outputs=x, retain_graph=True,
-                                        allow_unused=True, is_grads_batched=batched)
+        if self.field:
+            with second_order_guard(what):
+                grads = torch.autograd.grad(self.field, wrt, grad_outputs=[x[i] for i in self._live],
+                                            retain_graph=True, allow_unused=True, is_grads_batched=batched)
+        else:
+            grads = (None,) * len(wrt)
         batch = (x[0].shape[0],) if batched else ()
         self.unused = tuple(g is None for g in grads)
-        if wrt is self.theta and any(self.unused):
+        if self.strict and wrt is self.theta and any(self.unused):
             i = self.unused.index(True)
             where = f"params[{i}]" if len(wrt) > 1 else "params"
             raise ValueError(

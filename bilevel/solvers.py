@@ -31,7 +31,7 @@ class SolveResult:
     products: int
     iters: int
     residual: float | None = None
-    converged: bool = True
+    converged: bool | None = True
     negative_curvature: bool = False
     diverged: bool = False
     singular: bool = False
@@ -73,24 +73,29 @@ def unflat(vector: Tensor, like: Sequence[Tensor]) -> Tensors:
 
 
 # ---------------------------------------------------------------------- solvers
-def neumann(matvec: MatVec, v: Tensors, iters: int, alpha: float) -> SolveResult:
+def neumann(matvec: MatVec, v: Tensors, iters: int, alpha: float, residual: bool = True) -> SolveResult:
     """Truncated Neumann series ``x = α Σ_{j<K} (I − αA)ʲ v`` with ``K = iters`` terms.
 
     Uses ``K`` products: ``K − 1`` for the terms and one more for the exact residual
-    ``v − A x = (I − αA)ᴷ v``. Converges for any ``A`` (symmetric or not) whose spectrum
+    ``v − A x = (I − αA)ᴷ v`` (skipped with ``residual=False``: ``K − 1`` products, no
+    residual or divergence report). Converges for any ``A`` (symmetric or not) whose spectrum
     lies in the disc |1 − αλ| < 1, e.g. SPD ``A`` with ``α < 2/λmax``. ``diverged`` is set
     when the residual grew above ‖v‖.
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     term, total = v, v
-    norms = []
-    for j in range(1, iters + 1):
+    norms = [norm(v)]
+    for j in range(1, iters + 1 if residual else iters):
         term = axpy(-alpha, matvec(term), term)
         norms.append(norm(term))
         if j < iters:
             total = axpy(1.0, term, total)
-    norms_host = torch.stack(norms).tolist()
+    norms_host = torch.stack(norms).tolist()[1:]
+    if not residual:
+        if not all(math.isfinite(value) for value in norms_host + [float(norms[0])]):
+            raise NonFiniteError("non-finite values in the Neumann series; lower alpha")
+        return SolveResult(x=scale(alpha, total), products=iters - 1, iters=iters, converged=None)
     v_norm = float(norm(v))
     for j, value in enumerate(norms_host, start=1):
         if not math.isfinite(value):
@@ -150,6 +155,47 @@ def conjugate_gradient(matvec: MatVec, v: Tensors, iters: int, tol: float = 1e-1
         rs = rs_new
     return SolveResult(x=x, products=products, iters=k, residual=residual,
                        converged=residual <= max(tol, 1e-12) and not negative, negative_curvature=negative)
+
+
+def gmres(matvec: MatVec, v: Tensors, iters: int, tol: float = 1e-10) -> SolveResult:
+    """GMRES for ``A x = v`` with any (non-symmetric) invertible ``A``, without restarts.
+
+    Builds an orthonormal Krylov basis of ``span{v, Av, …}`` (modified Gram–Schmidt) and takes
+    the ``x`` in it that minimises ‖v − A x‖ (a small least-squares problem). Stops after
+    ``iters`` products or when the relative residual is below ``tol``. Keeps ``iters``
+    vectors of size P.
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    b = flat(v)
+    b_norm = float(b.norm())
+    if b_norm == 0.0:
+        return SolveResult(x=tuple(torch.zeros_like(t) for t in v), products=0, iters=0, residual=0.0)
+    basis = [b / b_norm]
+    hessenberg = torch.zeros(iters + 1, iters, dtype=b.dtype, device=b.device)
+    rhs = torch.zeros(iters + 1, dtype=b.dtype, device=b.device)
+    rhs[0] = b_norm
+    residual, k = 1.0, 0
+    y = torch.zeros(0, dtype=b.dtype, device=b.device)
+    while k < iters:
+        w = flat(matvec(unflat(basis[k], v)))
+        for j, q in enumerate(basis):
+            hessenberg[j, k] = w @ q
+            w = w - hessenberg[j, k] * q
+        hessenberg[k + 1, k] = w.norm()
+        k += 1
+        h = hessenberg[:k + 1, :k]
+        y = torch.linalg.lstsq(h.cpu(), rhs[:k + 1].cpu().unsqueeze(-1)).solution.squeeze(-1).to(b.device)
+        residual = float((h @ y - rhs[:k + 1]).norm()) / b_norm
+        if not math.isfinite(residual):
+            raise NonFiniteError(f"non-finite values in product {k} of the GMRES solve")
+        breakdown = float(hessenberg[k, k - 1]) <= 1e3 * torch.finfo(b.dtype).eps * b_norm
+        if residual <= tol or breakdown:
+            break
+        basis.append(w / hessenberg[k, k - 1])
+    x = torch.stack(basis[:k], dim=1) @ y
+    return SolveResult(x=unflat(x, v), products=k, iters=k, residual=residual,
+                       converged=residual <= max(tol, 1e-12))
 
 
 def power_iteration(matvec: MatVec, like: Tensors, iters: int = 10,

@@ -254,3 +254,26 @@ def test_nystrom_generator_makes_runs_reproducible_and_resumable():
     next_a = a.compute(*args)
     b.load_state_dict(state)
     assert torch.equal(b.compute(*args), next_a)
+
+
+def test_gmres_solves_random_nonsymmetric_systems():
+    from bilevel.solvers import gmres
+    g = torch.Generator().manual_seed(0)
+    for n in (3, 10, 25):
+        a = torch.eye(n, dtype=torch.float64) * 3 + torch.randn(n, n, generator=g, dtype=torch.float64) / n ** 0.5
+        v = (torch.randn(n, generator=g, dtype=torch.float64), torch.randn(2, generator=g, dtype=torch.float64))
+        big = torch.block_diag(a, torch.tensor([[2.0, 1.0], [-1.0, 2.0]], dtype=torch.float64))
+        matvec = lambda x: tuple(t for t in torch.split(big @ torch.cat(x), [n, 2]))
+        result = gmres(matvec, v, iters=n + 2, tol=1e-13)
+        expected = torch.linalg.solve(big, torch.cat(v))
+        assert torch.allclose(torch.cat(result.x), expected, rtol=1e-10, atol=1e-12)
+        assert result.converged and result.products <= n + 2
+    partial = gmres(matvec, v, iters=3, tol=0.0)
+    assert partial.products == 3 and 0 < partial.residual < 1 and not partial.converged
+
+
+def test_gmres_mode_matches_exact_on_ridge():
+    problem = ridge(p=8)
+    hg = HyperGradient("implicit-gmres", tol=1e-12)
+    grad = hg.compute(problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    assert rel_error(grad, problem.exact_hypergradient()) < 1e-9 and hg.stats.hvps <= 8

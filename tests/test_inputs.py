@@ -169,7 +169,8 @@ def test_symmetric_only_modes_refuse_non_symmetric_systems():
             HyperGradient(mode).solve(problem)
     # dθ*/dφ = A⁻¹, so d(Σθ)/dφ = A⁻ᵀ 1
     expected = torch.linalg.solve(_NonSymmetric.matrix.T, torch.ones(2, dtype=torch.float64))
-    for mode, options in [("implicit-exact", {}), ("implicit-neumann", {"iters": 200, "alpha": 0.25})]:
+    for mode, options in [("implicit-exact", {}), ("implicit-neumann", {"iters": 200, "alpha": 0.25}),
+                          ("implicit-gmres", {"tol": 1e-12})]:
         (grad,) = HyperGradient(mode, **options).solve(problem)
         assert torch.allclose(grad, expected, atol=1e-10), mode
 

@@ -1,0 +1,39 @@
+"""``implicit-gmres``: IFT with the (possibly non-symmetric) system solved by GMRES."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..implicit import implicit_hypergradient
+from ..problem import BilevelProblem
+from ..solvers import Tensors, gmres
+from ..stats import Stats
+from .base import Mode, check_positive, register_mode
+
+
+@register_mode
+@dataclass
+class ImplicitGMRES(Mode):
+    """Solve ``Jᵀ x = ∂g/∂θ`` by GMRES: the Krylov method for non-symmetric systems, such as
+    the stationarity maps of module-aware auxiliary weighting (for a loss, ``Jᵀ = H``).
+
+    Options:
+        iters: at most this many products (default 50); GMRES stores one vector per product.
+        tol: stop when ‖v − Jᵀx‖ ≤ tol·‖v‖ (default 1e-6).
+
+    Needs only ``Jᵀ`` invertible: neither symmetry nor positive definiteness.
+    """
+
+    name: ClassVar[str] = "implicit-gmres"
+    supports_nonsymmetric: ClassVar[bool] = True
+    iters: int = 50
+    tol: float = 1e-6
+
+    def __post_init__(self) -> None:
+        check_positive("iters", self.iters, integer=True)
+        check_positive("tol", self.tol, allow_zero=True)
+
+    def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
+        self.check_problem(problem)
+        return implicit_hypergradient(
+            problem, lambda operator, v: gmres(operator.matvec, v, self.iters, self.tol), stats)

@@ -100,7 +100,16 @@ class BilevelProblem:
         return (tuple(t.detach().requires_grad_() for t in theta),
                 tuple(t.detach().requires_grad_() for t in phi))
 
-    def _evaluate(self, name: str, theta: Tensors, phi: Tensors, extra: tuple = ()) -> Tensor:
+    def add_closure(self, name: str, closure: Callable[..., Any]) -> None:
+        """Register another closure ``(params, hparams, *extra)`` evaluated like the losses
+        (modules rebound), for subclasses that need more than the two losses."""
+        self._calls[name] = _ClosureCall(closure, [s.module for _, s, _ in self._bound])
+
+    def evaluate(self, name: str, theta: Tensors, phi: Tensors, *extra: Any) -> Any:
+        """The closure registered as ``name`` at (θ, φ), unchecked."""
+        return self._evaluate(name, theta, phi, extra, check=False)
+
+    def _evaluate(self, name: str, theta: Tensors, phi: Tensors, extra: tuple = (), check: bool = True) -> Any:
         keep = bool(self._bound)
         p_arg = self.params_structure.unflatten(theta, keep_modules=keep)
         h_arg = self.hparams_structure.unflatten(phi, keep_modules=keep)
@@ -113,7 +122,7 @@ class BilevelProblem:
                 leaves = sources[source][offset:offset + len(s.keys)]
                 bindings.update({f"bound.{i}.{k}": t for k, t in zip(s.keys, leaves)})
             loss = functional_call(self._calls[name], bindings, (p_arg, h_arg, *extra))
-        return _check_loss(loss, name)
+        return _check_loss(loss, name) if check else loss
 
     def inner(self, theta: Tensors, phi: Tensors, *extra: Any) -> Tensor:
         """f(θ, φ) as a scalar tensor; ``extra`` arguments (a mini-batch) are passed on."""

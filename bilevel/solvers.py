@@ -161,8 +161,9 @@ def gmres(matvec: MatVec, v: Tensors, iters: int, tol: float = 1e-10) -> SolveRe
     """GMRES for ``A x = v`` with any (non-symmetric) invertible ``A``, without restarts.
 
     Builds an orthonormal Krylov basis of ``span{v, Av, …}`` (modified Gram–Schmidt) and takes
-    the ``x`` in it that minimises ‖v − A x‖ (a small least-squares problem). Stops after
-    ``iters`` products or when the relative residual is below ``tol``. Keeps ``iters``
+    the ``x`` in it that minimises ‖v − A x‖, keeping the small least-squares problem
+    triangular with Givens rotations (on the host, so results are bit-reproducible). Stops
+    after ``iters`` products or when the relative residual is below ``tol``. Keeps ``iters``
     vectors of size P.
     """
     if iters < 1:
@@ -172,28 +173,38 @@ def gmres(matvec: MatVec, v: Tensors, iters: int, tol: float = 1e-10) -> SolveRe
     if b_norm == 0.0:
         return SolveResult(x=tuple(torch.zeros_like(t) for t in v), products=0, iters=0, residual=0.0)
     basis = [b / b_norm]
-    hessenberg = torch.zeros(iters + 1, iters, dtype=b.dtype, device=b.device)
-    rhs = torch.zeros(iters + 1, dtype=b.dtype, device=b.device)
-    rhs[0] = b_norm
+    triangle: list[list[float]] = []  # columns of R
+    rotations: list[tuple[float, float]] = []
+    rhs = [b_norm]
     residual, k = 1.0, 0
-    y = torch.zeros(0, dtype=b.dtype, device=b.device)
     while k < iters:
         w = flat(matvec(unflat(basis[k], v)))
-        for j, q in enumerate(basis):
-            hessenberg[j, k] = w @ q
-            w = w - hessenberg[j, k] * q
-        hessenberg[k + 1, k] = w.norm()
+        column = []
+        for q in basis:
+            h = float(w @ q)
+            w = w - h * q
+            column.append(h)
+        below = float(w.norm())
+        for j, (c, s) in enumerate(rotations):  # bring the new column into triangular form
+            column[j], column[j + 1] = c * column[j] + s * column[j + 1], -s * column[j] + c * column[j + 1]
+        radius = math.hypot(column[k], below)
+        if not math.isfinite(radius):
+            raise NonFiniteError(f"non-finite values in product {k + 1} of the GMRES solve")
+        c, s = (column[k] / radius, below / radius) if radius > 0 else (1.0, 0.0)
+        column[k] = radius
+        rotations.append((c, s))
+        rhs.append(-s * rhs[k])
+        rhs[k] = c * rhs[k]
+        triangle.append(column)
         k += 1
-        h = hessenberg[:k + 1, :k]
-        y = torch.linalg.lstsq(h.cpu(), rhs[:k + 1].cpu().unsqueeze(-1)).solution.squeeze(-1).to(b.device)
-        residual = float((h @ y - rhs[:k + 1]).norm()) / b_norm
-        if not math.isfinite(residual):
-            raise NonFiniteError(f"non-finite values in product {k} of the GMRES solve")
-        breakdown = float(hessenberg[k, k - 1]) <= 1e3 * torch.finfo(b.dtype).eps * b_norm
-        if residual <= tol or breakdown:
+        residual = abs(rhs[k]) / b_norm
+        if residual <= tol or below <= 1e3 * torch.finfo(b.dtype).eps * b_norm:
             break
-        basis.append(w / hessenberg[k, k - 1])
-    x = torch.stack(basis[:k], dim=1) @ y
+        basis.append(w / below)
+    y = [0.0] * k
+    for i in reversed(range(k)):  # back substitution with R (column-stored)
+        y[i] = (rhs[i] - sum(triangle[j][i] * y[j] for j in range(i + 1, k))) / triangle[i][i]
+    x = torch.stack(basis[:k], dim=1) @ torch.tensor(y, dtype=b.dtype, device=b.device)
     return SolveResult(x=unflat(x, v), products=k, iters=k, residual=residual,
                        converged=residual <= max(tol, 1e-12))
 

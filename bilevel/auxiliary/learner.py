@@ -1,0 +1,83 @@
+"""``AuxiliaryLearner``: one object that runs the primary/auxiliary training loop."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..hypergradient import HyperGradient
+
+
+class AuxiliaryLearner:
+    """Train a primary model on a loss combined by an auxiliary model, and the auxiliary
+    model by hypergradients of the main-task loss on a held-out auxiliary set.
+
+    Args:
+        primary: the primary model θ.
+        auxiliary: the auxiliary model φ (loss weights, a combiner network, ...).
+        train_loss: ``(primary, auxiliary, batch) -> scalar``, the combined training objective.
+        main_loss: ``(primary, batch) -> scalar``, the main-task loss on the auxiliary set.
+        primary_optimizer, auxiliary_optimizer: torch optimizers over each model's parameters.
+        hypergradient: any :class:`~bilevel.HyperGradient` (default ``implicit-cg``). Implicit
+            modes assume the primary model is near a minimum of the training loss for the
+            current auxiliary model; unrolled modes differentiate through their own inner steps
+            from the current primary parameters (the primary model itself is not changed).
+        update_every: one auxiliary step every this many primary steps.
+
+    ``step(train_batch, aux_batch)`` takes one primary step, and on every ``update_every``-th
+    call also one auxiliary step; it returns a dict of what it did.
+    """
+
+    def __init__(self, primary: nn.Module, auxiliary: nn.Module, train_loss: Callable[[nn.Module, nn.Module, Any], Tensor],
+                 main_loss: Callable[[nn.Module, Any], Tensor], primary_optimizer: torch.optim.Optimizer,
+                 auxiliary_optimizer: torch.optim.Optimizer, hypergradient: HyperGradient | None = None,
+                 update_every: int = 10) -> None:
+        if not isinstance(primary, nn.Module) or not isinstance(auxiliary, nn.Module):
+            raise TypeError("primary and auxiliary must be nn.Modules")
+        if not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
+        self.primary, self.auxiliary = primary, auxiliary
+        self.train_loss, self.main_loss = train_loss, main_loss
+        self.primary_optimizer, self.auxiliary_optimizer = primary_optimizer, auxiliary_optimizer
+        self.hypergradient = hypergradient if hypergradient is not None else HyperGradient("implicit-cg")
+        self.update_every = update_every
+        self.steps = 0
+        self._primary_params = [p for p in primary.parameters() if p.requires_grad]
+
+    def step(self, train_batch: Any, aux_batch: Any) -> dict[str, Any]:
+        """One primary optimizer step on ``train_batch``; every ``update_every``-th call also
+        an auxiliary step whose hypergradient uses ``train_batch`` (inner) and ``aux_batch``
+        (outer)."""
+        self.steps += 1
+        loss = self.train_loss(self.primary, self.auxiliary, train_batch)
+        grads = torch.autograd.grad(loss, self._primary_params, allow_unused=True)
+        self.primary_optimizer.zero_grad()
+        for p, g in zip(self._primary_params, grads):
+            p.grad = None if g is None else g.detach()
+        self.primary_optimizer.step()
+        info: dict[str, Any] = {"step": self.steps, "train_loss": float(loss.detach()), "auxiliary_updated": False}
+        if self.steps % self.update_every == 0:
+            self.auxiliary_optimizer.zero_grad()
+            self.hypergradient.backward(
+                lambda primary, auxiliary: self.train_loss(primary, auxiliary, train_batch),
+                lambda primary, auxiliary: self.main_loss(primary, aux_batch),
+                self.primary, self.auxiliary)
+            self.auxiliary_optimizer.step()
+            info.update(auxiliary_updated=True, hypergradient=self.hypergradient.stats)
+        return info
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: models, optimizers, counter, mode state."""
+        return {"primary": self.primary.state_dict(), "auxiliary": self.auxiliary.state_dict(),
+                "primary_optimizer": self.primary_optimizer.state_dict(),
+                "auxiliary_optimizer": self.auxiliary_optimizer.state_dict(),
+                "steps": self.steps, "hypergradient": self.hypergradient.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.primary.load_state_dict(state["primary"])
+        self.auxiliary.load_state_dict(state["auxiliary"])
+        self.primary_optimizer.load_state_dict(state["primary_optimizer"])
+        self.auxiliary_optimizer.load_state_dict(state["auxiliary_optimizer"])
+        self.steps = state["steps"]
+        self.hypergradient.load_state_dict(state["hypergradient"])

@@ -42,7 +42,7 @@ def _aux_problem(seed=0):
 
 def test_meta_optimizer_reproduces_auxilearn_formula():
     train_loss, val_loss, solve, phi = _aux_problem()
-    theta = solve(phi.detach()).requires_grad_()
+    theta = solve(phi.detach()).detach().requires_grad_()
     alpha, k = 0.1, 3
     # independent reference from MATH.md, with dense matrices
     hess = torch.autograd.functional.hessian(lambda t: train_loss(t, phi.detach()), theta.detach())
@@ -66,7 +66,7 @@ def test_meta_optimizer_reproduces_auxilearn_formula():
 def test_meta_optimizer_with_an_implicit_mode_gives_the_ift_hypergradient():
     train_loss, val_loss, solve, phi = _aux_problem(1)
     exact = torch.autograd.grad(val_loss(solve(phi), phi), phi)[0]
-    theta = solve(phi.detach()).requires_grad_()
+    theta = solve(phi.detach()).detach().requires_grad_()
     aux = phi.detach().clone().requires_grad_()
     for mode in ("implicit-exact", "implicit-cg"):
         meta = MetaOptimizer(torch.optim.SGD([aux], lr=0.0), hpo_lr=0.1, max_grad_norm=None, mode=mode)
@@ -79,7 +79,7 @@ def test_meta_optimizer_with_an_implicit_mode_gives_the_ift_hypergradient():
 
 def test_meta_optimizer_handles_unused_parameters():
     train_loss, val_loss, solve, phi = _aux_problem(2)
-    theta = solve(phi.detach()).requires_grad_()
+    theta = solve(phi.detach()).detach().requires_grad_()
     spare_primary = torch.zeros(2, dtype=D, requires_grad=True)  # in neither loss
     spare_aux = torch.ones(3, dtype=D, requires_grad=True)  # not in the training gradient
     meta = MetaOptimizer(torch.optim.SGD([phi, spare_aux], lr=0.1), hpo_lr=0.1)
@@ -90,7 +90,7 @@ def test_meta_optimizer_handles_unused_parameters():
 
 def test_meta_optimizer_errors():
     train_loss, val_loss, solve, phi = _aux_problem()
-    theta = solve(phi.detach()).requires_grad_()
+    theta = solve(phi.detach()).detach().requires_grad_()
     points = torch.randn(1, 5, 4, dtype=D)
     bad_train = train_loss(theta, phi) + phi.sum() * torch.cdist(points, theta.view(1, 1, 4)).sum()
     with pytest.raises(NoDoubleBackwardError, match="_cdist_backward"):
@@ -289,7 +289,7 @@ def test_module_aware_hypergradient_matches_dense_transposed_solve_and_fd():
                 shifted = raw.clone()
                 shifted[i, j] += sign * eps
                 set_params(solve(shifted))
-                values.append(float(dev_loss(model)))
+                values.append(float(dev_loss(model).detach()))
             fd[i, j] = (values[0] - values[1]) / (2 * eps)
     set_params(theta)
     assert torch.allclose(dense, fd, rtol=1e-6, atol=1e-9)

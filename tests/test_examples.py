@@ -27,3 +27,11 @@ def test_compare_modes_quick(tmp_path, capsys):
     assert (tmp_path / "plot.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "hyperparameter optimisation" in out and "implicit-cg" in out
+
+
+def test_auxiliary_learning_quick(capsys):
+    results, weights = load("auxiliary_learning").main(["--quick"])
+    assert set(results) == {"single-task", "equal weights", "learned linear", "module-aware"}
+    assert all(0.1 < accs[0] <= 1.0 for accs in results.values())
+    assert weights["learned linear"].shape == (4,) and weights["module-aware"].shape == (3, 2)
+    assert "mean" in capsys.readouterr().out

@@ -1,0 +1,250 @@
+"""Time each mode against the same algorithm in torchopt, in higher and in plain torch.autograd.
+
+Problems: a 3-layer tanh MLP (inputs 64, 10 classes, batch 2048, one log weight decay per
+weight) at several widths, and a small CNN. Algorithms, each at a fixed budget so every
+implementation does the same work:
+  cg        20 conjugate-gradient iterations on (H + λI) x = ∂g/∂θ, then the mixed product
+  neumann   20-term Neumann series with a fixed step
+  unroll    20 differentiable SGD steps, backpropagated
+Implementations: ours (HyperGradient), the floor (hand-written autograd: first-order graph
+built once and reused for every product), torchopt (custom_root + solve_cg / solve_inv;
+functional SGD), higher (differentiable SGD). Reports the median time per hypergradient,
+peak CUDA memory, the ratio to the floor and to the best peer, and the relative difference
+of the result from the floor's.
+
+    python benchmarks/bench.py [--device cuda] [--sizes 1e5,3e5] [--repeats 7] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import statistics
+import time
+import warnings
+from typing import Callable
+
+import higher
+import torch
+import torch.nn.functional as F
+import torchopt
+
+from bilevel import HyperGradient
+
+ITERS, STEPS, DAMPING, ALPHA, LR = 20, 20, 1.0, 0.05, 0.1
+
+
+# ----------------------------------------------------------------------------- problems
+def mlp_problem(params_target: float, device: str, batch: int = 2048):
+    """Width chosen so the MLP 64 -> H -> H -> 10 has about ``params_target`` parameters."""
+    hidden = int((-(74) + (74 ** 2 + 4 * params_target) ** 0.5) / 2)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(hidden, 64), (hidden,), (hidden, hidden), (hidden,), (10, hidden), (10,)]
+    params = tuple((torch.randn(s, generator=g) / (s[-1] ** 0.5 if len(s) > 1 else 10)).to(device) for s in shapes)
+    x, y = torch.randn(batch, 64, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device)
+    xv, yv = torch.randn(512, 64, generator=g).to(device), torch.randint(0, 10, (512,), generator=g).to(device)
+
+    def forward(ps, inputs):
+        h = torch.tanh(F.linear(inputs, ps[0], ps[1]))
+        h = torch.tanh(F.linear(h, ps[2], ps[3]))
+        return F.linear(h, ps[4], ps[5])
+
+    return _losses(forward, params, x, y, xv, yv, f"MLP {sum(p.numel() for p in params):.1e}")
+
+
+def cnn_problem(device: str, batch: int = 512):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 1, 3, 3), (16,), (32, 16, 3, 3), (32,), (10, 32 * 4 * 4), (10,)]
+    params = tuple((torch.randn(s, generator=g) * 0.1).to(device) for s in shapes)
+    x, y = torch.randn(batch, 1, 16, 16, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device)
+    xv, yv = torch.randn(256, 1, 16, 16, generator=g).to(device), torch.randint(0, 10, (256,), generator=g).to(device)
+
+    def forward(ps, inputs):
+        h = torch.tanh(F.conv2d(inputs, ps[0], ps[1], padding=1))
+        h = F.avg_pool2d(torch.tanh(F.conv2d(h, ps[2], ps[3], padding=1)), 4)
+        return F.linear(h.flatten(1), ps[4], ps[5])
+
+    return _losses(forward, params, x, y, xv, yv, f"CNN {sum(p.numel() for p in params):.1e}")
+
+
+def _losses(forward, params, x, y, xv, yv, name):
+    logs = tuple(torch.full_like(p, -4.0) for p in params)
+
+    def inner(ps, ls):
+        decay = sum((l.exp() * p * p).sum() for l, p in zip(ls, ps))
+        return F.cross_entropy(forward(ps, x), y) + 0.5 * decay
+
+    def outer(ps, ls):
+        return F.cross_entropy(forward(ps, xv), yv)
+
+    return name, inner, outer, params, logs
+
+
+def leaves(tensors):
+    return tuple(t.detach().clone().requires_grad_() for t in tensors)
+
+
+def dot(a, b):
+    return sum((u * v).sum() for u, v in zip(a, b))
+
+
+# ------------------------------------------------------------------- the floor (autograd)
+def floor_implicit(solver: str):
+    def run(inner, outer, params, logs):
+        ps, ls = leaves(params), leaves(logs)
+        field = torch.autograd.grad(inner(ps, ls), ps, create_graph=True)
+        v = torch.autograd.grad(outer(ps, ls), ps)
+
+        def hvp(u):
+            return torch.autograd.grad(field, ps, u, retain_graph=True)
+
+        if solver == "cg":
+            x = [torch.zeros_like(t) for t in v]
+            r = list(v)
+            p = list(v)
+            rs = dot(r, r)
+            for _ in range(ITERS):
+                ap = [a + DAMPING * b for a, b in zip(hvp(p), p)]
+                step = rs / dot(p, ap)
+                x = [xi + step * pi for xi, pi in zip(x, p)]
+                r = [ri - step * ai for ri, ai in zip(r, ap)]
+                rs_new = dot(r, r)
+                p = [ri + (rs_new / rs) * pi for ri, pi in zip(r, p)]
+                rs = rs_new
+        else:  # Neumann: α Σ_{j<K} (I − αH)^j v, K products (the last one gives the residual)
+            term, total = list(v), list(v)
+            for j in range(1, ITERS + 1):
+                term = [t - ALPHA * h for t, h in zip(term, hvp(term))]
+                if j < ITERS:
+                    total = [a + t for a, t in zip(total, term)]
+            x = [ALPHA * t for t in total]
+        return tuple(-m for m in torch.autograd.grad(field, ls, x))
+
+    return run
+
+
+def floor_unroll(inner, outer, params, logs):
+    ps, ls = leaves(params), leaves(logs)
+    for _ in range(STEPS):
+        grads = torch.autograd.grad(inner(ps, ls), ps, create_graph=True)
+        ps = tuple(p - LR * g for p, g in zip(ps, grads))
+    return torch.autograd.grad(outer(ps, ls), ls)
+
+
+# ----------------------------------------------------------------------------- peers
+def torchopt_implicit(solver: str):
+    solve = (torchopt.linear_solve.solve_cg(maxiter=ITERS, ridge=DAMPING, rtol=0.0) if solver == "cg"
+             else torchopt.linear_solve.solve_inv(ns=True, maxiter=ITERS, alpha=ALPHA))
+
+    def run(inner, outer, params, logs):
+        def optimality(ps, ls):  # torchopt differentiates this with torch.func transforms
+            return torch.func.grad(inner)(ps, ls)
+
+        @torchopt.diff.implicit.custom_root(optimality, argnums=1, solve=solve)
+        def solved(ps, ls):
+            return ps  # already the inner solution for this benchmark
+
+        ls = leaves(logs)
+        ps = solved(leaves(params), ls)
+        return torch.autograd.grad(outer(ps, ls), ls)
+
+    return run
+
+
+def torchopt_unroll(inner, outer, params, logs):
+    ps, ls = leaves(params), leaves(logs)
+    opt = torchopt.sgd(LR)
+    state = opt.init(ps)
+    for _ in range(STEPS):
+        grads = torch.autograd.grad(inner(ps, ls), ps, create_graph=True)
+        updates, state = opt.update(grads, state, inplace=False)
+        ps = torchopt.apply_updates(ps, updates, inplace=False)
+    return torch.autograd.grad(outer(ps, ls), ls)
+
+
+def higher_unroll(inner, outer, params, logs):
+    ps, ls = leaves(params), leaves(logs)
+    diffopt = higher.optim.DifferentiableSGD(torch.optim.SGD(list(ps), lr=LR), list(ps))
+    ps = list(ps)
+    for _ in range(STEPS):
+        ps = diffopt.step(inner(ps, ls), params=ps)
+    return torch.autograd.grad(outer(ps, ls), ls)
+
+
+def ours(mode: str, **options):
+    hg = HyperGradient(mode, **options)
+
+    def run(inner, outer, params, logs):
+        return hg.compute(inner, outer, leaves(params), leaves(logs))
+
+    return run
+
+
+ALGORITHMS: dict[str, dict[str, Callable]] = {
+    "cg": {"ours": ours("implicit-cg", iters=ITERS, tol=0.0, damping=DAMPING),
+           "floor": floor_implicit("cg"), "torchopt": torchopt_implicit("cg")},
+    "neumann": {"ours": ours("implicit-neumann", iters=ITERS, alpha=ALPHA),
+                "floor": floor_implicit("neumann"), "torchopt": torchopt_implicit("neumann")},
+    "unroll": {"ours": ours("unroll", steps=STEPS, lr=LR), "ours (higher)": ours("unroll", steps=STEPS, lr=LR, backend="higher"),
+               "floor": floor_unroll, "torchopt": torchopt_unroll, "higher": higher_unroll},
+}
+PEERS = ("torchopt", "higher")
+
+
+def measure(fn, problem, repeats: int, device: str):
+    _, inner, outer, params, logs = problem
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    result = fn(inner, outer, params, logs)  # warm-up
+    sync()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(inner, outer, params, logs)
+        sync()
+        times.append(time.perf_counter() - start)
+    memory = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    return statistics.median(times), memory, result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sizes", default=None, help="MLP parameter counts, e.g. 1e5,3e5,4e6")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-cnn", action="store_true")
+    parser.add_argument("--algorithms", default="cg,neumann,unroll")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    default_sizes = "1e5,3e5,1e6,4e6,1e7" if args.device.startswith("cuda") else "1e5"
+    sizes = [float(s) for s in (args.sizes or default_sizes).split(",")]
+    if args.quick:
+        sizes, args.repeats = [2e4], 2
+    problems = [mlp_problem(s, args.device) for s in sizes]
+    if not args.no_cnn:
+        problems.append(cnn_problem(args.device, batch=512 if args.device.startswith("cuda") else 64))
+    print(f"torch {torch.__version__}, torchopt {torchopt.__version__}, higher {importlib.metadata.version('higher')}, "
+          f"device {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}, "
+          f"threads {torch.get_num_threads()}, median of {args.repeats}")
+    print(f"{'problem':<12} {'algorithm':<8} {'implementation':<14} {'ms':>9} {'/floor':>7} {'/best peer':>10} "
+          f"{'MiB':>8} {'diff vs floor':>13}")
+    rows = []
+    warnings.simplefilter("ignore")
+    for problem in problems:
+        for algorithm in args.algorithms.split(","):
+            results = {name: measure(fn, problem, args.repeats, args.device)
+                       for name, fn in ALGORITHMS[algorithm].items()}
+            floor_time, _, floor_result = results["floor"]
+            peer_times = [results[p][0] for p in PEERS if p in results]
+            for name, (seconds, memory, result) in results.items():
+                diff = max(float((a - b).norm() / b.norm()) for a, b in zip(result, floor_result))
+                best_peer = seconds / min(peer_times) if peer_times else float("nan")
+                mib = f"{memory / 2 ** 20:8.0f}" if memory is not None else f"{'n/a':>8}"
+                print(f"{problem[0]:<12} {algorithm:<8} {name:<14} {seconds * 1e3:9.1f} {seconds / floor_time:7.2f} "
+                      f"{best_peer:10.2f} {mib} {diff:13.1e}", flush=True)
+                rows.append((problem[0], algorithm, name, seconds, seconds / floor_time, best_peer, memory, diff))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

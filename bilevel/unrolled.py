@@ -24,6 +24,8 @@ from .solvers import Tensors
 from .stats import Stats
 
 BACKENDS = ("torchopt", "higher")
+# torch optimizer options that higher's differentiable optimizers do not implement
+_HIGHER_IGNORES = ("maximize", "decoupled_weight_decay")
 DEFAULT_LR = 0.1  # for the default inner optimizer, torch.optim.SGD
 
 
@@ -79,7 +81,8 @@ class _TorchoptStepper:
         accepted = inspect.signature(factory).parameters
         kwargs = {**_optimizer_kwargs(optimizer, options), **hyper}
         defaults = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()}
-        passed = {}
+        # the torch class's defaults where torchopt has none or another (torchopt.sgd needs lr)
+        passed = {n: d for n, d in defaults.items() if n in accepted and d is not inspect.Parameter.empty}
         for name, value in kwargs.items():
             if name in accepted:
                 passed[name] = value
@@ -102,9 +105,13 @@ class _TorchoptStepper:
         return torchopt.pytree.tree_map(
             lambda t: t.to(torch.float64) if isinstance(t, Tensor) and t.dtype == torch.int64 else t, state)
 
-    def step(self, grads: Tensors, theta: Tensors, state: Any, fresh_state: bool) -> tuple[Tensors, Any]:
+    def advance(self, loss: Tensor, theta: Tensors, state: Any, graph: bool,
+                fresh_state: bool) -> tuple[Tensors, Any]:
+        """One step on ``loss``; ``graph``: keep the step differentiable."""
         import torchopt
 
+        grads = torch.autograd.grad(loss, theta, create_graph=graph, allow_unused=True)
+        grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, theta))
         if self.unused and not fresh_state:
             # torchopt's momentum treats the first update of a transformation specially (a flag
             # kept in the transformation, not in its state). Continuing from an advanced state,
@@ -136,6 +143,11 @@ class _HigherStepper:
             supported = ", ".join(c.__name__ for c in higher.optim._opt_mapping)
             raise TypeError(f"higher has no differentiable version of {optimizer!r}; supported: {supported}")
         kwargs = _optimizer_kwargs(optimizer, options)
+        signature = inspect.signature(cls.__init__).parameters
+        for name in _HIGHER_IGNORES:
+            if name in kwargs and name in signature and kwargs[name] != signature[name].default:
+                raise TypeError(f"higher's differentiable {cls.__name__} ignores {name}={kwargs[name]!r}; "
+                                "use backend='torchopt' or leave it at its default")
         kwargs.update({k: float(v.detach()) for k, v in hyper.items()})  # real values come via override
         self.placeholders = [torch.zeros_like(t) for t in theta]
         self.optimizer = cls(self.placeholders, **kwargs)
@@ -152,10 +164,15 @@ class _HigherStepper:
         return self._diffopts[graph]
 
     def init(self, theta: Tensors) -> list[dict[str, Any]]:
-        return [{} for _ in theta]
+        """The state torch's constructor sets up (Adagrad's sums; empty for most optimizers),
+        with a tensor step count as a number: higher increments it in place."""
+        return [{k: (float(v) if k == "step" else v.clone()) if isinstance(v, Tensor) else v
+                 for k, v in self.optimizer.state[p].items()} for p in self.placeholders]
 
-    def step_loss(self, loss: Tensor, theta: Tensors, state: list[dict[str, Any]],
-                  graph: bool) -> tuple[Tensors, list[dict[str, Any]]]:
+    def advance(self, loss: Tensor, theta: Tensors, state: list[dict[str, Any]], graph: bool,
+                fresh_state: bool) -> tuple[Tensors, list[dict[str, Any]]]:
+        """One step on ``loss``; ``graph``: keep the step differentiable (``fresh_state``
+        does not matter here: higher's optimizers keep everything in their state)."""
         opt = self.diffopt(graph)
         for i, entry in enumerate(state):
             opt.state[0][i] = dict(entry)
@@ -190,10 +207,16 @@ class UnrolledMode(Mode):
     Backends differ in one place: higher's Adam adds ``eps`` to √v before the bias correction
     (as torch.optim.Adam once did), torchopt after (as torch.optim.Adam does now), an
     O(eps/√v) difference; SGD (with momentum, Nesterov, weight decay) agrees to rounding.
+    A class's options take torch's defaults on both backends (``torch.optim.SGD`` alone:
+    ``lr=1e-3``). torchopt keeps its first-update flag inside a ``GradientTransformation``: with
+    ``dampening≠0`` give each ``HyperGradient`` its own, or pass the class instead.
 
-    A hyperparameter can be an optimizer setting: pass the very tensor that is in
-    ``hparams`` as the keyword (``HyperGradient("unroll", lr=log_lr.exp())`` will not work,
-    ``lr=lr_tensor`` with ``lr_tensor`` in hparams will).
+    A scalar optimizer setting can be a hyperparameter, in two ways: the very tensor that is
+    in ``hparams`` (``lr=lr_tensor``), or a callable of the hparams, called with them in the
+    structure of ``hparams`` at every call (``lr=lambda h: h["log_lr"].exp()``; a module gives
+    a name -> tensor dict). torchopt differentiates ``lr``, ``momentum`` and Adam's ``eps``;
+    higher also ``weight_decay``, ``dampening`` and RMSprop's ``alpha``; a setting the chosen
+    backend cannot differentiate raises ``ValueError`` naming the backend that can.
     """
 
     supports_nonsymmetric: ClassVar[bool] = False
@@ -206,6 +229,7 @@ class UnrolledMode(Mode):
     optimizer_options: dict[str, Any] = field(default_factory=dict)
     _state: Any = field(default=None, init=False, repr=False)
     _batches: Iterator | None = field(default=None, init=False, repr=False)
+    _probed: dict[tuple[str, str], bool] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_positive("steps", self.steps, integer=True)
@@ -258,32 +282,81 @@ class UnrolledMode(Mode):
             raise ValueError("inner_batches ran out of batches; pass a re-iterable (a list or a "
                              "DataLoader) or an endless iterator") from None
 
-    def _hyper_settings(self, problem: BilevelProblem, phi: Tensors) -> dict[str, Tensor]:
-        """Optimizer settings given as hparams tensors, mapped to the differentiable copies."""
-        hyper = {}
+    def _settings(self, problem: BilevelProblem, phi: Tensors) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The optimizer's options split into numbers and hyperparameter settings: a tensor of
+        ``hparams`` (mapped to its differentiable copy in ``phi``) or a callable of the hparams
+        (evaluated at ``phi``) that returns a scalar tensor requiring grad."""
+        options, hyper = {}, {}
+        view = None
         for name, value in self.optimizer_options.items():
-            if isinstance(value, Tensor):
+            if callable(value) and not isinstance(value, (Tensor, type)):
+                if view is None:
+                    view = problem.hparams_structure.unflatten(phi)
+                value = value(view)
+            elif isinstance(value, Tensor):
                 index = next((i for i, t in enumerate(problem.phi0) if t is value), None)
                 if index is not None:
-                    hyper[name] = phi[index]
+                    value = phi[index]
                 elif value.requires_grad:
-                    raise ValueError(f"option {name} is a tensor that requires grad but is not one of the "
-                                     "hparams tensors; put that very tensor in hparams to get its "
-                                     "hypergradient, or pass a float")
-        return hyper
+                    raise ValueError(
+                        f"option {name} is a tensor that requires grad but is not one of the hparams "
+                        f"tensors; pass that very tensor (in hparams), a callable of the hparams such "
+                        f"as {name}=lambda h: h['log_{name}'].exp(), or a float")
+            elif isinstance(value, (tuple, list)) and any(
+                    isinstance(v, Tensor) and v.requires_grad for v in value):
+                raise ValueError(f"option {name} holds a tensor that requires grad; only scalar "
+                                 "settings (lr, momentum, ...) can be hyperparameters: pass numbers")
+            if isinstance(value, Tensor) and value.requires_grad:
+                if value.numel() != 1:
+                    raise ValueError(f"option {name} must be a scalar tensor to be a hyperparameter, "
+                                     f"got shape {tuple(value.shape)}")
+                hyper[name] = value.reshape(())
+            else:
+                options[name] = value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
+        return options, hyper
+
+    def _stepper(self, backend: str, options: dict[str, Any], hyper: dict[str, Tensor],
+                 theta: Tensors) -> _TorchoptStepper | _HigherStepper:
+        if backend == "higher":
+            return _HigherStepper(self.inner_optimizer, options, hyper, theta)
+        return _TorchoptStepper(self.inner_optimizer, options, hyper)
+
+    def _differentiates(self, backend: str, options: dict[str, Any], name: str, value: Tensor) -> bool:
+        """Whether ``backend`` carries gradients from the setting ``name`` to the parameters:
+        two steps on ½θ² from θ = 1 with the setting as a fresh leaf, then look for a graph path."""
+        setting = value.detach().clone().requires_grad_()
+        theta = (torch.ones(1, dtype=value.dtype, device=value.device, requires_grad=True),)
+        try:
+            stepper = self._stepper(backend, options, {name: setting}, theta)
+            state = stepper.init(theta)
+            with torch.enable_grad():
+                for fresh in (True, False):
+                    theta, state = stepper.advance(0.5 * (theta[0] ** 2).sum(), theta, state, True, fresh)
+                return torch.autograd.grad(theta[0].sum(), setting, allow_unused=True)[0] is not None
+        except (TypeError, ValueError, RuntimeError, KeyError):
+            return False
+
+    def _check_differentiable(self, options: dict[str, Any], hyper: dict[str, Tensor]) -> None:
+        for name, value in hyper.items():
+            if (self.backend, name) not in self._probed:
+                self._probed[(self.backend, name)] = self._differentiates(self.backend, options, name, value)
+            if not self._probed[(self.backend, name)]:
+                others = [b for b in BACKENDS if b != self.backend
+                          and not (b == "higher" and _is_transformation(self.inner_optimizer))
+                          and self._differentiates(b, options, name, value)]
+                fix = f"use backend={others[0]!r}, which can" if others else "no backend can: pass a number"
+                raise ValueError(f"backend={self.backend!r} cannot differentiate the inner optimizer's "
+                                 f"{name} (a hyperparameter here); {fix}")
 
     def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
         self.check_problem(problem)
         theta, phi = problem.leaf_copies()
-        hyper = self._hyper_settings(problem, phi)
-        constant_hyper = {k: v.detach() for k, v in hyper.items()}
-        options = {k: v for k, v in self.optimizer_options.items() if k not in hyper}
-        higher_backend = self.backend == "higher"
-        if higher_backend:
-            stepper = _HigherStepper(self.inner_optimizer, options, hyper, theta)
-        else:
-            stepper = _TorchoptStepper(self.inner_optimizer, options, hyper)
-            cheap = _TorchoptStepper(self.inner_optimizer, options, constant_hyper) if hyper else stepper
+        options, hyper = self._settings(problem, phi)
+        stepper = self._stepper(self.backend, options, hyper, theta)  # configuration errors first
+        self._check_differentiable(options, hyper)
+        # steps without graph use the settings' values only
+        cheap = self._stepper(self.backend, options, {k: v.detach() for k, v in hyper.items()},
+                              theta) if hyper else stepper
         carried = self.update_params and self._state is not None
         state = self._state if carried else stepper.init(theta)
         fresh_state = not carried
@@ -299,12 +372,7 @@ class UnrolledMode(Mode):
                 loss = problem.inner(theta, phi if graph else phi_constant, *self._next_batch())
                 check_finite((loss,), f"the value of inner_loss at unrolled step {step}")
                 with second_order_guard("differentiating through an inner optimizer step"):
-                    if higher_backend:
-                        theta, state = stepper.step_loss(loss, theta, state, graph)
-                    else:
-                        grads = torch.autograd.grad(loss, theta, create_graph=graph, allow_unused=True)
-                        grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, theta))
-                        theta, state = (stepper if graph else cheap).step(grads, theta, state, fresh_state)
+                    theta, state = (stepper if graph else cheap).advance(loss, theta, state, graph, fresh_state)
                 fresh_state = False
                 if not graph:
                     theta = tuple(t.detach().requires_grad_() for t in theta)

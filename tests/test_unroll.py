@@ -17,21 +17,21 @@ def rel_error(a, b):
 
 def _ridge_matrices(problem, lam):
     """f(w) = ½ wᵀA w − bᵀw + const for the ridge problem: A = XᵀX/n + diag(e^λ), b = Xᵀy/n."""
-    w = torch.zeros(lam.shape[0], dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(lam.shape[0], dtype=torch.float64, device=lam.device, requires_grad=True)
     b = -torch.autograd.grad(problem.inner_loss(w, lam.detach()), w)[0]
     a = torch.autograd.functional.hessian(lambda v: problem.inner_loss(v, torch.zeros_like(lam)), w.detach())
-    a = a - torch.eye(lam.shape[0], dtype=torch.float64)  # remove diag(e^0)
+    a = a - torch.eye(lam.shape[0], dtype=torch.float64, device=lam.device)  # remove diag(e^0)
     return a + torch.diag(lam.exp()), b
 
 
 def test_unroll_sgd_equals_the_closed_form_of_the_iterates(device):
-    problem = ridge(p=5, device="cpu")
-    theta0 = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    problem = ridge(p=5, device=device)
+    theta0 = torch.linspace(-1, 1, 5, dtype=torch.float64, device=device)
     steps, lr = 12, 0.3
 
     def unrolled_outer(lam):  # θ_T = (I − αA)^T θ0 + Σ_{j<T} (I − αA)^j α b, differentiable in λ
         a, b = _ridge_matrices(problem, lam)
-        step = torch.eye(5, dtype=torch.float64) - lr * a
+        step = torch.eye(5, dtype=torch.float64, device=device) - lr * a
         theta = torch.linalg.matrix_power(step, steps) @ theta0
         theta = theta + sum(torch.linalg.matrix_power(step, j) @ (lr * b) for j in range(steps))
         return problem.outer_loss(theta, lam)
@@ -55,6 +55,10 @@ def test_unroll_sgd_equals_the_closed_form_of_the_iterates(device):
     # after), an O(eps/√v) difference; with a tiny eps the two formulas coincide
     (torch.optim.Adam, {"lr": 0.05, "eps": 1e-14}),
     (torch.optim.Adam, {"lr": 0.05, "betas": (0.8, 0.9), "weight_decay": 0.1, "eps": 1e-14}),
+    # higher warns that its RMSprop's gradients can be wrong (√ at 0); here they agree
+    pytest.param(torch.optim.RMSprop, {"lr": 0.01, "momentum": 0.5, "centered": True},
+                 marks=pytest.mark.filterwarnings("ignore:Differentiable RMSprop")),
+    (torch.optim.Adagrad, {"lr": 0.1, "initial_accumulator_value": 0.5, "lr_decay": 0.1}),
 ])
 def test_torchopt_and_higher_backends_agree(optimizer, options):
     problem = ridge(p=6)
@@ -74,6 +78,11 @@ def test_partial_and_gradient_transformation_are_accepted():
                                                                                  momentum=0.9)).compute(*args)
     transformation = HyperGradient("unroll", steps=8, inner_optimizer=torchopt.sgd(0.2, momentum=0.9)).compute(*args)
     assert rel_error(partial, reference) < 1e-12 and rel_error(transformation, reference) < 1e-12
+    # a class without its options takes torch's defaults (SGD: lr=1e-3) on both backends
+    explicit = HyperGradient("unroll", steps=8, inner_optimizer=torch.optim.SGD, lr=1e-3).compute(*args)
+    for backend in ("torchopt", "higher"):
+        defaults = HyperGradient("unroll", steps=8, inner_optimizer=torch.optim.SGD, backend=backend).compute(*args)
+        assert rel_error(defaults, explicit) < 1e-12, backend
 
 
 def test_default_options_work():
@@ -119,41 +128,40 @@ def _nonconvex():
 @pytest.mark.parametrize("mode, optimizer, options", [
     ("unroll", torch.optim.SGD, {"lr": 0.3, "momentum": 0.5}),
     ("truncated-unroll", torch.optim.SGD, {"lr": 0.3, "truncate": 4}),
+    ("truncated-unroll", torch.optim.SGD, {"lr": 0.3, "momentum": 0.5, "truncate": 3}),
     ("unroll", torch.optim.Adam, {"lr": 0.05}),
 ])
 def test_against_finite_differences_of_the_unrolled_map(mode, optimizer, options):
     inner, outer, params, hparams = _nonconvex()
     steps = 10
     truncate = options.pop("truncate", steps)
+    base = {k: v.clone() for k, v in hparams.items()}
 
-    def unrolled_map(h):  # the map being differentiated, written with a plain torch optimizer
+    def unrolled_map(h):
+        """θ_T written with a plain torch optimizer; the first T−K steps see the base hparams
+        (truncation differentiates only the last K steps, from θ_{T−K} and its state)."""
         ws = {k: v.clone().requires_grad_() for k, v in params.items()}
         opt = optimizer(ws.values(), **options)
         for step in range(steps):
             opt.zero_grad()
             with torch.enable_grad():
-                inner(ws, h).backward()
+                inner(ws, h if step >= steps - truncate else base).backward()
             opt.step()
         return ws
 
-    base = {k: v.clone() for k, v in hparams.items()}
     hg = HyperGradient(mode, steps=steps, inner_optimizer=optimizer, **options,
                        **({"truncate": truncate} if mode == "truncated-unroll" else {}))
     got = hg.compute(inner, outer, {k: v.clone().requires_grad_() for k, v in params.items()},
                      {k: v.clone().requires_grad_() for k, v in hparams.items()})
     eps = 1e-6
-    for key in ("scale",):
-        for i in range(3):
-            plus = {k: v.clone() for k, v in base.items()}
-            minus = {k: v.clone() for k, v in base.items()}
-            plus[key][i] += eps
-            minus[key][i] -= eps
-            with torch.no_grad():
-                fd = (outer(unrolled_map(plus), plus) - outer(unrolled_map(minus), minus)) / (2 * eps)
-            if mode == "unroll":
-                assert float(got[key][i]) == pytest.approx(float(fd), rel=1e-6, abs=1e-10)
-            else:  # truncation drops the early steps' contribution: close, not equal
-                assert float(got[key][i]) != pytest.approx(float(fd), rel=1e-6)
+    for key, index in [("scale", (0,)), ("scale", (1,)), ("scale", (2,)), ("decay", (0, 0)), ("decay", (2, 3))]:
+        plus = {k: v.clone() for k, v in base.items()}
+        minus = {k: v.clone() for k, v in base.items()}
+        plus[key][index] += eps
+        minus[key][index] -= eps
+        with torch.no_grad():
+            fd = (outer(unrolled_map(plus), plus) - outer(unrolled_map(minus), minus)) / (2 * eps)
+        assert float(got[key][index]) == pytest.approx(float(fd), rel=1e-6, abs=1e-10), (key, index)
 
 
 def _memory(mode, steps, **options):
@@ -262,6 +270,46 @@ def test_learning_rate_and_momentum_as_hyperparameters(backend):
     assert torch.allclose(got[1], expected[0], rtol=1e-10) and torch.allclose(got[2], expected[1], rtol=1e-10)
 
 
+def _sgd_unrolled(problem, theta0, steps, lr, decay=0.0):
+    """The outer loss after `steps` hand-written SGD steps (weight decay `decay`), differentiable."""
+    w = theta0.clone().requires_grad_()
+    for _ in range(steps):
+        g = torch.autograd.grad(problem.inner_loss(w, problem.hparams), w, create_graph=True)[0]
+        w = w - lr * (g + decay * w)
+    return problem.outer_loss(w, problem.hparams)
+
+
+@pytest.mark.parametrize("backend", ["torchopt", "higher"])
+def test_learning_rate_as_a_callable_of_the_hparams(backend):
+    problem = ridge(p=4)
+    theta0 = torch.zeros(4, dtype=torch.float64)
+    h = {"lam": problem.hparams, "log_lr": torch.tensor(-1.5, dtype=torch.float64, requires_grad=True)}
+    log_lr = h["log_lr"].detach().clone().requires_grad_()
+    expected = torch.autograd.grad(_sgd_unrolled(problem, theta0, 6, log_lr.exp()), log_lr)[0]
+    for mode, options in (("unroll", {}), ("truncated-unroll", {"truncate": 6})):
+        hg = HyperGradient(mode, steps=6, lr=lambda hp: hp["log_lr"].exp(), backend=backend, **options)
+        got = hg.compute(lambda w, hp: problem.inner_loss(w, hp["lam"]),
+                         lambda w, hp: problem.outer_loss(w, hp["lam"]), theta0.clone().requires_grad_(), h)
+        assert float(got["log_lr"]) == pytest.approx(float(expected), rel=1e-10), mode
+
+
+def test_weight_decay_as_a_hyperparameter_needs_higher():
+    problem = ridge(p=4)
+    theta0 = torch.full((4,), 0.5, dtype=torch.float64)
+    decay = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    reference = decay.detach().clone().requires_grad_()
+    expected = torch.autograd.grad(_sgd_unrolled(problem, theta0, 5, 0.2, reference), reference)[0]
+    args = (lambda w, h: problem.inner_loss(w, h[0]), lambda w, h: problem.outer_loss(w, h[0]),
+            theta0.clone().requires_grad_(), (problem.hparams, decay))
+    got = HyperGradient("unroll", steps=5, lr=0.2, weight_decay=decay, backend="higher").compute(*args)
+    assert float(got[1]) == pytest.approx(float(expected), rel=1e-10)
+    with pytest.raises(ValueError, match="backend='torchopt' cannot differentiate the inner optimizer's "
+                                         "weight_decay.*use backend='higher', which can"):
+        HyperGradient("unroll", steps=5, lr=0.2, weight_decay=decay).compute(*args)
+    with pytest.raises(ValueError, match="cannot differentiate.*weight_decay.*no backend can: pass a number"):
+        HyperGradient("unroll", inner_optimizer=torch.optim.AdamW, weight_decay=decay).compute(*args)
+
+
 def test_inner_batches_feed_one_batch_per_step():
     problem = ridge(p=3)
     g = torch.Generator().manual_seed(0)
@@ -307,3 +355,9 @@ def test_bad_input_errors():
     stray_lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match="option lr is a tensor that requires grad but is not one of the hparams"):
         HyperGradient("unroll", lr=stray_lr).compute(*args)
+    with pytest.raises(ValueError, match="option betas holds a tensor that requires grad; only scalar"):
+        HyperGradient("unroll", inner_optimizer=torch.optim.Adam, betas=(stray_lr, 0.999)).compute(*args)
+    with pytest.raises(ValueError, match="option lr must be a scalar tensor"):
+        HyperGradient("unroll", lr=lambda h: h.exp()).compute(*args)
+    with pytest.raises(TypeError, match="higher's differentiable SGD ignores maximize=True; use backend='torchopt'"):
+        HyperGradient("unroll", maximize=True, backend="higher").compute(*args)

@@ -67,7 +67,7 @@ def unflat(vector: Tensor, like: Sequence[Tensor]) -> Tensors:
     batch = vector.shape[:-1]
     for t in like:
         n = t.numel()
-        out.append(vector[..., start:start + n].reshape(*batch, *t.shape))
+        out.append(vector[..., start:start + n].reshape(batch + t.shape))
         start += n
     return tuple(out)
 
@@ -179,6 +179,7 @@ def gmres(matvec: MatVec, v: Tensors, iters: int, tol: float = 1e-10) -> SolveRe
     residual, k = 1.0, 0
     while k < iters:
         w = flat(matvec(unflat(basis[k], v)))
+        w_norm = float(w.norm())
         column = []
         for q in basis:
             h = float(w @ q)
@@ -198,8 +199,8 @@ def gmres(matvec: MatVec, v: Tensors, iters: int, tol: float = 1e-10) -> SolveRe
         triangle.append(column)
         k += 1
         residual = abs(rhs[k]) / b_norm
-        if residual <= tol or below <= 1e3 * torch.finfo(b.dtype).eps * b_norm:
-            break
+        if residual <= tol or below <= 1e3 * torch.finfo(b.dtype).eps * w_norm:
+            break  # converged, or the Krylov space is invariant (A q_k lies in it): x is exact
         basis.append(w / below)
     y = [0.0] * k
     for i in reversed(range(k)):  # back substitution with R (column-stored)

@@ -29,9 +29,8 @@ def test_compare_modes_quick(tmp_path, capsys):
     assert "hyperparameter optimisation" in out and "implicit-cg" in out
 
 
-def test_auxiliary_learning_quick(capsys):
-    results, weights = load("auxiliary_learning").main(["--quick"])
-    assert set(results) == {"single-task", "equal weights", "learned linear", "module-aware"}
-    assert all(0.1 < accs[0] <= 1.0 for accs in results.values())
-    assert weights["learned linear"].shape == (4,) and weights["module-aware"].shape == (3, 2)
-    assert "mean" in capsys.readouterr().out
+def test_data_hypercleaning_quick(capsys):
+    result = load("data_hypercleaning").main(["--quick"])
+    assert result["auc"] > 0.6  # even three outer steps start to separate clean from corrupted
+    assert result["learned"] >= result["noisy"] - 0.01
+    assert "ROC AUC" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""``AuxiliaryLearner``: one object that runs the primary/auxiliary training loop."""
+"""``AuxiliaryLearner``: one object that runs the primary/auxiliary training loop with any mode."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -19,23 +19,35 @@ class AuxiliaryLearner:
         train_loss: ``(primary, auxiliary, batch) -> scalar``, the combined training objective.
         main_loss: ``(primary, batch) -> scalar``, the main-task loss on the auxiliary set.
         primary_optimizer, auxiliary_optimizer: torch optimizers over each model's parameters.
-        hypergradient: any :class:`~bilevel.HyperGradient` (default ``implicit-cg``). Implicit
-            modes assume the primary model is near a minimum of the training loss for the
-            current auxiliary model; unrolled modes differentiate through their own inner steps
-            from the current primary parameters (the primary model itself is not changed).
+        hypergradient: a :class:`~bilevel.HyperGradient` with any registered mode (default
+            ``HyperGradient("implicit-cg")``). Implicit modes assume the primary model is near
+            a minimum of the training loss for the current auxiliary model; unrolled modes run
+            their own differentiable inner steps from the current primary parameters (on the
+            current training batch, or on their ``inner_batches``) without changing the model.
         update_every: one auxiliary step every this many primary steps.
 
     ``step(train_batch, aux_batch)`` takes one primary step, and on every ``update_every``-th
-    call also one auxiliary step; it returns a dict of what it did.
+    call also one auxiliary step; it returns a dict of what it did. ``state_dict()`` holds
+    everything a run needs to resume exactly (models, optimizers, step counter, mode state);
+    the data order and random number generators are the caller's.
     """
 
     def __init__(self, primary: nn.Module, auxiliary: nn.Module, train_loss: Callable[[nn.Module, nn.Module, Any], Tensor],
                  main_loss: Callable[[nn.Module, Any], Tensor], primary_optimizer: torch.optim.Optimizer,
                  auxiliary_optimizer: torch.optim.Optimizer, hypergradient: HyperGradient | None = None,
                  update_every: int = 10) -> None:
-        if not isinstance(primary, nn.Module) or not isinstance(auxiliary, nn.Module):
-            raise TypeError("primary and auxiliary must be nn.Modules")
-        if not isinstance(update_every, int) or update_every < 1:
+        for name, module in (("primary", primary), ("auxiliary", auxiliary)):
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module, got {type(module).__name__}")
+        for name, fn in (("train_loss", train_loss), ("main_loss", main_loss)):
+            if not callable(fn):
+                raise TypeError(f"{name} must be a function, got {type(fn).__name__}")
+        for name, opt in (("primary_optimizer", primary_optimizer), ("auxiliary_optimizer", auxiliary_optimizer)):
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(f"{name} must be a torch.optim.Optimizer, got {type(opt).__name__}")
+        if hypergradient is not None and not isinstance(hypergradient, HyperGradient):
+            raise TypeError(f"hypergradient must be a bilevel.HyperGradient, got {type(hypergradient).__name__}")
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
         self.primary, self.auxiliary = primary, auxiliary
         self.train_loss, self.main_loss = train_loss, main_loss
@@ -43,38 +55,50 @@ class AuxiliaryLearner:
         self.hypergradient = hypergradient if hypergradient is not None else HyperGradient("implicit-cg")
         self.update_every = update_every
         self.steps = 0
-        self._primary_params = [p for p in primary.parameters() if p.requires_grad]
 
     def step(self, train_batch: Any, aux_batch: Any) -> dict[str, Any]:
-        """One primary optimizer step on ``train_batch``; every ``update_every``-th call also
-        an auxiliary step whose hypergradient uses ``train_batch`` (inner) and ``aux_batch``
-        (outer)."""
+        """One primary optimizer step on ``train_batch``; on every ``update_every``-th call
+        also an auxiliary step whose hypergradient uses ``train_batch`` (inner problem, at the
+        updated primary parameters) and ``aux_batch`` (main-task loss).
+
+        Returns ``step``, ``train_loss`` (before the primary step), ``auxiliary_updated``, and
+        after an auxiliary step ``hypergradient_norm`` and ``stats`` (the mode's
+        :class:`~bilevel.Stats`).
+        """
         self.steps += 1
+        primary_params = [p for p in self.primary.parameters() if p.requires_grad]
         loss = self.train_loss(self.primary, self.auxiliary, train_batch)
-        grads = torch.autograd.grad(loss, self._primary_params, allow_unused=True)
+        grads = torch.autograd.grad(loss, primary_params, allow_unused=True)
         self.primary_optimizer.zero_grad()
-        for p, g in zip(self._primary_params, grads):
+        for p, g in zip(primary_params, grads):  # the auxiliary model's .grad stays untouched
             p.grad = None if g is None else g.detach()
         self.primary_optimizer.step()
-        info: dict[str, Any] = {"step": self.steps, "train_loss": float(loss.detach()), "auxiliary_updated": False}
+        info: dict[str, Any] = {"step": self.steps, "train_loss": float(loss.detach()),
+                                "auxiliary_updated": False}
         if self.steps % self.update_every == 0:
             self.auxiliary_optimizer.zero_grad()
             self.hypergradient.backward(
-                lambda primary, auxiliary: self.train_loss(primary, auxiliary, train_batch),
+                lambda primary, auxiliary, *batch: self.train_loss(primary, auxiliary, batch[0] if batch else train_batch),
                 lambda primary, auxiliary: self.main_loss(primary, aux_batch),
                 self.primary, self.auxiliary)
+            norm = torch.linalg.vector_norm(torch.stack([
+                torch.linalg.vector_norm(p.grad) for p in self.auxiliary.parameters() if p.grad is not None]))
             self.auxiliary_optimizer.step()
-            info.update(auxiliary_updated=True, hypergradient=self.hypergradient.stats)
+            info.update(auxiliary_updated=True, hypergradient_norm=float(norm), stats=self.hypergradient.stats)
         return info
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: models, optimizers, counter, mode state."""
+        """Everything needed to resume exactly: models, optimizers, step counter, mode state."""
         return {"primary": self.primary.state_dict(), "auxiliary": self.auxiliary.state_dict(),
                 "primary_optimizer": self.primary_optimizer.state_dict(),
                 "auxiliary_optimizer": self.auxiliary_optimizer.state_dict(),
                 "steps": self.steps, "hypergradient": self.hypergradient.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = {"primary", "auxiliary", "primary_optimizer", "auxiliary_optimizer", "steps",
+                   "hypergradient"} - set(state)
+        if missing:
+            raise ValueError(f"state is missing {sorted(missing)}; pass a dict from AuxiliaryLearner.state_dict()")
         self.primary.load_state_dict(state["primary"])
         self.auxiliary.load_state_dict(state["auxiliary"])
         self.primary_optimizer.load_state_dict(state["primary_optimizer"])

@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from ..errors import check_finite, second_order_guard
 from ..hypergradient import HyperGradient
 from ..problem import BilevelProblem
 from ..solvers import Tensors
@@ -70,6 +71,10 @@ class ModuleAwareWeights(nn.Module):
         """Per parameter name: its (A,) auxiliary weights, or None for unshared parameters."""
         weights = self.weights(raw)
         column = {n: j for j, members in enumerate(self.groups.values()) for n in members}
+        unknown = sorted(set(column) - set(names))
+        if unknown:
+            raise ValueError(f"groups name parameters the model does not have (or that do not require "
+                             f"grad): {', '.join(unknown)}; its parameters are: {', '.join(names)}")
         return [weights[:, column[n]] if n in column else None for n in names]
 
     def field(self, names: list[str], params: Tensors, losses: Tensor, raw: Tensor | None = None,
@@ -126,7 +131,11 @@ class ModuleAwareProblem(BilevelProblem):
                          "gradient), so only implicit modes for non-symmetric systems apply")
 
     def stationarity(self, theta: Tensors, phi: Tensors) -> Tensors:
+        """``G(θ, φ)`` with its graph (``create_graph=True``), one tensor per model parameter."""
         with torch.enable_grad():
             losses = self.evaluate("task_losses", theta, phi)
-            field = self.weights_module.field(self.names, theta, losses, raw=phi[0], create_graph=True)
+            check_finite((losses,), "the task losses")
+            with second_order_guard("the per-task gradients of the task losses"):
+                field = self.weights_module.field(self.names, theta, losses, raw=phi[0], create_graph=True)
+        check_finite(field, "the module-weighted gradient G")
         return field

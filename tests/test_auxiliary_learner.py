@@ -1,0 +1,116 @@
+"""``AuxiliaryLearner``: every registered mode at its defaults, exact resume, the wiring."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bilevel
+from bilevel import HyperGradient
+from bilevel.auxiliary import AuxiliaryLearner, LinearCombiner
+
+D = torch.float64
+
+
+def _per_task_losses(model, batch):
+    """(B, 3) cross-entropies: the main task and two auxiliary tasks, one 2-logit head each."""
+    xb, yb, ab = batch
+    logits = model(xb)
+    ce = nn.functional.cross_entropy
+    return torch.stack([ce(logits[:, 0:2], yb, reduction="none"), ce(logits[:, 2:4], ab[:, 0], reduction="none"),
+                        ce(logits[:, 4:6], ab[:, 1], reduction="none")], 1)
+
+
+def _learner(mode, device="cpu", seed=0, **options):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 4, generator=g, dtype=D)
+    y = (x[:, 0] > 0).long()
+    aux_targets = torch.stack([(x[:, 1] > 0), (x[:, 0] + x[:, 1] > 0)], 1).long()
+    primary = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 6)).to(device, D)  # 50 parameters
+    combiner = LinearCombiner(3, main_skip=True).to(device, D)
+    learner = AuxiliaryLearner(
+        primary, combiner,
+        train_loss=lambda p, a, batch: a(_per_task_losses(p, batch)) + 1e-2 * sum((w ** 2).sum() for w in p.parameters()),
+        main_loss=lambda p, batch: nn.functional.cross_entropy(p(batch[0])[:, 0:2], batch[1]),
+        primary_optimizer=torch.optim.SGD(primary.parameters(), lr=0.3, momentum=0.9),
+        auxiliary_optimizer=torch.optim.Adam(combiner.parameters(), lr=0.05),
+        hypergradient=HyperGradient(mode, **options), update_every=2)
+    batches = [tuple(t.to(device) for t in (x[a:b], y[a:b], aux_targets[a:b])) for a, b in ((0, 30), (30, 40))]
+    return learner, batches[0], batches[1]
+
+
+@pytest.mark.filterwarnings("ignore::bilevel.HypergradientWarning")  # far from a minimum: CG may warn
+@pytest.mark.parametrize("mode", bilevel.available_modes())
+def test_learner_runs_with_every_mode_and_resumes_exactly(mode, device):
+    learner, train, aux = _learner(mode, device)
+    before = learner.auxiliary.raw.detach().clone()
+    infos = [learner.step(train, aux) for _ in range(2)]
+    assert [i["auxiliary_updated"] for i in infos] == [False, True]
+    assert infos[1]["stats"].mode == mode and infos[1]["hypergradient_norm"] > 0
+    state = copy.deepcopy(learner.state_dict())
+    for _ in range(2):
+        learner.step(train, aux)
+    after = learner.auxiliary.raw.detach().clone()
+    assert not torch.equal(after, before) and torch.isfinite(after).all()
+
+    resumed, _, _ = _learner(mode, device, seed=5)  # other initial weights, overwritten by the state
+    resumed.load_state_dict(state)
+    assert resumed.steps == 2
+    for _ in range(2):
+        resumed.step(train, aux)
+    assert torch.equal(resumed.auxiliary.raw, learner.auxiliary.raw)
+    for a, b in zip(resumed.primary.parameters(), learner.primary.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_learner_hypergradient_is_the_modes_on_the_right_batches():
+    """The auxiliary step uses train_batch in the inner loss and aux_batch in the main loss, at
+    the primary parameters after that call's primary step, and leaves the primary .grad alone."""
+    learner, train, aux = _learner("implicit-exact")
+    seen = {}
+    primary_step, auxiliary_step = learner.primary_optimizer.step, learner.auxiliary_optimizer.step
+
+    def record_primary(*args, **kwargs):
+        seen["primary_grads"] = [p.grad.clone() for p in learner.primary.parameters()]
+        return primary_step(*args, **kwargs)
+
+    def record_auxiliary(*args, **kwargs):
+        seen["written"] = learner.auxiliary.raw.grad.clone()
+        seen["expected"] = HyperGradient("implicit-exact").compute(
+            lambda p, a: learner.train_loss(p, a, train), lambda p, a: learner.main_loss(p, aux),
+            learner.primary, learner.auxiliary)["raw"]
+        return auxiliary_step(*args, **kwargs)
+
+    learner.primary_optimizer.step, learner.auxiliary_optimizer.step = record_primary, record_auxiliary
+    learner.step(train, aux)
+    assert "written" not in seen
+    info = learner.step(train, aux)
+    assert torch.allclose(seen["written"], seen["expected"], rtol=1e-12, atol=1e-15)
+    assert info["hypergradient_norm"] == pytest.approx(float(seen["expected"].norm()), rel=1e-12)
+    assert all(torch.equal(g, p.grad) for g, p in zip(seen["primary_grads"], learner.primary.parameters()))
+
+
+def test_learner_feeds_inner_batches_to_unrolled_modes():
+    learner, train, aux = _learner("unroll")
+    learner.hypergradient = HyperGradient("unroll", steps=3, inner_batches=[aux, train])
+    seen = []
+    original = learner.train_loss
+    learner.train_loss = lambda p, a, batch: seen.append(batch[0].shape[0]) or original(p, a, batch)
+    learner.update_every = 1
+    learner.step(train, aux)
+    assert seen == [30, 10, 30, 10]  # the primary step on train_batch, then the mode's own batches
+
+
+def test_learner_validates_arguments():
+    learner, _, _ = _learner("implicit-cg")
+    args = (learner.primary, learner.auxiliary, learner.train_loss, learner.main_loss,
+            learner.primary_optimizer, learner.auxiliary_optimizer)
+    with pytest.raises(ValueError, match="update_every"):
+        AuxiliaryLearner(*args, update_every=0)
+    with pytest.raises(TypeError, match="hypergradient must be a bilevel.HyperGradient"):
+        AuxiliaryLearner(*args, hypergradient="implicit-cg")
+    with pytest.raises(TypeError, match="auxiliary must be an nn.Module"):
+        AuxiliaryLearner(learner.primary, torch.zeros(3), *args[2:])
+    with pytest.raises(ValueError, match="missing"):
+        learner.load_state_dict({"steps": 3})

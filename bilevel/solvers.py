@@ -258,7 +258,9 @@ def nystrom(columns: Tensor, indices: Tensor, v: Tensors, rho: float) -> SolveRe
     eye = torch.eye(b.shape[0], dtype=b.dtype, device=b.device)
     inner, info = torch.linalg.solve_ex(0.5 * (b + b.T) + rho * eye, qtv)
     singular = singular or bool(info != 0)
-    x = (vf - q @ qtv) / rho + q @ inner
+    x = q @ inner
+    if c.shape[1] < c.shape[0]:  # the part of v outside the sampled columns' span; none at full rank
+        x = x + (vf - q @ qtv) / rho
     if not bool(torch.isfinite(x).all()):
         raise NonFiniteError("non-finite values in the Nyström solve: its core matrix is singular; "
                              "raise rho")

@@ -55,6 +55,54 @@ def optimizer_option_names(optimizer: Any) -> list[str]:
     return [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "params")]
 
 
+def _check_supported(optimizer: Any, backend: str) -> None:
+    """Refuse, at construction, a torch optimizer class that ``backend`` has no differentiable
+    version of, naming the backend that has one (or both lists when neither has)."""
+    import higher.optim
+
+    cls = _optimizer_class(optimizer)
+    if cls is None:
+        return  # a GradientTransformation
+    supported = {"torchopt": list(_torchopt_factories()), "higher": list(higher.optim._opt_mapping)}
+    if cls in supported[backend]:
+        return
+    other = next(b for b in BACKENDS if b != backend)
+    names = {b: ", ".join(c.__name__ for c in classes) for b, classes in supported.items()}
+    fix = (f"use backend={other!r}, which has it" if cls in supported[other] else
+           f"neither backend has it: use one of {names['torchopt']} (torchopt) or {names['higher']} (higher)")
+    raise TypeError(f"inner_optimizer {cls.__name__} has no differentiable version on backend={backend!r}; "
+                    f"{fix}")
+
+
+def _reset_first_call(function: Any, seen: set[int] | None = None) -> None:
+    """Set every ``first_call`` flag in the closures of a torchopt update function back to True.
+
+    torchopt's momentum keeps "this is the first update" in a closure of the transformation,
+    not in its state, so a transformation reused from a fresh state would skip torch's
+    first-step rule (``buf = g``, no dampening). Resetting the flag makes each fresh start
+    behave like a new transformation."""
+    seen = set() if seen is None else seen
+    if id(function) in seen:
+        return
+    seen.add(id(function))
+    if isinstance(function, (tuple, list)):
+        for item in function:
+            _reset_first_call(item, seen)
+        return
+    code, cells = getattr(function, "__code__", None), getattr(function, "__closure__", None)
+    if code is None or not cells:
+        return
+    for name, cell in zip(code.co_freevars, cells):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if name == "first_call" and isinstance(value, bool):
+            cell.cell_contents = True
+        elif callable(value) or isinstance(value, (tuple, list)):
+            _reset_first_call(value, seen)
+
+
 def _optimizer_kwargs(optimizer: Any, options: dict[str, Any]) -> dict[str, Any]:
     """The class's keywords: those of a ``partial`` overridden by the user's options."""
     kwargs = dict(optimizer.keywords) if isinstance(optimizer, functools.partial) else {}
@@ -68,7 +116,8 @@ class _TorchoptStepper:
 
     def __init__(self, optimizer: Any, options: dict[str, Any], hyper: dict[str, Tensor]) -> None:
         self.unused = True  # no update has run through this transformation yet
-        if _is_transformation(optimizer):
+        self.shared = _is_transformation(optimizer)  # the user's, possibly used by earlier calls
+        if self.shared:
             self.transform = optimizer
             return
         cls = _optimizer_class(optimizer)
@@ -112,7 +161,9 @@ class _TorchoptStepper:
 
         grads = torch.autograd.grad(loss, theta, create_graph=graph, allow_unused=True)
         grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, theta))
-        if self.unused and not fresh_state:
+        if self.shared and fresh_state:
+            _reset_first_call(self.transform.update)
+        elif self.unused and not fresh_state:
             # torchopt's momentum treats the first update of a transformation specially (a flag
             # kept in the transformation, not in its state). Continuing from an advanced state,
             # spend that first update on a throwaway so the next one uses the state as it is.
@@ -184,6 +235,19 @@ class _HigherStepper:
         return [{k: v.detach() if isinstance(v, Tensor) else v for k, v in entry.items()} for entry in state]
 
 
+def _total_gradient(outer: Tensor, phi: Tensors, originals: Tensors) -> Tensors:
+    """d outer / dφ through the copies ``phi`` plus any path through the user's own hparams
+    tensors ``originals``: a torchopt transformation built with one of them
+    (``torchopt.sgd(lr=lr_tensor)``) holds the original, not the copy, so both paths count."""
+    extra = [i for i, (t, c) in enumerate(zip(originals, phi)) if t is not c]
+    grads = torch.autograd.grad(outer, tuple(phi) + tuple(originals[i] for i in extra), allow_unused=True)
+    total = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, phi)]
+    for i, g in zip(extra, grads[len(phi):]):
+        if g is not None:
+            total[i] = total[i] + g
+    return tuple(total)
+
+
 # ------------------------------------------------------------------------------ mode base
 @dataclass
 class UnrolledMode(Mode):
@@ -208,8 +272,12 @@ class UnrolledMode(Mode):
     (as torch.optim.Adam once did), torchopt after (as torch.optim.Adam does now), an
     O(eps/√v) difference; SGD (with momentum, Nesterov, weight decay) agrees to rounding.
     A class's options take torch's defaults on both backends (``torch.optim.SGD`` alone:
-    ``lr=1e-3``). torchopt keeps its first-update flag inside a ``GradientTransformation``: with
-    ``dampening≠0`` give each ``HyperGradient`` its own, or pass the class instead.
+    ``lr=1e-3``). torchopt keeps its momentum's first-update flag inside a
+    ``GradientTransformation``; it is reset at each fresh start, so a transformation (with
+    ``dampening≠0`` too) gives the same steps on every call. A transformation built with a
+    tensor of ``hparams`` (``torchopt.sgd(lr=lr_tensor)``) is differentiated through it.
+    An optimizer class the backend has no differentiable version of is refused at
+    construction, naming the backend that has one.
 
     A scalar optimizer setting can be a hyperparameter, in two ways: the very tensor that is
     in ``hparams`` (``lr=lr_tensor``), or a callable of the hparams, called with them in the
@@ -245,6 +313,7 @@ class UnrolledMode(Mode):
         if self.backend == "higher" and _is_transformation(self.inner_optimizer):
             raise TypeError("a torchopt GradientTransformation cannot run on backend='higher'; use "
                             "backend='torchopt', or pass a torch optimizer class")
+        _check_supported(self.inner_optimizer, self.backend)
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -381,8 +450,7 @@ class UnrolledMode(Mode):
             outer = problem.outer(theta, phi)
             check_finite((outer,), "the value of outer_loss after the unrolled steps")
             with second_order_guard("backpropagating through the unrolled steps"):
-                grads = torch.autograd.grad(outer, phi, allow_unused=True)
-        result = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, phi))
+                result = _total_gradient(outer, phi, problem.phi0)
         check_finite(result, "the unrolled hypergradient")
         if self.update_params:
             problem.write_back(theta, inner_buffers)

@@ -1,4 +1,6 @@
 """The AuxiLearn drop-in ``MetaOptimizer`` and the loss combiners."""
+import inspect
+
 import pytest
 import torch
 
@@ -47,18 +49,25 @@ def _auxilearn_reference(train_loss, val_loss, theta, phi, alpha, k):
     return -(mixed.T @ p)  # mixed[i, a] = ∂²f/∂θ_i∂φ_a
 
 
-@pytest.mark.parametrize("k", [0, 3])
-def test_meta_optimizer_reproduces_auxilearn_formula(k, monkeypatch):
-    train_loss, val_loss, solve, phi = _aux_problem()
+@pytest.mark.parametrize("k, direct", [(0, 0.0), (3, 0.0), (3, 0.3)])
+def test_meta_optimizer_reproduces_auxilearn_formula(k, direct, monkeypatch):
+    """k=3: the constructor's defaults (truncate_iter=3, max_grad_norm=10, no clipping needed);
+    direct≠0: φ also enters val_loss, and AuxiLearn's formula leaves that direct term out."""
+    train_loss, val_loss, solve, phi = _aux_problem(direct=direct)
     theta = solve(phi.detach()).detach().requires_grad_()
     alpha = 0.1
     expected = _auxilearn_reference(train_loss, val_loss, theta, phi, alpha, k)
+    assert expected.norm() < 10  # so that the default clipping leaves it alone
+    direct_term = 2 * direct * phi.detach()
+    assert direct == 0 or not torch.allclose(expected + direct_term, expected, rtol=1e-3)
 
     calls = []
     grad = torch.autograd.grad
     monkeypatch.setattr(torch.autograd, "grad", lambda *a, **kw: calls.append(1) or grad(*a, **kw))
     aux = phi.detach().clone().requires_grad_()
-    meta = MetaOptimizer(torch.optim.SGD([aux], lr=0.5), hpo_lr=alpha, truncate_iter=k, max_grad_norm=None)
+    optimizer = torch.optim.SGD([aux], lr=0.5)
+    meta = (MetaOptimizer(optimizer, alpha) if k == 3 else
+            MetaOptimizer(optimizer, hpo_lr=alpha, truncate_iter=k, max_grad_norm=None))
     (got,) = meta.step(train_loss(theta, aux), val_loss(theta, aux), (t for t in [theta]), iter([aux]),
                        return_grads=True)
     assert len(calls) == 3 + k  # ∇θf, ∂g/∂θ, K Hessian products, one mixed product: nothing wasted
@@ -108,6 +117,25 @@ def test_meta_optimizer_handles_unused_and_frozen_parameters():
     assert spare.grad is None and theta.grad is None
 
 
+def test_meta_optimizer_has_auxilearns_signature():
+    """Same argument names, defaults and positional order as AuxiLearn's class (MATH.md)."""
+    init = inspect.signature(MetaOptimizer.__init__).parameters
+    assert list(init)[:5] == ["self", "meta_optimizer", "hpo_lr", "truncate_iter", "max_grad_norm"]
+    assert init["truncate_iter"].default == 3 and init["max_grad_norm"].default == 10
+    step = inspect.signature(MetaOptimizer.step).parameters
+    assert list(step) == ["self", "train_loss", "val_loss", "parameters", "aux_params", "return_grads"]
+    assert step["return_grads"].default is False
+    train_loss, val_loss, solve, phi = _aux_problem()
+    theta = solve(phi.detach()).detach().requires_grad_()
+    positional = MetaOptimizer(torch.optim.SGD([phi], lr=0.0), 0.1, 2, None)
+    keywords = MetaOptimizer(torch.optim.SGD([phi], lr=0.0), hpo_lr=0.1, truncate_iter=2, max_grad_norm=None)
+    a = positional.step(train_loss(theta, phi), val_loss(theta, phi), [theta], [phi], True)
+    b = keywords.step(train_loss=train_loss(theta, phi), val_loss=val_loss(theta, phi), parameters=[theta],
+                      aux_params=[phi], return_grads=True)
+    assert torch.equal(a[0], b[0])
+    assert positional.step(train_loss(theta, phi), val_loss(theta, phi), [theta], [phi]) is None
+
+
 def test_meta_optimizer_errors():
     train_loss, val_loss, solve, phi = _aux_problem()
     theta = solve(phi.detach()).detach().requires_grad_()
@@ -116,6 +144,11 @@ def test_meta_optimizer_errors():
     bad_train = train_loss(theta, phi) + phi.sum() * torch.cdist(points, theta.view(1, 1, 4)).sum()
     with pytest.raises(NoDoubleBackwardError, match="_cdist_backward"):
         meta.step(bad_train, val_loss(theta, phi), [theta], [phi])
+    for mode in ("implicit-cg", "implicit-exact"):
+        bad_train = train_loss(theta, phi) + phi.sum() * torch.cdist(points, theta.view(1, 1, 4)).sum()
+        with pytest.raises(NoDoubleBackwardError, match="_cdist_backward"):
+            MetaOptimizer(torch.optim.SGD([phi], lr=0.1), hpo_lr=0.1, mode=mode).step(
+                bad_train, val_loss(theta, phi), [theta], [phi])
     with pytest.raises(ValueError, match="depends on none of aux_params"):
         meta.step(train_loss(theta, phi.detach()), val_loss(theta, phi), [theta], [phi])
     with pytest.raises(ValueError, match="val_loss must be a scalar"):
@@ -151,15 +184,26 @@ def test_linear_combiner():
         combiner(torch.rand(8, 4, dtype=D))
 
 
+def _scrambled(combiner):
+    """The combiner with large random (possibly negative) raw parameters: monotonicity must come
+    from the construction, not from a lucky initialisation."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in combiner.parameters():
+            p.copy_(2 * torch.randn(p.shape, generator=g, dtype=D))
+    return combiner
+
+
 def test_monotone_nonlinear_combiner_never_rewards_a_larger_loss():
-    torch.manual_seed(0)
-    combiner = NonlinearCombiner(3, hidden=(8, 8), monotone=True).double()
-    losses = torch.rand(16, 3, dtype=D, requires_grad=True)
+    losses = (5 * torch.rand(64, 3, generator=torch.Generator().manual_seed(0), dtype=D)).requires_grad_()
+    combiner = _scrambled(NonlinearCombiner(3, hidden=(8, 8), monotone=True).double())
     (slopes,) = torch.autograd.grad(combiner(losses), losses)
-    assert (slopes[:, 1:] > 0).all()  # a larger auxiliary loss never lowers the combined loss
-    assert (slopes[:, 0] >= (1 - 1e-12) / 16).all()  # the main loss enters with weight ≥ 1
-    free = NonlinearCombiner(3).double()
+    assert (slopes[:, 1:] >= 0).all()  # a larger auxiliary loss never lowers the combined loss
+    assert (slopes[:, 0] >= (1 - 1e-12) / 64).all()  # the main loss enters with weight ≥ 1
+    free = _scrambled(NonlinearCombiner(3, hidden=(8, 8)).double())
     assert free(losses).shape == () and free(losses) >= losses[:, 0].mean()
+    (free_slopes,) = torch.autograd.grad(free(losses), losses)
+    assert (free_slopes[:, 1:] < -1e-6).any()  # without the constraint some slope is negative: the check bites
 
 
 def test_conv_combiner_on_loss_maps():

@@ -114,3 +114,30 @@ def test_learner_validates_arguments():
         AuxiliaryLearner(learner.primary, torch.zeros(3), *args[2:])
     with pytest.raises(ValueError, match="missing"):
         learner.load_state_dict({"steps": 3})
+
+
+@pytest.mark.filterwarnings("ignore::bilevel.HypergradientWarning")
+@pytest.mark.parametrize("mode, options", [("implicit-cg", {"warm_start": True, "damping": 0.5}),
+                                           ("unroll", {"steps": 3, "momentum": 0.9, "update_params": True})])
+def test_learner_resumes_the_modes_own_state(mode, options):
+    """A mode with state (CG's warm start, an online unroll's optimizer state): the state is part
+    of state_dict(), and a resumed run needs it to continue bit for bit."""
+    learner, train, aux = _learner(mode, **options)
+    for _ in range(2):
+        learner.step(train, aux)
+    state = copy.deepcopy(learner.state_dict())
+    assert state["hypergradient"]["state"]  # the mode's state is saved
+    for _ in range(2):
+        learner.step(train, aux)
+    resumed, _, _ = _learner(mode, seed=5, **options)
+    resumed.load_state_dict(state)
+    for _ in range(2):
+        resumed.step(train, aux)
+    assert torch.equal(resumed.auxiliary.raw, learner.auxiliary.raw)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.primary.parameters(), learner.primary.parameters()))
+    stateless, _, _ = _learner(mode, seed=5, **options)  # the same, without the mode's state
+    state["hypergradient"]["state"] = {}
+    stateless.load_state_dict(state)
+    for _ in range(2):
+        stateless.step(train, aux)
+    assert not torch.equal(stateless.auxiliary.raw, learner.auxiliary.raw)

@@ -79,11 +79,11 @@ class _Setup:
         return ((out - self.targets) ** 2).mean(0) + REG * sum((p ** 2).sum() for p in params.values())
 
     def fixed_point(self, raw):
-        """θ*(raw) with G(θ*, raw) = 0: Newton from zero (exact in one step for affine G; two
-        steps polish the rounding)."""
+        """θ*(raw) with G(θ*, raw) = 0: Newton from zero. G is affine in θ, so J = ∂G/∂θ does not
+        depend on θ and one step is exact; a second step with the same J polishes the rounding."""
         theta = torch.zeros(sum(s.numel() for s in self.shapes), dtype=D)
+        jac = torch.autograd.functional.jacobian(lambda t: self.field(t, raw), theta, vectorize=True)
         for _ in range(2):
-            jac = torch.autograd.functional.jacobian(lambda t: self.field(t, raw), theta)
             theta = theta - torch.linalg.solve(jac, self.field(theta, raw).detach())
         return theta
 
@@ -99,9 +99,10 @@ def setup():
     theta = s.fixed_point(raw)
     s.set_params(theta)
     assert float(s.field(theta, raw).detach().abs().max()) < 1e-13
-    jac = torch.autograd.functional.jacobian(lambda t: s.field(t, raw), theta)  # J = ∂G/∂θ
+    jac = torch.autograd.functional.jacobian(lambda t: s.field(t, raw), theta, vectorize=True)  # J = ∂G/∂θ
     assert float((jac - jac.T).abs().max()) > 0.1  # really non-symmetric
-    d_raw = torch.autograd.functional.jacobian(lambda r: s.field(theta, r), raw).reshape(len(theta), -1)
+    d_raw = torch.autograd.functional.jacobian(lambda r: s.field(theta, r), raw,
+                                               vectorize=True).reshape(len(theta), -1)
     v = torch.autograd.grad(s.dev_loss(s.model), list(s.model.parameters()))
     v = torch.cat([t.reshape(-1) for t in v])
     s.dense = -(d_raw.T @ torch.linalg.solve(jac.T, v)).reshape(raw.shape)  # transposed system
@@ -175,6 +176,10 @@ def test_module_groups_and_weights():
         module_groups(model, by="layer")
     with pytest.raises(ValueError, match="no shared parameters"):
         module_groups(model, exclude=("enc", "head"))
+    with pytest.raises(ValueError, match="'enc1.weight' is in two modules, 'a' and 'b'"):
+        ModuleAwareWeights(2, {"a": ["enc1.weight"], "b": ["enc2.weight", "enc1.weight"]})
+    with pytest.raises(ValueError, match=r"groups\['a'\] must be a non-empty list"):
+        ModuleAwareWeights(2, {"a": "enc1.weight"})
     wrong = ModuleAwareWeights(2, {"x": ["encoder.weight"]})
     with pytest.raises(ValueError, match="encoder.weight"):
         wrong.write_gradients(model, torch.stack([p.sum() for p in list(model.parameters())[:3]]))
@@ -208,3 +213,30 @@ def test_an_op_without_double_backward_is_named():
     with pytest.raises(bilevel.NoDoubleBackwardError, match="_cdist_backward"):
         weights.backward(HyperGradient("implicit-gmres"), model, task_losses, lambda m: m[0].weight.sum())
     assert weights.raw.grad is None
+
+
+@pytest.mark.parametrize("groups", [
+    {"a": ["enc1.weight", "head.bias"], "b": ["enc2.weight"]},  # groups by name, one spanning two layers
+    "tensor",  # one module per parameter tensor
+])
+def test_lower_level_follows_the_groups(groups):
+    """G_p = ∇_p L_main + Σ_a w[a, m(p)] ∇_p L_a for a parameter p of module m(p); parameters in
+    no group get ∇_p (L_main + Σ_a L_a). Checked against per-task gradients, entry by entry."""
+    model = _TwoModules().double()
+    groups = module_groups(model, by="tensor") if groups == "tensor" else groups
+    weights = ModuleAwareWeights(2, groups).double()
+    with torch.no_grad():
+        weights.raw.copy_(torch.linspace(-0.5, 2.0, weights.raw.numel(), dtype=D).view(weights.raw.shape))
+    g = torch.Generator().manual_seed(4)
+    x, targets = torch.randn(10, 3, generator=g, dtype=D), torch.randn(10, 3, generator=g, dtype=D)
+    losses = lambda: ((model(x) - targets) ** 2).mean(0)
+    params = dict(model.named_parameters())
+    per_task = [torch.autograd.grad(loss, list(params.values()), retain_graph=True) for loss in losses()]
+    w = weights.weights().detach()
+    module = {name: j for j, members in enumerate(groups.values()) for name in members}
+    weights.write_gradients(model, losses())
+    for i, (name, p) in enumerate(params.items()):
+        coef = [w[a, module[name]] if name in module else 1.0 for a in range(2)]
+        expected = per_task[0][i] + coef[0] * per_task[1][i] + coef[1] * per_task[2][i]
+        assert torch.allclose(p.grad, expected, rtol=1e-12, atol=1e-15), name
+    assert float(w.min()) == 0.0 and len(set(w.flatten().tolist())) > 2  # a clipped weight, and distinct ones

@@ -78,6 +78,9 @@ def test_partial_and_gradient_transformation_are_accepted():
                                                                                  momentum=0.9)).compute(*args)
     transformation = HyperGradient("unroll", steps=8, inner_optimizer=torchopt.sgd(0.2, momentum=0.9)).compute(*args)
     assert rel_error(partial, reference) < 1e-12 and rel_error(transformation, reference) < 1e-12
+    adam = HyperGradient("unroll", steps=8, inner_optimizer=torch.optim.Adam, lr=0.05).compute(*args)
+    adam_transformation = HyperGradient("unroll", steps=8, inner_optimizer=torchopt.adam(0.05)).compute(*args)
+    assert rel_error(adam_transformation, adam) < 1e-12 and rel_error(adam, reference) > 1e-2
     # a class without its options takes torch's defaults (SGD: lr=1e-3) on both backends
     explicit = HyperGradient("unroll", steps=8, inner_optimizer=torch.optim.SGD, lr=1e-3).compute(*args)
     for backend in ("torchopt", "higher"):
@@ -85,12 +88,19 @@ def test_partial_and_gradient_transformation_are_accepted():
         assert rel_error(defaults, explicit) < 1e-12, backend
 
 
-def test_default_options_work():
+def test_default_options_are_the_documented_ones():
+    """No options: 10 steps of SGD with lr=0.1 on torchopt; truncated: the last 5 of them."""
     problem = ridge(p=4)
-    for mode in ("unroll", "truncated-unroll"):
-        hg = HyperGradient(mode)
-        grad = hg.compute(problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
-        assert grad.shape == (4,) and torch.isfinite(grad).all()
+    theta0 = torch.full((4,), 0.3, dtype=torch.float64)
+    args = (problem.inner_loss, problem.outer_loss, theta0.clone().requires_grad_(), problem.hparams)
+    expected = torch.autograd.grad(_sgd_unrolled(problem, theta0, 10, 0.1), problem.hparams)[0]
+    assert rel_error(HyperGradient("unroll").compute(*args), expected) < 1e-12
+    truncated = HyperGradient("truncated-unroll").compute(*args)
+    explicit = HyperGradient("truncated-unroll", steps=10, truncate=5, inner_optimizer=torch.optim.SGD, lr=0.1,
+                             backend="torchopt").compute(*args)
+    assert torch.equal(truncated, explicit)
+    assert rel_error(truncated, expected) > 1e-3  # truncation is on: 5 of the 10 steps carry the graph
+    assert rel_error(HyperGradient("truncated-unroll", truncate=10).compute(*args), expected) < 1e-12
 
 
 @pytest.mark.parametrize("backend", ["torchopt", "higher"])
@@ -346,10 +356,17 @@ def test_bad_input_errors():
         HyperGradient("unroll", inner_optimizer="sgd")
     with pytest.raises(ValueError, match="backend must be one of torchopt, higher"):
         HyperGradient("unroll", backend="jax")
-    with pytest.raises(TypeError, match="LBFGS has no torchopt equivalent.*backend='higher'"):
-        HyperGradient("unroll", inner_optimizer=torch.optim.LBFGS).compute(*args)
-    with pytest.raises(TypeError, match="higher has no differentiable version"):
-        HyperGradient("unroll", inner_optimizer=torch.optim.LBFGS, backend="higher").compute(*args)
+    # an optimizer type: refused at construction, naming the backend that has it, if any
+    for backend in ("torchopt", "higher"):
+        with pytest.raises(TypeError, match=f"LBFGS has no differentiable version on backend='{backend}'; "
+                                            "neither backend has it: use one of SGD, Adam.*Rprop"):
+            HyperGradient("unroll", inner_optimizer=torch.optim.LBFGS, backend=backend)
+    with pytest.raises(TypeError, match="Adamax has no differentiable version on backend='torchopt'; "
+                                        "use backend='higher', which has it"):
+        HyperGradient("unroll", inner_optimizer=functools.partial(torch.optim.Adamax, lr=0.1))
+    with pytest.raises(TypeError, match="AdamW has no differentiable version on backend='higher'; "
+                                        "use backend='torchopt', which has it"):
+        HyperGradient("truncated-unroll", inner_optimizer=torch.optim.AdamW, backend="higher")
     with pytest.raises(TypeError, match="amsgrad=True; use backend='higher'"):
         HyperGradient("unroll", inner_optimizer=torch.optim.Adam, amsgrad=True).compute(*args)
     stray_lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
@@ -361,3 +378,102 @@ def test_bad_input_errors():
         HyperGradient("unroll", lr=lambda h: h.exp()).compute(*args)
     with pytest.raises(TypeError, match="higher's differentiable SGD ignores maximize=True; use backend='torchopt'"):
         HyperGradient("unroll", maximize=True, backend="higher").compute(*args)
+
+
+def _adam_unrolled(problem, lam, theta0, steps, lr, eps, betas=(0.9, 0.999), old_eps=False):
+    """The outer loss after hand-written Adam steps, differentiable in ``lam``. torch.optim.Adam
+    and torchopt: θ −= lr·m̂/(√v̂ + eps) with m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ); the older form (higher):
+    θ −= lr·√(1−β₂ᵗ)/(1−β₁ᵗ)·m/(√v + eps), i.e. eps/√(1−β₂ᵗ) in place of eps."""
+    w, m, v = theta0.clone().requires_grad_(), torch.zeros_like(theta0), torch.zeros_like(theta0)
+    for t in range(1, steps + 1):
+        g = torch.autograd.grad(problem.inner_loss(w, lam), w, create_graph=True)[0]
+        m, v = betas[0] * m + (1 - betas[0]) * g, betas[1] * v + (1 - betas[1]) * g * g
+        c1, c2 = 1 - betas[0] ** t, 1 - betas[1] ** t
+        if old_eps:
+            w = w - lr * c2 ** 0.5 / c1 * m / (v.sqrt() + eps)
+        else:
+            w = w - lr * (m / c1) / ((v / c2).sqrt() + eps)
+    return problem.outer_loss(w, lam)
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-3])
+def test_adam_backends_each_follow_their_documented_eps_placement(eps):
+    """The backends agree on Adam only up to where eps enters (see the agreement test, which
+    uses a negligible eps); at real eps values each matches its own formula to 1e-10, and the
+    two formulas differ by more than that, so each check tells the placements apart."""
+    problem = ridge(p=6)
+    theta0 = torch.full((6,), 0.5, dtype=torch.float64)
+    expected = {}
+    for backend in ("torchopt", "higher"):
+        lam = problem.hparams.detach().clone().requires_grad_()
+        outer = _adam_unrolled(problem, lam, theta0, 15, 0.05, eps, old_eps=backend == "higher")
+        expected[backend] = torch.autograd.grad(outer, lam)[0]
+        got = HyperGradient("unroll", steps=15, inner_optimizer=torch.optim.Adam, lr=0.05, eps=eps,
+                            backend=backend).compute(problem.inner_loss, problem.outer_loss,
+                                                     theta0.clone().requires_grad_(), problem.hparams)
+        assert rel_error(got, expected[backend]) < 1e-10, backend
+    assert rel_error(expected["torchopt"], expected["higher"]) > 1e-8
+
+
+def test_a_gradient_transformation_is_fresh_on_every_call():
+    """torchopt keeps its momentum's first-update flag in the transformation: a second call
+    (or a carried state) must still follow torch's rule (first buffer = g, no dampening)."""
+    problem = ridge(p=4)
+    theta0 = torch.zeros(4, dtype=torch.float64)
+    options = {"lr": 0.1, "momentum": 0.5, "dampening": 0.3}
+    args = (problem.inner_loss, problem.outer_loss, theta0.clone().requires_grad_(), problem.hparams)
+    reference = HyperGradient("unroll", steps=5, inner_optimizer=torch.optim.SGD, **options).compute(*args)
+    hg = HyperGradient("unroll", steps=5, inner_optimizer=torchopt.sgd(**options))
+    for call in range(3):
+        assert rel_error(hg.compute(*args), reference) < 1e-12, call
+    assert rel_error(reference, HyperGradient("unroll", steps=5, lr=0.1, momentum=0.5).compute(*args)) > 1e-3
+
+    theta = theta0.clone().requires_grad_()  # online: two calls of 3 steps == 6 plain steps
+    online = HyperGradient("unroll", steps=3, inner_optimizer=torchopt.sgd(**options), update_params=True)
+    for _ in range(2):
+        online.compute(problem.inner_loss, problem.outer_loss, theta, problem.hparams)
+    plain = theta0.clone().requires_grad_()
+    opt = torch.optim.SGD([plain], **options)
+    for _ in range(6):
+        opt.zero_grad()
+        problem.inner_loss(plain, problem.hparams.detach()).backward()
+        opt.step()
+    assert torch.allclose(theta, plain, rtol=1e-12, atol=1e-15)
+
+
+def test_a_gradient_transformation_built_with_a_hyperparameter_is_differentiated():
+    """``torchopt.sgd(lr=lr_tensor)`` with ``lr_tensor`` in hparams: the transformation holds the
+    user's tensor, and the hypergradient must still flow to it (not come back as zero)."""
+    problem = ridge(p=4)
+    theta0 = torch.zeros(4, dtype=torch.float64)
+    lr = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    reference = lr.detach().clone().requires_grad_()
+    expected = torch.autograd.grad(_sgd_unrolled(problem, theta0, 6, reference), (problem.hparams, reference))
+    for mode, options in (("unroll", {}), ("truncated-unroll", {"truncate": 6})):
+        got = HyperGradient(mode, steps=6, inner_optimizer=torchopt.sgd(lr), **options).compute(
+            lambda w, h: problem.inner_loss(w, h[0]), lambda w, h: problem.outer_loss(w, h[0]),
+            theta0.clone().requires_grad_(), (problem.hparams, lr))
+        assert rel_error(got[0], expected[0]) < 1e-12 and abs(float(expected[1])) > 1e-3, mode
+        assert float(got[1]) == pytest.approx(float(expected[1]), rel=1e-10), mode
+    assert lr.grad is None
+
+
+def test_module_with_batchnorm_unrolls_correctly():
+    """The hypergradient through 5 steps of a BatchNorm model equals a finite difference of the
+    map decay -> outer loss after 5 plain SGD steps (training mode: batch statistics)."""
+    model, decay, inner, outer, x, y = _bn_model()
+
+    def unrolled_outer(d):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        for _ in range(5):
+            opt.zero_grad()
+            inner(m, d).backward()
+            opt.step()
+        with torch.no_grad():
+            return outer(m, d)
+
+    got = HyperGradient("unroll", steps=5).compute(inner, outer, model, decay)
+    eps = 1e-6
+    fd = (unrolled_outer(decay.detach() + eps) - unrolled_outer(decay.detach() - eps)) / (2 * eps)
+    assert abs(float(fd)) > 1e-4 and float(got) == pytest.approx(float(fd), rel=1e-6)

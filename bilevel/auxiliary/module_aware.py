@@ -43,6 +43,21 @@ def module_groups(model: nn.Module, by: str = "child", exclude: Iterable[str] = 
     return groups
 
 
+def _check_groups(groups: dict[str, list[str]]) -> None:
+    """Each module non-empty and each parameter in one module only (else its weight is ambiguous)."""
+    if not groups:
+        raise ValueError("groups must name at least one module: {module name: [parameter names]}")
+    owner: dict[str, str] = {}
+    for module, names in groups.items():
+        if isinstance(names, str) or not list(names):
+            raise ValueError(f"groups[{module!r}] must be a non-empty list of parameter names, got {names!r}")
+        for name in names:
+            if name in owner:
+                raise ValueError(f"parameter {name!r} is in two modules, {owner[name]!r} and {module!r}; "
+                                 "put each parameter in one group")
+            owner[name] = module
+
+
 class ModuleAwareWeights(nn.Module):
     """Weights ``w[a, m] = scale · relu(raw[a, m]) ≥ 0``, raw initialised to ``init`` (1) and
     ``scale`` to 1/A, for A auxiliary losses and the modules in ``groups`` (name -> parameter
@@ -53,6 +68,7 @@ class ModuleAwareWeights(nn.Module):
         super().__init__()
         if num_aux < 1:
             raise ValueError(f"num_aux must be >= 1, got {num_aux}")
+        _check_groups(groups)
         self.num_aux = num_aux
         self.groups = {k: list(v) for k, v in groups.items()}
         self.scale = 1.0 / num_aux if scale is None else scale

@@ -37,7 +37,8 @@ class HyperGradient:
 
     Every call fills :attr:`stats`. A call never modifies ``params``, ``hparams``, module
     buffers or ``.grad`` fields, except that :meth:`backward` accumulates into the hparams'
-    ``.grad`` (and modes that document an ``update_params`` option).
+    ``.grad`` (and modes that document an ``update_params`` option). A call that raises
+    leaves the mode's state (warm start, generator, optimizer state) as it was.
     """
 
     def __init__(self, mode: str = "implicit-cg", *, strict: bool = False, **options: Any) -> None:
@@ -86,20 +87,28 @@ class HyperGradient:
         self._check_layout(problem)
         stats = Stats(mode=self.mode.name)
         self.stats = stats
-        start = time.perf_counter()
-        grads = self.mode.hypergradient(problem, stats)
-        if problem.device.type == "cuda":
-            torch.cuda.synchronize(problem.device)
-        stats.wall_time = time.perf_counter() - start
-        grads = tuple(g.detach() for g in grads)
-        self._report(stats)
+        saved = self.mode.state_dict()
+        try:
+            start = time.perf_counter()
+            grads = self.mode.hypergradient(problem, stats)
+            if problem.device.type == "cuda":
+                torch.cuda.synchronize(problem.device)
+            stats.wall_time = time.perf_counter() - start
+            grads = tuple(g.detach() for g in grads)
+            self._report(stats)
+        except BaseException:
+            # a call that raises (also strict=True on a breakdown) leaves the mode's state as it
+            # was: no half-advanced warm start, generator or optimizer state; stats say what ran
+            self.mode.load_state_dict(saved)
+            raise
         return grads
 
     def _check_layout(self, problem: BilevelProblem) -> None:
-        """A stateful mode (warm start, optimizer state) needs the same structure every call."""
+        """A mode whose state is shaped like the problem (a warm start, optimizer state) needs
+        the same structure and shapes every call; other modes accept any problem."""
         layout = (problem.params_structure, problem.hparams_structure,
                   tuple(t.shape for t in problem.theta0), tuple(t.shape for t in problem.phi0))
-        if self._layout is not None and layout != self._layout and self.mode.state_dict():
+        if self._layout is not None and layout != self._layout and self.mode.state_fits_one_layout():
             raise ValueError(
                 "params/hparams changed structure or shapes since the last call "
                 f"(params was {self._layout[0].describe()}, now {layout[0].describe()}; hparams was "
@@ -125,7 +134,10 @@ class HyperGradient:
             warnings.warn(message, HypergradientWarning, stacklevel=4)
 
     def state_dict(self) -> dict[str, Any]:
-        """The mode's state (warm-start solutions, optimizer state, generator state)."""
+        """The mode's state (warm-start solutions, optimizer state, generator state).
+
+        Saved with ``torch.save``; torchopt's optimizer states are named tuples, so reading a
+        checkpoint of an unrolled mode needs ``torch.load(path, weights_only=False)``."""
         return {"mode": self.mode.name, "state": self.mode.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

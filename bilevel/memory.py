@@ -44,7 +44,10 @@ class SavedTensorMemory:
             self.peak = max(self.peak, self.live)
         else:
             entry[0] += 1
-        return _Saved(tensor, self, key)
+        # a detached alias: the saved output of an op would otherwise hold its own grad_fn in a
+        # reference cycle through autograd (C++), leaking graphs dropped without a backward;
+        # autograd re-attaches the grad_fn of a saved output when it unpacks it
+        return _Saved(tensor.detach(), self, key)
 
     def _release(self, key: int) -> None:
         entry = self._counts.get(key)

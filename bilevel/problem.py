@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Sequence
 
 import torch
@@ -16,6 +17,9 @@ from ._structure import Tensors, flatten, modules_of
 from .errors import check_finite, second_order_guard
 
 Closure = Callable[[Any, Any], Tensor]
+
+# PyTorch's errors for an op whose inputs live on different devices
+_DEVICE_MIXTURE = re.compile(r"same device|expected device|on different devices")
 
 
 class _ClosureCall(nn.Module):
@@ -110,6 +114,19 @@ class BilevelProblem:
         return self._evaluate(name, theta, phi, extra, check=False)
 
     def _evaluate(self, name: str, theta: Tensors, phi: Tensors, extra: tuple = (), check: bool = True) -> Any:
+        try:
+            loss = self._call(name, theta, phi, extra)
+        except RuntimeError as error:
+            if not _DEVICE_MIXTURE.search(str(error)):
+                raise
+            raise ValueError(
+                f"{name} combined tensors on different devices: params and hparams are on "
+                f"{self.device}, so every tensor and module the closure uses (data, targets, "
+                f"constants) must be there too; move them with .to({str(self.device)!r}). "
+                f"Original error: {error}") from error
+        return _check_loss(loss, name) if check else loss
+
+    def _call(self, name: str, theta: Tensors, phi: Tensors, extra: tuple) -> Any:
         keep = bool(self._bound)
         p_arg = self.params_structure.unflatten(theta, keep_modules=keep)
         h_arg = self.hparams_structure.unflatten(phi, keep_modules=keep)
@@ -122,7 +139,7 @@ class BilevelProblem:
                 leaves = sources[source][offset:offset + len(s.keys)]
                 bindings.update({f"bound.{i}.{k}": t for k, t in zip(s.keys, leaves)})
             loss = functional_call(self._calls[name], bindings, (p_arg, h_arg, *extra))
-        return _check_loss(loss, name) if check else loss
+        return loss
 
     def inner(self, theta: Tensors, phi: Tensors, *extra: Any) -> Tensor:
         """f(θ, φ) as a scalar tensor; ``extra`` arguments (a mini-batch) are passed on."""

@@ -80,7 +80,8 @@ def neumann(matvec: MatVec, v: Tensors, iters: int, alpha: float, residual: bool
     ``v − A x = (I − αA)ᴷ v`` (skipped with ``residual=False``: ``K − 1`` products, no
     residual or divergence report). Converges for any ``A`` (symmetric or not) whose spectrum
     lies in the disc |1 − αλ| < 1, e.g. SPD ``A`` with ``α < 2/λmax``. ``diverged`` is set
-    when the residual grew above ‖v‖.
+    when the residual grew above ‖v‖, or to twice the smallest residual of the series (the
+    residual of an SPD ``A`` with ``α < 2/λmax`` never grows).
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
@@ -102,8 +103,13 @@ def neumann(matvec: MatVec, v: Tensors, iters: int, alpha: float, residual: bool
             raise NonFiniteError(f"non-finite values in term {j} of the Neumann series (product {j}); "
                                  f"alpha={alpha:g} may be above 2/λmax: lower it or use alpha='auto'")
     residual = norms_host[-1] / v_norm if v_norm > 0 else 0.0
+    best = min(norms_host) / v_norm if v_norm > 0 else 0.0
+    # for SPD A with α < 2/λmax the residual (I − αA)ʲ v never grows; growth to twice its best
+    # value (above rounding) means some |1 − αλ| > 1, even before it exceeds ‖v‖
+    growing = residual > 2.0 * best and residual > torch.finfo(v[0].dtype).eps ** 0.5
+    diverged = residual > 1.0 or growing
     return SolveResult(x=scale(alpha, total), products=iters, iters=iters, residual=residual,
-                       converged=residual < 1.0, diverged=residual > 1.0)
+                       converged=residual < 1.0 and not diverged, diverged=diverged)
 
 
 def conjugate_gradient(matvec: MatVec, v: Tensors, iters: int, tol: float = 1e-10,

@@ -262,6 +262,8 @@ class UnrolledMode(Mode):
     inner_batches: an iterable of mini-batches; then each step calls
         ``inner_loss(params, hparams, batch)`` with the next batch (the iterator persists
         across calls and restarts when a re-iterable such as a DataLoader is exhausted).
+        ``state_dict()`` does not record the position in it: a resumed run gets bit-exact
+        results only if its batches are fed from the same point.
     update_params: write the final inner parameters (and module buffers) back into the
         user's params after the call, detached, and keep the optimizer state for the next
         call, so one call is one step of an online bilevel loop (default False).

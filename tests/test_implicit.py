@@ -241,8 +241,12 @@ def test_warm_start_reaches_the_answer_with_fewer_products():
     assert rel_error(second, first) < 1e-8
     restored = HyperGradient("implicit-cg", tol=1e-10, warm_start=True)
     restored.load_state_dict(hg.state_dict())
-    restored.compute(*args)
-    assert restored.stats.hvps == hg.stats.hvps
+    third = hg.compute(*args)
+    assert torch.equal(restored.compute(*args), third) and restored.stats.hvps == hg.stats.hvps
+    cold = HyperGradient("implicit-cg", tol=1e-10)  # warm_start=False ignores a loaded start
+    cold.load_state_dict(hg.state_dict())
+    cold.compute(*args)
+    assert cold.stats.hvps == cold_products
 
 
 def test_nystrom_generator_makes_runs_reproducible_and_resumable():
@@ -252,6 +256,8 @@ def test_nystrom_generator_makes_runs_reproducible_and_resumable():
     assert torch.equal(a.compute(*args), b.compute(*args))
     state = a.state_dict()
     next_a = a.compute(*args)
+    b.compute(*args)
+    assert not torch.equal(next_a, b.compute(*args))  # b is now two draws ahead of the state
     b.load_state_dict(state)
     assert torch.equal(b.compute(*args), next_a)
 

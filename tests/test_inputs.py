@@ -1,4 +1,6 @@
 """Bad input gets a clear error naming the argument at fault and the fix; nothing is half-written."""
+import warnings
+
 import pytest
 import torch
 from torch.autograd.function import once_differentiable
@@ -212,3 +214,124 @@ def test_structure_change_between_calls_of_a_stateful_mode(rp):
     stateless = HyperGradient("implicit-cg")
     stateless.compute(*call_args)
     stateless.compute(inner, outer, {"w": rp.params_star()}, rp.hparams)  # fine: nothing carried over
+
+
+def test_inner_loss_without_graph(rp):
+    constant = torch.tensor(1.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="inner_loss returned a tensor without a graph.*detached copies"):
+        call(rp, inner=lambda w, lam: constant)
+    with pytest.raises(ValueError, match="inner_loss returned a tensor without a graph"):
+        call(rp, inner=lambda w, lam: rp.inner_loss(w.detach(), lam.detach()))
+
+
+def test_no_double_backward_error_suggests_a_mode_that_works(rp):
+    """The op touches only params, so the suggested implicit-identity needs no product through
+    it: its result is −α (∇²φθ f) ∂g/∂θ with ∇²φθ f = diag(exp(λ)·w) from the ridge term."""
+    points = torch.randn(1, 5, 4, dtype=torch.float64)
+    inner = lambda w, lam: rp.inner_loss(w, lam) + torch.cdist(points, w.view(1, 1, 4)).sum()
+    with pytest.raises(NoDoubleBackwardError, match="mode='implicit-identity' avoids"):
+        call(rp, inner=inner)
+    theta = rp.params_star()
+    v = torch.autograd.grad(rp.outer_loss(theta, rp.hparams), theta)[0]
+    got = call(rp, "implicit-identity", inner=inner, params=theta, alpha=0.3)
+    torch.testing.assert_close(got, -0.3 * rp.hparams.detach().exp() * theta.detach() * v, rtol=1e-12, atol=0)
+
+
+def test_closure_mixing_devices_names_the_closure(rp):
+    """Data on another device than params/hparams (here the meta device, which any machine has)."""
+    x_meta = torch.zeros(3, 4, dtype=torch.float64, device="meta")
+    with pytest.raises(ValueError, match="outer_loss combined tensors on different devices.*\\.to\\('cpu'\\)"):
+        call(rp, outer=lambda w, lam: (x_meta @ w).sum())
+    with pytest.raises(ValueError, match="inner_loss combined tensors on different devices"):
+        call(rp, inner=lambda w, lam: rp.inner_loss(w, lam) + (x_meta @ w).sum())
+
+
+@pytest.mark.cuda
+def test_cuda_cpu_mixtures_name_the_argument_at_fault():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    rp = ridge(p=4, device="cuda")
+    cpu_params = rp.params_star().detach().cpu().requires_grad_()
+    with pytest.raises(ValueError, match="params is on cpu but hparams\\[0\\] is on cuda:0.*one device"):
+        call(rp, params=cpu_params)
+    cpu_hparams = rp.hparams.detach().cpu().requires_grad_()
+    with pytest.raises(ValueError, match="params is on cuda:0 but hparams\\[0\\] is on cpu"):
+        call(rp, hparams=cpu_hparams)
+    x_cpu = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="outer_loss combined tensors on different devices.*cuda"):
+        call(rp, outer=lambda w, lam: ((x_cpu @ w) ** 2).sum())
+
+
+def test_hparams_unused_by_inner_loss_warn_once_per_hypergradient(rp):
+    phi = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    inner = lambda w, h: rp.inner_loss(w, rp.hparams.detach())
+    outer = lambda w, h: rp.outer_loss(w, None) + h ** 2
+    hg = HyperGradient("implicit-cg")
+    with pytest.warns(bilevel.HypergradientWarning, match="no hparam affects the gradient of inner_loss"):
+        hg.compute(inner, outer, rp.params_star(), phi)
+    assert hg.stats.extra["hparams_unused_by_inner"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hg.compute(inner, outer, rp.params_star(), phi)  # once per HyperGradient
+        # one hparam that does affect the inner loss: no warning
+        grads = HyperGradient("implicit-cg").compute(lambda w, h: rp.inner_loss(w, h[0]), outer_pair,
+                                                     rp.params_star(), (rp.hparams, phi))
+    assert float(grads[1]) == pytest.approx(1.0)
+
+
+def outer_pair(w, h):
+    return (w ** 2).sum() + h[1] ** 2
+
+
+@pytest.mark.parametrize("mode, options", [("implicit-cg", {"warm_start": True}),
+                                           ("unroll", {"steps": 2, "update_params": True})])
+def test_shape_or_hparams_change_between_calls_of_a_stateful_mode(mode, options):
+    small, large = ridge(p=4), ridge(p=5)
+    hg = HyperGradient(mode, **options)
+    hg.compute(small.inner_loss, small.outer_loss, small.params_star(), small.hparams)
+    with pytest.raises(ValueError, match="changed structure or shapes.*new HyperGradient"):
+        hg.compute(large.inner_loss, large.outer_loss, large.params_star(), large.hparams)
+    with pytest.raises(ValueError, match="hparams was tensor, now \\(tensor\\)"):
+        hg.compute(lambda w, h: small.inner_loss(w, h[0]), lambda w, h: small.outer_loss(w, h[0]),
+                   small.params_star(), (small.hparams,))
+    hg.compute(small.inner_loss, small.outer_loss, small.params_star(), small.hparams)  # same again: fine
+
+
+def test_modes_whose_state_fits_any_problem_accept_a_new_structure():
+    """The Nyström generator is state, but not shaped like the problem: no layout error."""
+    small, large = ridge(p=4), ridge(p=7)
+    hg = HyperGradient("implicit-nystrom", rank=3)
+    hg.compute(small.inner_loss, small.outer_loss, small.params_star(), small.hparams)
+    grads = hg.compute(lambda ps, h: large.inner_loss(ps["w"], h), lambda ps, h: large.outer_loss(ps["w"], h),
+                       {"w": large.params_star()}, large.hparams)
+    assert grads.shape == (7,) and hg.stats.hvps == 3
+
+
+def test_a_mode_is_one_small_registered_class(rp, monkeypatch):
+    """The protocol the modes follow: a dataclass of options with ``hypergradient``."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from bilevel.implicit import implicit_hypergradient
+    from bilevel.modes import base
+    from bilevel.solvers import SolveResult, scale
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # keep the registry as it was
+
+    @bilevel.register_mode
+    @dataclass
+    class HalfIdentity(bilevel.Mode):
+        name: ClassVar[str] = "test-half-identity"
+        alpha: float = 0.5
+
+        def hypergradient(self, problem, stats):
+            return implicit_hypergradient(
+                problem, lambda op, v: SolveResult(x=scale(self.alpha, v), products=0, iters=0), stats)
+
+    assert "test-half-identity" in bilevel.available_modes()
+    got = call(rp, "test-half-identity", alpha=0.2)
+    torch.testing.assert_close(got, call(rp, "implicit-identity", alpha=0.2), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="unknown option.*beta.*its options are: alpha"):
+        HyperGradient("test-half-identity", beta=1.0)
+    with pytest.raises(ValueError, match="already registered"):
+        bilevel.register_mode(type("Other", (HalfIdentity,), {}))

@@ -1,8 +1,10 @@
 """State safety and long runs, for every registered mode."""
 import copy
 import gc
+import io
 import os
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from torch import nn
 
 import bilevel
 from bilevel import HyperGradient
+from problems import ridge
 
 ALL_MODES = bilevel.available_modes()
 
@@ -37,7 +40,7 @@ def _snapshot(model, decay):
     return (copy.deepcopy(model.state_dict()),
             {n: (None if p.grad is None else p.grad.clone(), p.requires_grad)
              for n, p in model.named_parameters()},
-            (decay.detach().clone(), None if decay.grad is None else decay.grad.clone()),
+            (decay.detach().clone(), None if decay.grad is None else decay.grad.clone(), decay.requires_grad),
             model.training)
 
 
@@ -115,6 +118,35 @@ def test_online_loop_has_flat_memory_and_no_nan(mode):
     assert counts[1] <= counts[0], counts
 
 
+@pytest.mark.cuda
+@pytest.mark.filterwarnings("ignore::bilevel.HypergradientWarning")
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_online_loop_on_cuda_has_flat_allocated_memory(mode):
+    """torch.cuda.memory_allocated counts every tensor, graphs' saved tensors included."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, generator=g, dtype=torch.float64).cuda()
+    y = torch.randn(64, generator=g, dtype=torch.float64).cuda()
+    w = torch.zeros(16, dtype=torch.float64, device="cuda", requires_grad=True)
+    lam = torch.full((16,), -1.0, dtype=torch.float64, device="cuda", requires_grad=True)
+    inner = lambda w, lam: 0.5 * ((x @ w - y) ** 2).mean() + 0.5 * (lam.exp() * w ** 2).sum()
+    outer = lambda w, lam: 0.5 * ((x[:32] @ w - y[:32]) ** 2).mean()
+    hg, allocated = HyperGradient(mode), []
+    for step in range(60):
+        (grad_w,) = torch.autograd.grad(inner(w, lam.detach()), w)
+        with torch.no_grad():
+            w -= 0.3 * grad_w
+            lam.grad = None
+        hg.backward(inner, outer, w, lam)
+        with torch.no_grad():
+            lam -= 0.05 * lam.grad
+        if step in (20, 59):
+            torch.cuda.synchronize()
+            allocated.append(torch.cuda.memory_allocated())
+    assert torch.isfinite(lam).all() and allocated[1] <= allocated[0], allocated
+
+
 def test_readme_training_loop_runs():
     """The README's training-loop example is real code: run it."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()
@@ -122,3 +154,189 @@ def test_readme_training_loop_runs():
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["hg"].stats.residual < 1e-3
+
+
+# ------------------------------------------------------------- breakdowns: flag, warn once, strict
+def _ridge_args(p=6):
+    problem = ridge(p=p)
+    return problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams
+
+
+def _saddle_args():
+    """f = ½ wᵀ diag(1, −1) w − φᵀw at its stationary point w = (φ₀, −φ₁): indefinite H."""
+    signs = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    return (lambda w, p: 0.5 * (signs * w * w).sum() - (p * w).sum(), lambda w, p: (w ** 2).sum(),
+            torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True),
+            torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True))
+
+
+def _singular_args():
+    """f = ½(w₀ + w₁)² + φ·w₀: H = [[1, 1], [1, 1]] is singular (so is any Nyström core)."""
+    return (lambda w, p: 0.5 * (w[0] + w[1]) ** 2 + p[0] * w[0], lambda w, p: (w ** 2).sum(),
+            torch.tensor([-1.0, 0.0], dtype=torch.float64, requires_grad=True),
+            torch.tensor([1.0], dtype=torch.float64, requires_grad=True))
+
+
+def _slow_divergence_args():
+    """f = ½ Σ dᵢwᵢ² − φᵀw with d = (1, 1, 1, 10) and ∂g/∂θ = (1, 1, 1, 10⁻³): with α = 0.21 >
+    2/λmax the λmax component grows by 1.1 per term, but after 40 terms the residual (~0.03)
+    is still far below ‖v‖; it has grown to 4x its best value, which is the divergence."""
+    d = torch.tensor([1.0, 1.0, 1.0, 10.0], dtype=torch.float64)
+    c = torch.tensor([1.0, 1.0, 1.0, 1e-3], dtype=torch.float64)
+    phi = torch.tensor([0.5, -1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    return (lambda w, p: 0.5 * (d * w * w).sum() - (p * w).sum(), lambda w, p: (c * w).sum(),
+            (phi.detach() / d).requires_grad_(), phi)
+
+
+BREAKDOWNS = [  # (mode, options, problem, stats flag, warning text)
+    ("implicit-neumann", {"iters": 30, "alpha": 10.0}, _ridge_args, "diverged", "diverged"),
+    ("implicit-neumann", {"iters": 40, "alpha": 0.21}, _slow_divergence_args, "diverged", "diverged"),
+    ("implicit-cg", {}, _saddle_args, "negative_curvature", "negative curvature"),
+    ("implicit-nystrom", {"rank": 2, "rho": 1e-3}, _singular_args, "singular", "singular"),
+    ("implicit-exact", {}, _singular_args, "singular", "singular"),
+]
+
+
+@pytest.mark.parametrize("mode, options, make, flag, text", BREAKDOWNS,
+                         ids=[f"{b[0]}-{b[3]}-{i}" for i, b in enumerate(BREAKDOWNS)])
+def test_breakdown_is_flagged_warned_once_and_raised_when_strict(mode, options, make, flag, text):
+    args = make()
+    hg = HyperGradient(mode, **options)
+    with pytest.warns(bilevel.HypergradientWarning, match=f"{mode}: .*{text}.*strict=True"):
+        hg.compute(*args)
+    assert getattr(hg.stats, flag) and hg.stats.converged is not True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same HyperGradient does not warn a second time
+        hg.compute(*args)
+    assert getattr(hg.stats, flag)
+    with pytest.warns(bilevel.HypergradientWarning, match=text):  # another one warns again
+        HyperGradient(mode, **options).compute(*args)
+
+    strict = HyperGradient(mode, strict=True, **options)
+    state = copy.deepcopy(strict.state_dict())
+    with pytest.raises(bilevel.SolverBreakdownError, match=f"{mode}: .*{text}"):
+        strict.backward(*args)
+    assert args[3].grad is None and args[2].grad is None  # nothing written
+    assert getattr(strict.stats, flag)  # stats still say what happened
+    assert _same(strict.state_dict(), state)  # the mode's state (Nyström generator) did not advance
+
+
+def test_convergent_neumann_is_not_flagged():
+    """The growth criterion stays quiet for a convergent series run down to rounding level."""
+    inner, outer, theta, phi = _slow_divergence_args()
+    hg = HyperGradient("implicit-neumann", iters=400, alpha=0.19, strict=True)
+    grad = hg.compute(inner, outer, theta, phi)
+    assert not hg.stats.diverged and hg.stats.converged
+    assert torch.allclose(grad, torch.tensor([1.0, 1.0, 1.0, 1e-4], dtype=torch.float64), atol=1e-12)
+
+
+# ------------------------------------------------------------------ checkpoint / resume
+def _roundtrip(state, weights_only=True):
+    """``state`` through ``torch.save``/``torch.load``, as a checkpoint on disk would go."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=weights_only)
+
+
+def _online_ridge(step):
+    """The ridge problem of an online loop at outer step ``step``: hparams drift slowly and
+    params sit at the inner optimum for them."""
+    problem = ridge(p=8)
+    lam = (problem.hparams.detach() + 0.05 * step).requires_grad_()
+    params = problem.inner_solve(lam.detach()).detach().requires_grad_()
+    return problem.inner_loss, problem.outer_loss, params, lam
+
+
+@pytest.mark.parametrize("mode, options", [
+    ("implicit-cg", {"warm_start": True, "tol": 1e-10}),
+    ("implicit-nystrom", {"rank": 3, "generator": 7}),
+])
+def test_stateful_implicit_modes_resume_bit_exactly_from_a_checkpoint(mode, options):
+    hg = HyperGradient(mode, **options)
+    for step in range(2):
+        hg.compute(*_online_ridge(step))
+    checkpoint = _roundtrip(hg.state_dict())
+    expected = [(hg.compute(*_online_ridge(step)), hg.stats.hvps) for step in (2, 3)]
+
+    other = dict(options, generator=11) if mode == "implicit-nystrom" else options
+    resumed = HyperGradient(mode, **other)
+    resumed.load_state_dict(checkpoint)
+    got = [(resumed.compute(*_online_ridge(step)), resumed.stats.hvps) for step in (2, 3)]
+    for (a, hvps_a), (b, hvps_b) in zip(expected, got):
+        assert torch.equal(a, b) and hvps_a == hvps_b
+    # the check can fail: without the checkpoint the calls differ (cold start, other columns)
+    fresh = HyperGradient(mode, **other)
+    assert not torch.equal(fresh.compute(*_online_ridge(2)), expected[0][0])
+
+
+@pytest.mark.parametrize("mode, options", [
+    ("unroll", {"steps": 3}), ("truncated-unroll", {"steps": 4, "truncate": 2})])
+def test_unrolled_optimizer_state_resumes_bit_exactly_from_a_checkpoint(mode, options):
+    problem = ridge(p=4)
+    make = lambda: HyperGradient(mode, update_params=True, momentum=0.9, **options)
+    theta = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    hg = make()
+    hg.compute(problem.inner_loss, problem.outer_loss, theta, problem.hparams)
+    # torchopt's state holds namedtuples, which torch.load refuses with weights_only=True
+    checkpoint = _roundtrip({"hg": hg.state_dict(), "theta": theta.detach()}, weights_only=False)
+    expected = [hg.compute(problem.inner_loss, problem.outer_loss, theta, problem.hparams) for _ in range(2)]
+
+    resumed = make()
+    resumed.load_state_dict(checkpoint["hg"])
+    theta2 = checkpoint["theta"].clone().requires_grad_()
+    got = [resumed.compute(problem.inner_loss, problem.outer_loss, theta2, problem.hparams) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(expected, got)) and torch.equal(theta2, theta)
+    # the check can fail: restarting the momentum from zero gives other numbers
+    cold = make()
+    theta3 = checkpoint["theta"].clone().requires_grad_()
+    assert not torch.equal(cold.compute(problem.inner_loss, problem.outer_loss, theta3, problem.hparams),
+                           expected[0])
+
+
+# --------------------------------------------------- state after calls that raise midway
+def test_failed_call_does_not_advance_a_warm_start():
+    """The solve succeeds, then the mixed product is non-finite (d√h/dh at h = 0): the
+    warm start must still be the one of the last successful call."""
+    problem = ridge(p=4)
+    inner = lambda w, h: problem.inner_loss(w, h[0]) + torch.sqrt(h[1]) * w.sum()
+    hg = HyperGradient("implicit-cg", warm_start=True, tol=1e-10)
+    theta = problem.params_star()
+    hg.compute(inner, problem.outer_loss, theta, (problem.hparams, torch.tensor(1.0, dtype=torch.float64,
+                                                                                 requires_grad=True)))
+    before = copy.deepcopy(hg.state_dict())
+    assert before["state"]  # a warm start is held
+    moved = (1.5 * theta.detach()).requires_grad_()  # another ∂g/∂θ, so another solution
+    zero = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(bilevel.NonFiniteError, match="mixed second-derivative product"):
+        hg.compute(inner, problem.outer_loss, moved, (problem.hparams, zero))
+    assert _same(hg.state_dict(), before)
+
+
+@pytest.mark.parametrize("mode", ["unroll", "truncated-unroll"])
+def test_unrolled_call_that_raises_midway_keeps_params_and_optimizer_state(mode):
+    problem = ridge(p=4)
+    make = lambda: HyperGradient(mode, steps=4, update_params=True, momentum=0.9,
+                                 **({"truncate": 2} if mode == "truncated-unroll" else {}))
+    theta = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    reference_theta = theta.detach().clone().requires_grad_()
+    hg, reference = make(), make()
+    hg.compute(problem.inner_loss, problem.outer_loss, theta, problem.hparams)
+    reference.compute(problem.inner_loss, problem.outer_loss, reference_theta, problem.hparams)
+    state, values = copy.deepcopy(hg.state_dict()), theta.detach().clone()
+    calls = {"n": 0}
+
+    def failing_inner(w, lam):  # fails at the third inner step, after two steps were taken
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("data loader failed")
+        return problem.inner_loss(w, lam)
+
+    with pytest.raises(RuntimeError, match="data loader failed"):
+        hg.compute(failing_inner, problem.outer_loss, theta, problem.hparams)
+    assert torch.equal(theta, values) and theta.requires_grad and theta.grad is None
+    assert _same(hg.state_dict(), state)
+    # and the run goes on exactly as one that never failed
+    assert torch.equal(hg.compute(problem.inner_loss, problem.outer_loss, theta, problem.hparams),
+                       reference.compute(problem.inner_loss, problem.outer_loss, reference_theta, problem.hparams))
+    assert torch.equal(theta, reference_theta)

@@ -57,6 +57,12 @@ class Mode:
         if state:
             raise ValueError(f"mode {self.name!r} has no state, got keys {sorted(state)}")
 
+    def state_fits_one_layout(self) -> bool:
+        """Whether the current state is shaped like one problem's params/hparams (a warm
+        start, optimizer state), so that the next call must have the same structure. A state
+        that fits any problem (a random generator) overrides this to return False."""
+        return bool(self.state_dict())
+
 
 def register_mode(cls: M) -> M:
     """Class decorator: make ``cls`` available as ``HyperGradient(mode=cls.name)``."""

@@ -45,7 +45,7 @@ class ImplicitCG(Mode):
         self.check_problem(problem)
 
         def solve(operator, v):
-            x0 = self._previous
+            x0 = self._previous if self.warm_start else None
             if x0 is not None and [t.shape for t in x0] != [t.shape for t in v]:
                 x0 = None
             result = conjugate_gradient(operator.matvec, v, self.iters, self.tol, self.damping, x0=x0)

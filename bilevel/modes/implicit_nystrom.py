@@ -59,6 +59,7 @@ class ImplicitNystrom(Mode):
             columns = operator.matmat(unit_rows)
             result = nystrom(columns, indices, v, self.rho)
             result.products = k
+            result.converged = not result.singular  # as implicit-exact: a pseudo-inverse was used
             stats.extra["rank"] = k
             return result
 
@@ -69,3 +70,6 @@ class ImplicitNystrom(Mode):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._generator.set_state(state["generator"])
+
+    def state_fits_one_layout(self) -> bool:
+        return False  # the generator draws column indices for a problem of any size

@@ -277,6 +277,25 @@ def test_neumann_error_shrinks_with_iters_and_converges(problem, fraction):
     assert problem.error(got, exact) < 1e-8
 
 
+@settings(max_examples=10, **SETTINGS)
+@given(problem=quadratics(max_kappa=100.0))
+@example(problem=make_quadratic(LARGE.params_spec, LARGE.hparams_spec, kappa=100.0, seed=2))
+def test_cg_error_shrinks_at_its_convergence_rate_and_converges(problem):
+    exact = problem.exact()
+    # x₀ = 0, so ‖x* − x_k‖_H ≤ 2 ρᵏ ‖x*‖_H with ρ = (√κ − 1)/(√κ + 1), x* = H⁻¹v, and
+    # ‖error_k‖ = ‖Bᵀ(x* − x_k)‖ ≤ ‖B‖ ‖x* − x_k‖_H / √λmin
+    root = math.sqrt(problem.kappa)
+    rho = (root - 1) / (root + 1)
+    x_star = torch.linalg.solve(problem.H, problem.v)
+    h_norm = float(torch.sqrt(x_star @ problem.H @ x_star))
+    bound = float(torch.linalg.matrix_norm(problem.B, 2)) * 2 * h_norm / math.sqrt(LAMBDA_MAX / problem.kappa)
+    for iters in (1, 2, 4, 8, 16):
+        got = problem.compute("implicit-cg", iters=iters, tol=0.0)
+        assert problem.error(got, exact) * problem.scale <= bound * rho ** iters * (1 + 1e-6) + 1e-12 * problem.scale
+    got = problem.compute("implicit-cg", iters=4 * len(problem.c), tol=1e-14)
+    assert problem.error(got, exact) < 1e-9
+
+
 @settings(max_examples=8, **SETTINGS)
 @given(problem=quadratics(), steps=st.integers(1, 6), fraction=st.floats(0.1, 1.9))
 @example(problem=LARGE, steps=6, fraction=1.9)

@@ -199,7 +199,9 @@ PEERS = ("torchopt", "higher")
 def measure(implementations: dict[str, Callable], problem, repeats: int, device: str):
     """Median seconds, peak CUDA memory and result per implementation. Repeats are interleaved
     (one call of each implementation per round), so a change in machine load between rounds
-    affects every implementation alike and the ratios stay meaningful on a shared machine."""
+    affects every implementation alike; each round starts with the next implementation, so
+    an effect of the position in a round (allocator and cache state left by the previous
+    call) does not always fall on the same one."""
     _, inner, outer, params, logs = problem
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -211,8 +213,10 @@ def measure(implementations: dict[str, Callable], problem, repeats: int, device:
         results[name] = fn(inner, outer, params, logs)
         sync()
         memory[name] = torch.cuda.max_memory_allocated() if cuda else None
-    for _ in range(repeats):
-        for name, fn in implementations.items():
+    names = list(implementations)
+    for round_ in range(repeats):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            fn = implementations[name]
             start = time.perf_counter()
             fn(inner, outer, params, logs)
             sync()

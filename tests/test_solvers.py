@@ -1,0 +1,60 @@
+"""The conjugate-gradient solver on explicit matrices."""
+import pytest
+import torch
+
+from bilevel.errors import NonFiniteError
+from bilevel.solvers import conjugate_gradient
+
+f64 = torch.float64
+
+
+def _system(eigenvalues, seed=0):
+    """A symmetric matrix with the given spectrum, its matvec on a 2-tensor tuple, and v."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(eigenvalues)
+    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=f64))
+    matrix = basis @ torch.diag(torch.tensor(eigenvalues, dtype=f64)) @ basis.T
+    v = (torch.randn(n - 2, generator=g, dtype=f64), torch.randn(2, generator=g, dtype=f64))
+
+    def matvec(x):
+        out = matrix @ torch.cat(x)
+        return out[:-2], out[-2:]
+
+    return matrix, matvec, v
+
+
+SPD = [10.0 ** (-k / 3) for k in range(12)]  # κ = 2e3
+INDEFINITE = [3.0, 2.0, 1.0, 0.5, -0.2, 0.1, 1.5, 2.5]
+
+
+def test_cg_solves_spd_systems_from_zero_and_from_a_start():
+    matrix, matvec, v = _system(SPD)
+    exact = torch.linalg.solve(matrix, torch.cat(v))
+    result = conjugate_gradient(matvec, v, 200, tol=1e-12)
+    assert result.converged and torch.allclose(torch.cat(result.x), exact, rtol=1e-8, atol=1e-10)
+    assert result.products == result.iters < 200
+    start = tuple(t + 1e-3 for t in result.x)
+    warm = conjugate_gradient(matvec, v, 200, tol=1e-12, x0=start)
+    assert warm.converged and warm.products == warm.iters + 1 and warm.iters < result.iters
+    damped = conjugate_gradient(matvec, v, 200, tol=1e-12, damping=0.5)
+    shifted = torch.linalg.solve(matrix + 0.5 * torch.eye(len(SPD), dtype=f64), torch.cat(v))
+    assert torch.allclose(torch.cat(damped.x), shifted, rtol=1e-9, atol=1e-12)
+
+
+def test_cg_stops_at_negative_curvature_and_says_so():
+    _, matvec, v = _system(INDEFINITE)
+    result = conjugate_gradient(matvec, v, 20)
+    assert result.negative_curvature and not result.converged and result.iters == result.products < 20
+
+
+def test_a_non_finite_product_stops_the_solve_and_names_it():
+    _, matvec, v = _system(SPD)
+    calls = {"n": 0}
+
+    def broken(x):
+        calls["n"] += 1
+        out = matvec(x)
+        return (out[0] * float("nan"), out[1]) if calls["n"] == 3 else out
+
+    with pytest.raises(NonFiniteError, match="product 3"):
+        conjugate_gradient(broken, v, 20, tol=1e-12)

@@ -4,8 +4,9 @@ import inspect
 import pytest
 import torch
 
-from bilevel import NoDoubleBackwardError
+from bilevel import HyperGradient, NoDoubleBackwardError
 from bilevel.auxiliary import ConvCombiner, LinearCombiner, MetaOptimizer, NonlinearCombiner
+from bilevel.testing import assert_hypergradient_close
 
 D = torch.float64
 
@@ -239,3 +240,54 @@ def test_meta_optimizer_accepts_losses_from_one_shared_forward_pass(mode):
     separate = MetaOptimizer(torch.optim.SGD([phi], lr=0.0), hpo_lr=0.1, mode=mode).step(
         losses(torch.tanh(x @ w))[0], losses(torch.tanh(x @ w))[1], [w], [phi], True)
     assert torch.allclose(shared[0], separate[0], rtol=1e-14) and shared[0].abs() > 1e-3
+
+
+# ------------------------------------------- nonlinear and conv combiners through a hypergradient
+def _combiner_problem(combiner, maps: bool):
+    """Linear regression θ ∈ R⁴ on three targets (main + two auxiliary), per-sample (or
+    per-pixel) squared errors combined by ``combiner``; the outer loss is the main task's error
+    on held-out data. Returns (inner_loss, outer_loss, inner_solve, hparams)."""
+    g = torch.Generator().manual_seed(0)
+    shape = (12, 4, 3, 3) if maps else (24, 4)
+    x, xv = torch.randn(*shape, generator=g, dtype=D), torch.randn(*shape, generator=g, dtype=D)
+    w = torch.randn(3, 4, generator=g, dtype=D) * torch.tensor([[1.0], [0.8], [-0.5]], dtype=D)
+    predict = (lambda inputs, theta: torch.einsum("bchw,c->bhw", inputs, theta)) if maps else (lambda inputs, theta: inputs @ theta)
+    truth = (lambda inputs: torch.einsum("bchw,tc->bthw", inputs, w)) if maps else (lambda inputs: inputs @ w.T)
+    y, yv = truth(x) + 0.1 * torch.randn(truth(x).shape, generator=g, dtype=D), truth(xv)
+    task_axis = 1
+
+    def losses(theta):
+        return (predict(x, theta).unsqueeze(task_axis) - y) ** 2
+
+    def inner_loss(theta, phi):
+        return torch.func.functional_call(combiner, phi, (losses(theta),)) + 1e-2 * (theta ** 2).sum()
+
+    def outer_loss(theta, phi):
+        return ((predict(xv, theta) - yv.select(task_axis, 0)) ** 2).mean()
+
+    def inner_solve(phi):  # Newton's method on the 4 parameters, to machine precision
+        theta = torch.zeros(4, dtype=D, requires_grad=True)
+        for _ in range(12):
+            (gradient,) = torch.autograd.grad(inner_loss(theta, phi), theta, create_graph=True)
+            hessian = torch.stack([torch.autograd.grad(gi, theta, retain_graph=True)[0] for gi in gradient])
+            theta = (theta - torch.linalg.solve(hessian, gradient)).detach().requires_grad_()
+        return theta.detach()
+
+    hparams = {k: v.detach().clone() for k, v in combiner.named_parameters()}
+    return inner_loss, outer_loss, inner_solve, hparams
+
+
+@pytest.mark.parametrize("make, maps", [
+    (lambda: NonlinearCombiner(3, hidden=(6,), monotone=True), False),
+    (lambda: NonlinearCombiner(3, hidden=(6,)), False),
+    (lambda: ConvCombiner(3, hidden_channels=4), True),
+], ids=["nonlinear-monotone", "nonlinear", "conv"])
+@pytest.mark.parametrize("mode, options", [("implicit-exact", {}), ("implicit-cg", {"tol": 1e-12})])
+def test_learned_combiners_get_the_finite_difference_hypergradient(make, maps, mode, options):
+    torch.manual_seed(0)
+    combiner = make().double()
+    inner_loss, outer_loss, inner_solve, hparams = _combiner_problem(combiner, maps)
+    for seed in range(3):  # directional derivatives along random directions: two solves each
+        computed, fd = assert_hypergradient_close(HyperGradient(mode, **options), inner_loss, outer_loss,
+                                                  inner_solve, hparams, direction="random", generator=seed)
+        assert abs(float(fd)) > 1e-6  # the combiner's weights matter here

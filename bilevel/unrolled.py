@@ -74,33 +74,33 @@ def _check_supported(optimizer: Any, backend: str) -> None:
                     f"{fix}")
 
 
-def _reset_first_call(function: Any, seen: set[int] | None = None) -> None:
-    """Set every ``first_call`` flag in the closures of a torchopt update function back to True.
+def _set_first_call(function: Any, value: bool, seen: set[int] | None = None) -> None:
+    """Set every ``first_call`` flag in the closures of a torchopt update function to ``value``.
 
-    torchopt's momentum keeps "this is the first update" in a closure of the transformation,
-    not in its state, so a transformation reused from a fresh state would skip torch's
-    first-step rule (``buf = g``, no dampening). Resetting the flag makes each fresh start
-    behave like a new transformation."""
+    torchopt's momentum keeps "this is the first update" (torch's first-step rule: buffer = g,
+    no dampening) in a closure of the transformation, not in its state. A run from a fresh
+    state needs it True, a run that continues from an advanced state False, whatever earlier
+    calls did with the transformation."""
     seen = set() if seen is None else seen
     if id(function) in seen:
         return
     seen.add(id(function))
     if isinstance(function, (tuple, list)):
         for item in function:
-            _reset_first_call(item, seen)
+            _set_first_call(item, value, seen)
         return
     code, cells = getattr(function, "__code__", None), getattr(function, "__closure__", None)
     if code is None or not cells:
         return
     for name, cell in zip(code.co_freevars, cells):
         try:
-            value = cell.cell_contents
+            content = cell.cell_contents
         except ValueError:  # an empty cell
             continue
-        if name == "first_call" and isinstance(value, bool):
-            cell.cell_contents = True
-        elif callable(value) or isinstance(value, (tuple, list)):
-            _reset_first_call(value, seen)
+        if name == "first_call" and isinstance(content, bool):
+            cell.cell_contents = value
+        elif callable(content) or isinstance(content, (tuple, list)):
+            _set_first_call(content, value, seen)
 
 
 def _optimizer_kwargs(optimizer: Any, options: dict[str, Any]) -> dict[str, Any]:
@@ -115,9 +115,8 @@ class _TorchoptStepper:
     """θ, state ↦ θ', state' with a torchopt GradientTransformation (out of place)."""
 
     def __init__(self, optimizer: Any, options: dict[str, Any], hyper: dict[str, Tensor]) -> None:
-        self.unused = True  # no update has run through this transformation yet
-        self.shared = _is_transformation(optimizer)  # the user's, possibly used by earlier calls
-        if self.shared:
+        self.unused = True  # no update has run through this stepper yet
+        if _is_transformation(optimizer):
             self.transform = optimizer
             return
         cls = _optimizer_class(optimizer)
@@ -161,14 +160,9 @@ class _TorchoptStepper:
 
         grads = torch.autograd.grad(loss, theta, create_graph=graph, allow_unused=True)
         grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, theta))
-        if self.shared and fresh_state:
-            _reset_first_call(self.transform.update)
-        elif self.unused and not fresh_state:
-            # torchopt's momentum treats the first update of a transformation specially (a flag
-            # kept in the transformation, not in its state). Continuing from an advanced state,
-            # spend that first update on a throwaway so the next one uses the state as it is.
-            self.transform.update(grads, state, params=theta, inplace=False)
-        self.unused = False
+        if self.unused:  # the transformation may be new, or the user's, used by earlier calls
+            _set_first_call(self.transform.update, fresh_state)
+            self.unused = False
         updates, state = self.transform.update(grads, state, params=theta, inplace=False)
         return tuple(torchopt.apply_updates(theta, updates, inplace=False)), state
 

@@ -12,7 +12,10 @@ functional SGD), higher (differentiable SGD). Reports the median time per hyperg
 peak CUDA memory, the ratio to the floor and to the best peer, and the relative difference
 of the result from the floor's.
 
-    python benchmarks/bench.py [--device cuda] [--sizes 1e5,3e5] [--repeats 7] [--quick]
+    python benchmarks/bench.py [--device cuda] [--sizes 1e5,3e5] [--repeats 7] [--quick] [--compile]
+
+``--compile`` adds ``ours (compiled)``: the same mode with ``compile=True`` (torch.compile
+of the whole call; CUDA graphs on CUDA), compiled during the untimed warm-up.
 
 Results and how to read them: benchmarks/README.md.
 """
@@ -36,14 +39,15 @@ ITERS, STEPS, DAMPING, ALPHA, LR = 20, 20, 1.0, 0.05, 0.1
 
 
 # ----------------------------------------------------------------------------- problems
-def mlp_problem(params_target: float, device: str, batch: int = 2048):
+def mlp_problem(params_target: float, device: str, batch: int = 2048, dtype: torch.dtype = torch.float32):
     """Width chosen so the MLP 64 -> H -> H -> 10 has about ``params_target`` parameters."""
     hidden = int((-(74) + (74 ** 2 + 4 * params_target) ** 0.5) / 2)
     g = torch.Generator().manual_seed(0)
     shapes = [(hidden, 64), (hidden,), (hidden, hidden), (hidden,), (10, hidden), (10,)]
-    params = tuple((torch.randn(s, generator=g) / (s[-1] ** 0.5 if len(s) > 1 else 10)).to(device) for s in shapes)
-    x, y = torch.randn(batch, 64, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device)
-    xv, yv = torch.randn(512, 64, generator=g).to(device), torch.randint(0, 10, (512,), generator=g).to(device)
+    params = tuple((torch.randn(s, generator=g) / (s[-1] ** 0.5 if len(s) > 1 else 10)).to(device, dtype)
+                   for s in shapes)
+    x, y = torch.randn(batch, 64, generator=g).to(device, dtype), torch.randint(0, 10, (batch,), generator=g).to(device)
+    xv, yv = torch.randn(512, 64, generator=g).to(device, dtype), torch.randint(0, 10, (512,), generator=g).to(device)
 
     def forward(ps, inputs):
         h = torch.tanh(F.linear(inputs, ps[0], ps[1]))
@@ -177,12 +181,25 @@ def higher_unroll(inner, outer, params, logs):
 
 
 def ours(mode: str, **options):
+    """Our mode; with ``compile`` the first call also compiles (eager first call, then the
+    compiled one), so the warm-up in :func:`measure` leaves it compiled."""
     hg = HyperGradient(mode, **options)
+    warm = set()
 
     def run(inner, outer, params, logs):
-        return hg.compute(inner, outer, leaves(params), leaves(logs))
+        args = (inner, outer, leaves(params), leaves(logs))
+        if options.get("compile") and id(inner) not in warm:
+            warm.add(id(inner))
+            hg.compute(*args)
+        return hg.compute(*args)
 
+    run.hg = hg
     return run
+
+
+COMPILED = {"cg": ("implicit-cg", {"iters": ITERS, "tol": 0.0, "damping": DAMPING}),
+            "neumann": ("implicit-neumann", {"iters": ITERS, "alpha": ALPHA}),
+            "unroll": ("unroll", {"steps": STEPS, "lr": LR})}
 
 
 ALGORITHMS: dict[str, dict[str, Callable]] = {
@@ -232,6 +249,8 @@ def main(argv=None):
     parser.add_argument("--no-cnn", action="store_true")
     parser.add_argument("--algorithms", default="cg,neumann,unroll")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time our modes with compile=True (compiled once per problem, untimed)")
     args = parser.parse_args(argv)
     default_sizes = "1e5,3e5,1e6,4e6,1e7" if args.device.startswith("cuda") else "1e5"
     sizes = [float(s) for s in (args.sizes or default_sizes).split(",")]
@@ -244,20 +263,27 @@ def main(argv=None):
     print(f"torch {torch.__version__}, torchopt {torchopt.__version__}, higher {importlib.metadata.version('higher')}, "
           f"device {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}, "
           f"threads {torch.get_num_threads()}, median of {args.repeats}")
-    print(f"{'problem':<12} {'algorithm':<8} {'implementation':<14} {'ms':>9} {'/floor':>7} {'/best peer':>10} "
+    print(f"{'problem':<12} {'algorithm':<8} {'implementation':<16} {'ms':>9} {'/floor':>7} {'/best peer':>10} "
           f"{'MiB':>8} {'diff vs floor':>13}")
     rows = []
     warnings.simplefilter("ignore")
     for problem in problems:
         for algorithm in args.algorithms.split(","):
-            results = measure(ALGORITHMS[algorithm], problem, args.repeats, args.device)
+            implementations = dict(ALGORITHMS[algorithm])
+            if args.compile:
+                mode, options = COMPILED[algorithm]
+                implementations["ours (compiled)"] = ours(mode, compile=True, **options)
+            results = measure(implementations, problem, args.repeats, args.device)
+            compiled = implementations.get("ours (compiled)")
+            if compiled is not None and not compiled.hg.stats.extra.get("compiled"):
+                results["ours (NOT compiled)"] = results.pop("ours (compiled)")
             floor_time, _, floor_result = results["floor"]
             peer_times = [results[p][0] for p in PEERS if p in results]
             for name, (seconds, memory, result) in results.items():
                 diff = max(float((a - b).norm() / b.norm()) for a, b in zip(result, floor_result))
                 best_peer = seconds / min(peer_times) if peer_times else float("nan")
                 mib = f"{memory / 2 ** 20:8.0f}" if memory is not None else f"{'n/a':>8}"
-                print(f"{problem[0]:<12} {algorithm:<8} {name:<14} {seconds * 1e3:9.1f} {seconds / floor_time:7.2f} "
+                print(f"{problem[0]:<12} {algorithm:<8} {name:<16} {seconds * 1e3:9.1f} {seconds / floor_time:7.2f} "
                       f"{best_peer:10.2f} {mib} {diff:13.1e}", flush=True)
                 rows.append((problem[0], algorithm, name, seconds, seconds / floor_time, best_peer, memory, diff))
     return rows

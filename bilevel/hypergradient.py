@@ -43,6 +43,8 @@ class HyperGradient:
 
     def __init__(self, mode: str = "implicit-cg", *, strict: bool = False, **options: Any) -> None:
         self.mode: Mode = get_mode(mode).from_options(**options)
+        for note in self.mode.notes:
+            warnings.warn(note, HypergradientWarning, stacklevel=2)
         self.strict = strict
         self.stats = Stats(mode=mode)
         self._warned: set[str] = set()

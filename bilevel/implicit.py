@@ -7,6 +7,7 @@ another stationarity map. Assumes ``θ`` is (close to) a point where ``G(θ, φ)
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -36,10 +37,35 @@ def outer_gradients(problem: BilevelProblem, theta: Tensors, phi: Tensors) -> tu
     return v, direct
 
 
-def implicit_hypergradient(problem: BilevelProblem, solve: Solve, stats: Stats) -> Tensors:
-    """The IFT hypergradient with ``x`` from ``solve(operator, v)``; fills ``stats``."""
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def check_autocast(value: object) -> None:
+    """Validate an ``autocast`` option."""
+    if value is not None and value not in LOW_PRECISION:
+        raise TypeError(f"option autocast must be None, torch.bfloat16 or torch.float16, got {value!r}")
+
+
+def low_precision(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device`` (a no-op for None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def implicit_hypergradient(problem: BilevelProblem, solve: Solve, stats: Stats,
+                           autocast: torch.dtype | None = None) -> Tensors:
+    """The IFT hypergradient with ``x`` from ``solve(operator, v)``; fills ``stats``.
+
+    With ``autocast`` (bf16/fp16) the inner loss and its gradient graph are built under
+    ``torch.autocast``, so every Hessian and mixed product runs its matmuls in that dtype;
+    the products come out in the params' dtype, where the solver accumulates."""
+    if autocast is not None and problem.dtype != torch.float32:
+        raise ValueError(f"autocast={autocast} lowers the precision of float32 products, but params "
+                         f"are {problem.dtype}; use float32 params, or autocast=None")
     theta, phi = problem.leaf_copies()
-    field = problem.stationarity(theta, phi)
+    with low_precision(problem.device, autocast):
+        field = problem.stationarity(theta, phi)
     v, direct = outer_gradients(problem, theta, phi)
     operator = StationarityJacobian(field, theta, phi, problem.suspects)
     result = solve(operator, v)

@@ -115,7 +115,7 @@ class BilevelProblem:
 
     def _evaluate(self, name: str, theta: Tensors, phi: Tensors, extra: tuple = (), check: bool = True) -> Any:
         try:
-            loss = self._call(name, theta, phi, extra)
+            loss = self.call(name, theta, phi, extra)
         except RuntimeError as error:
             if not _DEVICE_MIXTURE.search(str(error)):
                 raise
@@ -126,7 +126,11 @@ class BilevelProblem:
                 f"Original error: {error}") from error
         return _check_loss(loss, name) if check else loss
 
-    def _call(self, name: str, theta: Tensors, phi: Tensors, extra: tuple) -> Any:
+    def call(self, name: str, theta: Tensors, phi: Tensors, extra: tuple = (),
+             buffers: dict[str, Tensor] | None = None) -> Any:
+        """The closure ``name`` at (θ, φ), modules rebound to them and to ``buffers`` (by
+        default the private copies), with no checks or error translation: a pure function
+        that ``torch.func`` transforms and ``torch.compile`` can trace."""
         keep = bool(self._bound)
         p_arg = self.params_structure.unflatten(theta, keep_modules=keep)
         h_arg = self.hparams_structure.unflatten(phi, keep_modules=keep)
@@ -134,7 +138,7 @@ class BilevelProblem:
             loss = self._calls[name].closure(p_arg, h_arg, *extra)
         else:
             sources = {"theta": theta, "phi": phi}
-            bindings = dict(self.buffers)
+            bindings = dict(self.buffers if buffers is None else buffers)
             for i, (source, s, offset) in enumerate(self._bound):
                 leaves = sources[source][offset:offset + len(s.keys)]
                 bindings.update({f"bound.{i}.{k}": t for k, t in zip(s.keys, leaves)})
@@ -148,6 +152,13 @@ class BilevelProblem:
     def outer(self, theta: Tensors, phi: Tensors) -> Tensor:
         """g(θ, φ) as a scalar tensor."""
         return self._evaluate("outer_loss", theta, phi)
+
+    def signature(self) -> tuple:
+        """What a compiled program of this problem depends on besides tensor values: the
+        closures, the structures (modules by identity), and the tensors' shapes and dtypes."""
+        return (self.inner_loss, self.outer_loss, self.params_structure, self.hparams_structure,
+                tuple((t.shape, t.dtype) for t in self.theta0 + self.phi0),
+                tuple((k, b.shape, b.dtype) for k, b in self.buffers.items()))
 
     def write_back(self, theta: Tensors, buffers: dict[str, Tensor] | None = None) -> None:
         """Copy ``theta`` (detached) into the user's params, and ``buffers`` (by default the

@@ -73,6 +73,25 @@ def unflat(vector: Tensor, like: Sequence[Tensor]) -> Tensors:
 
 
 # ---------------------------------------------------------------------- solvers
+def neumann_series(matvec: MatVec, v: Tensors, iters: int, alpha: float | Tensor,
+                   residual: bool = True) -> tuple[Tensors, Tensor]:
+    """The series ``x = α Σ_{j<K} (I − αA)ʲ v`` (``K = iters``) and the norms ‖(I − αA)ʲ v‖.
+
+    Pure and free of host synchronisation (``alpha`` may be a tensor), so it can be
+    compiled; :func:`neumann` adds the checks. Returns ``(x, norms)`` with ``norms[j]`` for
+    ``j = 0 … K`` (``K + 1`` entries, ``K`` products), or ``j < K`` with ``residual=False``
+    (``K − 1`` products).
+    """
+    term, total = v, v
+    norms = [norm(v)]
+    for j in range(1, iters + 1 if residual else iters):
+        term = axpy(-alpha, matvec(term), term)
+        norms.append(norm(term))
+        if j < iters:
+            total = axpy(1.0, term, total)
+    return scale(alpha, total), torch.stack(norms)
+
+
 def neumann(matvec: MatVec, v: Tensors, iters: int, alpha: float, residual: bool = True) -> SolveResult:
     """Truncated Neumann series ``x = α Σ_{j<K} (I − αA)ʲ v`` with ``K = iters`` terms.
 
@@ -85,19 +104,19 @@ def neumann(matvec: MatVec, v: Tensors, iters: int, alpha: float, residual: bool
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
-    term, total = v, v
-    norms = [norm(v)]
-    for j in range(1, iters + 1 if residual else iters):
-        term = axpy(-alpha, matvec(term), term)
-        norms.append(norm(term))
-        if j < iters:
-            total = axpy(1.0, term, total)
-    norms_host = torch.stack(norms).tolist()[1:]
+    x, norms = neumann_series(matvec, v, iters, alpha, residual)
+    return neumann_report(x, norms, iters, float(alpha), residual)
+
+
+def neumann_report(x: Tensors, norms: Tensor, iters: int, alpha: float, residual: bool = True) -> SolveResult:
+    """:func:`neumann`'s result from :func:`neumann_series`' output (one host synchronisation):
+    raises on non-finite terms, flags divergence."""
+    norms_host = norms.tolist()
     if not residual:
-        if not all(math.isfinite(value) for value in norms_host + [float(norms[0])]):
+        if not all(math.isfinite(value) for value in norms_host):
             raise NonFiniteError("non-finite values in the Neumann series; lower alpha")
-        return SolveResult(x=scale(alpha, total), products=iters - 1, iters=iters, converged=None)
-    v_norm = float(norm(v))
+        return SolveResult(x=x, products=iters - 1, iters=iters, converged=None)
+    v_norm, norms_host = norms_host[0], norms_host[1:]
     for j, value in enumerate(norms_host, start=1):
         if not math.isfinite(value):
             raise NonFiniteError(f"non-finite values in term {j} of the Neumann series (product {j}); "
@@ -106,9 +125,9 @@ def neumann(matvec: MatVec, v: Tensors, iters: int, alpha: float, residual: bool
     best = min(norms_host) / v_norm if v_norm > 0 else 0.0
     # for SPD A with α < 2/λmax the residual (I − αA)ʲ v never grows; growth to twice its best
     # value (above rounding) means some |1 − αλ| > 1, even before it exceeds ‖v‖
-    growing = residual > 2.0 * best and residual > torch.finfo(v[0].dtype).eps ** 0.5
+    growing = residual > 2.0 * best and residual > torch.finfo(norms.dtype).eps ** 0.5
     diverged = residual > 1.0 or growing
-    return SolveResult(x=scale(alpha, total), products=iters, iters=iters, residual=residual,
+    return SolveResult(x=x, products=iters, iters=iters, residual=residual,
                        converged=residual < 1.0 and not diverged, diverged=diverged)
 
 
@@ -161,6 +180,51 @@ def conjugate_gradient(matvec: MatVec, v: Tensors, iters: int, tol: float = 1e-1
         rs = rs_new
     return SolveResult(x=x, products=products, iters=k, residual=residual,
                        converged=residual <= max(tol, 1e-12) and not negative, negative_curvature=negative)
+
+
+def conjugate_gradient_fixed(matvec: MatVec, v: Tensors, iters: int, tol: float = 1e-10,
+                             damping: float = 0.0, x0: Tensors | None = None) -> tuple[Tensors, dict[str, Tensor]]:
+    """:func:`conjugate_gradient` without host synchronisation, for compiled code.
+
+    Always makes ``iters`` products (one more with ``x0``). Instead of leaving the loop, an
+    iteration that starts converged (‖r‖ ≤ tol·‖v‖) or meets pᵀAp ≤ 0 takes a zero step, so
+    the iterate is the one :func:`conjugate_gradient` returns (equal up to rounding).
+    Returns ``(x, info)``; ``info`` holds 0-dim tensors ``residual``, ``iters`` (the
+    iterations that moved, counted as :func:`conjugate_gradient` counts them) and
+    ``negative_curvature``.
+    """
+
+    def apply(p: Tensors) -> Tensors:
+        ap = matvec(p)
+        return axpy(damping, p, ap) if damping else ap
+
+    v_norm = norm(v)
+    v_scale = torch.where(v_norm > 0, v_norm, torch.ones_like(v_norm))
+    if x0 is None:
+        x, r = tuple(torch.zeros_like(t) for t in v), v
+    else:
+        x, r = x0, axpy(-1.0, apply(x0), v)
+    p, rs = r, dot(r, r)
+    active = rs.sqrt() / v_scale > tol
+    negative = torch.zeros_like(active)
+    moved = torch.zeros((), dtype=torch.int64, device=v_norm.device)
+    for _ in range(iters):
+        ap = apply(p)
+        curvature = dot(p, ap)
+        moved = moved + active.long()
+        bent = active & (curvature <= 0)
+        negative = negative | bent
+        active = active & ~bent
+        step = torch.where(active, rs / torch.where(active, curvature, torch.ones_like(curvature)),
+                           torch.zeros_like(rs))
+        x = axpy(step, p, x)
+        r = axpy(-step, ap, r)
+        rs_new = torch.where(active, dot(r, r), rs)
+        beta = torch.where(active, rs_new / torch.where(active, rs, torch.ones_like(rs)), torch.ones_like(rs))
+        p = tuple(torch.where(active, ri + beta * pi, pi) for ri, pi in zip(r, p))
+        rs = rs_new
+        active = active & (rs.sqrt() / v_scale > tol)
+    return x, {"residual": rs.sqrt() / v_scale, "iters": moved, "negative_curvature": negative}
 
 
 def gmres(matvec: MatVec, v: Tensors, iters: int, tol: float = 1e-10) -> SolveResult:
@@ -219,19 +283,29 @@ def gmres(matvec: MatVec, v: Tensors, iters: int, tol: float = 1e-10) -> SolveRe
 def power_iteration(matvec: MatVec, like: Tensors, iters: int = 10,
                     generator: torch.Generator | None = None) -> float:
     """Estimate the largest |eigenvalue| of ``A`` by ``iters`` products from a random start."""
-    u = tuple(torch.randn(t.shape, generator=generator, dtype=t.dtype, device="cpu").to(t.device)
-              for t in like)
-    u = scale(1.0 / norm(u), u)
-    estimate = torch.zeros((), dtype=like[0].dtype, device=like[0].device)
-    for _ in range(iters):
-        au = matvec(u)
-        estimate = norm(au)
-        u = scale(1.0 / estimate.clamp_min(torch.finfo(estimate.dtype).tiny), au)
-    value = float(estimate)
+    value = float(power_iteration_estimate(matvec, random_start(like, generator), iters))
     if not math.isfinite(value):
         raise NonFiniteError("non-finite values in the power iteration that estimates the largest "
                              "curvature for alpha='auto'")
     return value
+
+
+def random_start(like: Tensors, generator: torch.Generator | None = None) -> Tensors:
+    """A random unit vector shaped like ``like``, drawn on the CPU (reproducible on any device)."""
+    u = tuple(torch.randn(t.shape, generator=generator, dtype=t.dtype, device="cpu").to(t.device)
+              for t in like)
+    return scale(1.0 / norm(u), u)
+
+
+def power_iteration_estimate(matvec: MatVec, u: Tensors, iters: int) -> Tensor:
+    """‖A uₖ‖ after ``iters`` power iterations from the unit vector ``u``, as a 0-dim tensor
+    (no host synchronisation)."""
+    estimate = torch.zeros((), dtype=u[0].dtype, device=u[0].device)
+    for _ in range(iters):
+        au = matvec(u)
+        estimate = norm(au)
+        u = scale(1.0 / estimate.clamp_min(torch.finfo(estimate.dtype).tiny), au)
+    return estimate
 
 
 def nystrom(columns: Tensor, indices: Tensor, v: Tensors, rho: float) -> SolveResult:

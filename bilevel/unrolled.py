@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 import torch
 from torch import Tensor
 
+from .compiled import CompiledPath, compiled_path
 from .errors import check_finite, second_order_guard
 from .memory import SavedTensorMemory
 from .modes.base import Mode, check_positive
@@ -242,6 +243,62 @@ def _total_gradient(outer: Tensor, phi: Tensors, originals: Tensors) -> Tensors:
     return tuple(total)
 
 
+# ------------------------------------------------------------------- compiled SGD program
+#: torch.optim.SGD's settings that the compiled program implements, with torch's defaults
+_SGD_SETTINGS = {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0,
+                 "nesterov": False, "maximize": False}
+_SGD_SWITCHES = ("foreach", "fused", "differentiable")  # implementation switches, no math
+
+
+def sgd_unroll_program(problem: BilevelProblem, theta: Tensors, phi: Tensors, buffers: dict[str, Tensor],
+                       steps: int, graph_from: int, settings: dict[str, tuple[str, Any]],
+                       batches: tuple | None) -> tuple[Tensors, Tensors]:
+    """``(dg(θ_T, φ)/dφ, θ_T)`` through ``steps`` steps of ``torch.optim.SGD``, as one pure
+    function (``torch.func``) for the compiled path; steps before ``graph_from`` carry no
+    graph (truncation). ``settings`` maps an SGD option to ``("value", number)``,
+    ``("hparam", index into φ)`` or ``("callable", fn of the hparams)``. Torch's rule:
+    g ← ∇f + wd·θ; b ← g at the first step, else μ·b + (1 − dampening)·g; g ← g + μ·b
+    (Nesterov) or b; θ ← θ − lr·g (+ with ``maximize``).
+    """
+
+    def setting(name: str, ph: Tensors) -> Any:
+        kind, value = settings.get(name, ("value", _SGD_SETTINGS[name]))
+        if kind == "hparam":
+            return ph[value].reshape(())
+        if kind == "callable":
+            return value(problem.hparams_structure.unflatten(ph)).reshape(())
+        return value
+
+    def unrolled_outer(ph: Tensors) -> tuple[Tensor, Tensors]:
+        th, buf = theta, None
+        for step in range(steps):
+            if step == graph_from:
+                th = tuple(t.detach() for t in th)
+                buf = None if buf is None else tuple(b.detach() for b in buf)
+            at = ph if step >= graph_from else tuple(t.detach() for t in ph)
+            extra = batches[step] if batches is not None else ()
+            grads = torch.func.grad(
+                lambda t: problem.call("inner_loss", t, at, extra, buffers).reshape(()))(th)
+            lr, momentum = setting("lr", at), setting("momentum", at)
+            decay, dampening = setting("weight_decay", at), setting("dampening", at)
+            if not _is_zero(decay):
+                grads = tuple(g + decay * t for g, t in zip(grads, th))
+            if not _is_zero(momentum):
+                buf = grads if buf is None else tuple(momentum * b + (1 - dampening) * g
+                                                      for b, g in zip(buf, grads))
+                grads = tuple(g + momentum * b for g, b in zip(grads, buf)) if setting("nesterov", at) else buf
+            sign = 1.0 if setting("maximize", at) else -1.0
+            th = tuple(t + sign * lr * g for t, g in zip(th, grads))
+        return problem.call("outer_loss", th, ph, (), buffers).reshape(()), th
+
+    hypergradient, theta_final = torch.func.grad(unrolled_outer, has_aux=True)(phi)
+    return hypergradient, tuple(t.detach() for t in theta_final)
+
+
+def _is_zero(value: Any) -> bool:
+    return isinstance(value, (int, float)) and value == 0
+
+
 # ------------------------------------------------------------------------------ mode base
 @dataclass
 class UnrolledMode(Mode):
@@ -263,6 +320,13 @@ class UnrolledMode(Mode):
         call, so one call is one step of an online bilevel loop (default False).
     measure_memory: record in ``stats.extra["saved_bytes_peak"]`` the peak bytes that the
         graph of the unrolled steps holds (any device; costs a hook per saved tensor).
+    compile: run the call as one compiled program (``torch.compile``; a CUDA graph on CUDA)
+        after a first eager call; ``True`` or a dict of ``torch.compile`` keywords (see
+        :mod:`bilevel.compiled`). For ``torch.optim.SGD`` (``lr``, ``momentum``,
+        ``dampening``, ``weight_decay``, ``nesterov``, ``maximize``, as numbers or
+        hyperparameters), written directly in ``torch.func`` on either backend; other
+        optimizers, ``measure_memory`` and ``update_params`` with momentum run eagerly, with
+        a warning when the ``HyperGradient`` is built.
 
     Backends differ in one place: higher's Adam adds ``eps`` to √v before the bias correction
     (as torch.optim.Adam once did), torchopt after (as torch.optim.Adam does now), an
@@ -290,8 +354,10 @@ class UnrolledMode(Mode):
     inner_batches: Iterable | None = None
     update_params: bool = False
     measure_memory: bool = False
+    compile: bool | dict = False
     optimizer_options: dict[str, Any] = field(default_factory=dict)
     _state: Any = field(default=None, init=False, repr=False)
+    _fast: CompiledPath | None = field(default=None, init=False, repr=False)
     _batches: Iterator | None = field(default=None, init=False, repr=False)
     _probed: dict[tuple[str, str], bool] = field(default_factory=dict, init=False, repr=False)
 
@@ -310,6 +376,43 @@ class UnrolledMode(Mode):
             raise TypeError("a torchopt GradientTransformation cannot run on backend='higher'; use "
                             "backend='torchopt', or pass a torch optimizer class")
         _check_supported(self.inner_optimizer, self.backend)
+        self._fast = compiled_path(sgd_unroll_program, self.compile)
+        reason = self._not_compilable() if self._fast is not None else None
+        if reason:
+            self.notes.append(f"compile=True: {self.name} runs eagerly because {reason}")
+            self._fast = None
+
+    def _not_compilable(self) -> str | None:
+        """Why the compiled SGD program cannot run this configuration (None if it can)."""
+        if _optimizer_class(self.inner_optimizer) is not torch.optim.SGD:
+            return "the compiled program implements torch.optim.SGD only"
+        kwargs = _optimizer_kwargs(self.inner_optimizer, self.optimizer_options)
+        unknown = sorted(set(kwargs) - set(_SGD_SETTINGS) - set(_SGD_SWITCHES))
+        if unknown:
+            return f"it does not implement SGD's {', '.join(unknown)}"
+        if self.measure_memory:
+            return "measure_memory=True needs the eager graph"
+        if self.update_params and not _is_zero(kwargs.get("momentum", 0.0)):
+            return "update_params=True with momentum carries a backend's optimizer state"
+        return None
+
+    def _program_settings(self, problem: BilevelProblem) -> dict[str, tuple[str, Any]] | None:
+        """The SGD options as :func:`sgd_unroll_program` takes them; None (run eagerly, which
+        explains the error) for a tensor that requires grad but is not in the hparams."""
+        spec = {}
+        for name, value in _optimizer_kwargs(self.inner_optimizer, self.optimizer_options).items():
+            if name in _SGD_SWITCHES:
+                continue
+            if callable(value) and not isinstance(value, (Tensor, type)):
+                spec[name] = ("callable", value)
+            elif isinstance(value, Tensor):
+                index = next((i for i, t in enumerate(problem.phi0) if t is value), None)
+                if index is None and value.requires_grad:
+                    return None
+                spec[name] = ("value", value.item()) if index is None else ("hparam", index)
+            else:
+                spec[name] = ("value", value)
+        return spec
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -415,6 +518,20 @@ class UnrolledMode(Mode):
 
     def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
         self.check_problem(problem)
+        batches = [self._next_batch() for _ in range(self.steps)]
+        stats.iters = self.steps
+        stats.extra["graph_steps"] = self.graph_steps()
+        settings = self._program_settings(problem) if self._fast is not None else None
+        if settings is not None:
+            out = self._fast(problem, self.steps, self.steps - self.graph_steps(), settings,
+                             tuple(batches) if self.inner_batches is not None else None)
+            if out is not None:
+                result, theta = out
+                check_finite(result, "the unrolled hypergradient")
+                if self.update_params:
+                    problem.write_back(theta)
+                stats.extra["compiled"] = True
+                return result
         theta, phi = problem.leaf_copies()
         options, hyper = self._settings(problem, phi)
         stepper = self._stepper(self.backend, options, hyper, theta)  # configuration errors first
@@ -434,7 +551,7 @@ class UnrolledMode(Mode):
                 if step == first_graph_step:
                     theta = tuple(t.detach().requires_grad_() for t in theta)
                     state = stepper.detach_state(state)
-                loss = problem.inner(theta, phi if graph else phi_constant, *self._next_batch())
+                loss = problem.inner(theta, phi if graph else phi_constant, *batches[step])
                 check_finite((loss,), f"the value of inner_loss at unrolled step {step}")
                 with second_order_guard("differentiating through an inner optimizer step"):
                     theta, state = (stepper if graph else cheap).advance(loss, theta, state, graph, fresh_state)
@@ -451,8 +568,6 @@ class UnrolledMode(Mode):
         if self.update_params:
             problem.write_back(theta, inner_buffers)
             self._state = stepper.detach_state(state)
-        stats.iters = self.steps
-        stats.extra["graph_steps"] = self.graph_steps()
         if self.measure_memory:
             stats.extra["saved_bytes_peak"] = meter.peak
         if problem.device.type == "cuda":

@@ -25,6 +25,14 @@ class Mode:
     #: whether the mode can solve the non-symmetric systems of non-gradient stationarity maps
     supports_nonsymmetric: ClassVar[bool] = False
 
+    @property
+    def notes(self) -> list[str]:
+        """Warnings about the chosen options (an unavailable fast path), which
+        ``HyperGradient`` issues once it is built."""
+        if "_notes" not in self.__dict__:
+            self.__dict__["_notes"] = []
+        return self.__dict__["_notes"]
+
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]

@@ -4,9 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..implicit import implicit_hypergradient
+import torch
+
+from ..compiled import CompiledPath, compiled_path, implicit_program
+from ..errors import check_finite
+from ..implicit import check_autocast, implicit_hypergradient
 from ..problem import BilevelProblem
-from ..solvers import Tensors, conjugate_gradient
+from ..solvers import Tensors, conjugate_gradient, conjugate_gradient_fixed
 from ..stats import Stats
 from .base import Mode, check_positive, register_mode
 
@@ -24,6 +28,13 @@ class ImplicitCG(Mode):
         warm_start: start each solve from the previous call's solution when the shapes
             match and that solve converged; an online loop whose system changes slowly then
             needs fewer products (benchmarks/warm_start.py measures it).
+        compile: run the call as one compiled program (``torch.compile``; a CUDA graph on
+            CUDA) after a first eager call; ``True`` or a dict of ``torch.compile`` keywords.
+            The solve then always makes ``iters`` products (see :mod:`bilevel.compiled`).
+        autocast: ``torch.bfloat16`` (or ``torch.float16``): build the inner gradient graph
+            under ``torch.autocast``, so the Hessian products run in that precision while the
+            solver accumulates in the params' dtype (opt-in; ``benchmarks/precision.py``
+            measures the accuracy cost).
 
     Assumes ``H`` is symmetric positive definite; pᵀHp ≤ 0 stops the solve and is reported
     in ``stats.negative_curvature`` (with a warning).
@@ -34,26 +45,54 @@ class ImplicitCG(Mode):
     tol: float = 1e-6
     damping: float = 0.0
     warm_start: bool = False
+    compile: bool | dict = False
+    autocast: torch.dtype | None = None
     _previous: Tensors | None = field(default=None, init=False, repr=False)
+    _fast: CompiledPath | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_positive("iters", self.iters, integer=True)
         check_positive("tol", self.tol, allow_zero=True)
         check_positive("damping", self.damping, allow_zero=True)
+        check_autocast(self.autocast)
+        self._fast = compiled_path(implicit_program, self.compile)
 
     def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
         self.check_problem(problem)
+        if self._fast is not None:
+            x0 = self._start(problem.theta0)
+            out = self._fast(problem, self.autocast, conjugate_gradient_fixed, self.iters, self.tol, self.damping, x0)
+            if out is not None:
+                return self._finish_compiled(out, x0 is not None, stats)
 
         def solve(operator, v):
-            x0 = self._previous if self.warm_start else None
-            if x0 is not None and [t.shape for t in x0] != [t.shape for t in v]:
-                x0 = None
+            x0 = self._start(v)
             result = conjugate_gradient(operator.matvec, v, self.iters, self.tol, self.damping, x0=x0)
-            if self.warm_start:  # only a solve that converged is a good start for the next one
-                self._previous = tuple(t.detach() for t in result.x) if result.converged else None
+            self._remember(result.x, bool(result.converged))
             return result
 
-        return implicit_hypergradient(problem, solve, stats)
+        return implicit_hypergradient(problem, solve, stats, self.autocast)
+
+    def _start(self, like: Tensors) -> Tensors | None:
+        x0 = self._previous if self.warm_start else None
+        return x0 if x0 is not None and [t.shape for t in x0] == [t.shape for t in like] else None
+
+    def _remember(self, x: Tensors, converged: bool) -> None:
+        if self.warm_start:  # only a solve that converged is a good start for the next one
+            self._previous = tuple(t.detach() for t in x) if converged else None
+
+    def _finish_compiled(self, out: tuple, warm: bool, stats: Stats) -> Tensors:
+        grads, x, info = out
+        check_finite(x, "the conjugate-gradient solve (a Hessian-vector product)")
+        check_finite(grads, "the mixed second-derivative product ∇²φθ f · x")
+        stats.hvps = self.iters + int(warm)
+        stats.iters = int(info["iters"])
+        stats.residual = float(info["residual"])
+        stats.negative_curvature = bool(info["negative_curvature"])
+        stats.converged = stats.residual <= max(self.tol, 1e-12) and not stats.negative_curvature
+        stats.extra["compiled"] = True
+        self._remember(x, stats.converged)
+        return grads
 
     def state_dict(self) -> dict[str, Any]:
         return {"previous": self._previous} if self._previous is not None else {}

@@ -1,16 +1,23 @@
 """``implicit-neumann``: IFT with H⁻¹ approximated by a truncated Neumann series."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from torch import Tensor
 
-from ..implicit import implicit_hypergradient
+from ..compiled import CompiledPath, compiled_path, implicit_program
+from ..errors import check_finite
+from ..implicit import check_autocast, implicit_hypergradient
 from ..problem import BilevelProblem
-from ..solvers import Tensors, neumann, power_iteration
+from ..solvers import (MatVec, Tensors, neumann, neumann_report, neumann_series, power_iteration,
+                       power_iteration_estimate, random_start)
 from ..stats import Stats
 from .base import Mode, check_positive, register_mode
+
+_ZERO_CURVATURE = ("alpha='auto': the inner Hessian is zero along the power iteration; set alpha "
+                   "explicitly")
 
 
 @register_mode
@@ -24,6 +31,13 @@ class ImplicitNeumann(Mode):
             iterations (counted in ``stats.hvps``) and take α = 1/λmax, inside the
             convergence region α < 2/λmax even if λmax is underestimated by half.
         power_iters: power iterations for ``alpha="auto"`` (default 10).
+        compile: run the call as one compiled program (``torch.compile``; a CUDA graph on
+            CUDA) after a first eager call; ``True`` or a dict of ``torch.compile`` keywords
+            (see :mod:`bilevel.compiled`).
+        autocast: ``torch.bfloat16`` (or ``torch.float16``): build the inner gradient graph
+            under ``torch.autocast``, so the Hessian products run in that precision while the
+            solver accumulates in the params' dtype (opt-in; ``benchmarks/precision.py``
+            measures the accuracy cost).
 
     Valid for non-symmetric systems. A residual that grows (α too large) is reported in
     ``stats.diverged`` with a warning.
@@ -34,27 +48,70 @@ class ImplicitNeumann(Mode):
     iters: int = 20
     alpha: float | str = "auto"
     power_iters: int = 10
+    compile: bool | dict = False
+    autocast: torch.dtype | None = None
+    _fast: CompiledPath | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_positive("iters", self.iters, integer=True)
         check_positive("power_iters", self.power_iters, integer=True)
         if self.alpha != "auto":
             check_positive("alpha", self.alpha)
+        check_autocast(self.autocast)
+        self._fast = compiled_path(implicit_program, self.compile)
 
     def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
         self.check_problem(problem)
+        if self._fast is not None:
+            start = random_start(problem.theta0, _generator()) if self.alpha == "auto" else None
+            out = self._fast(problem, self.autocast, _series, self.iters, self.alpha, self.power_iters, start)
+            if out is not None:
+                return self._finish_compiled(out, stats)
 
         def solve(operator, v):
             alpha = self.alpha
             if alpha == "auto":
-                generator = torch.Generator().manual_seed(0)
-                largest = power_iteration(operator.matvec, v, self.power_iters, generator)
+                largest = power_iteration(operator.matvec, v, self.power_iters, _generator())
                 if largest == 0.0:
-                    raise ValueError("alpha='auto': the inner Hessian is zero along the power "
-                                     "iteration; set alpha explicitly")
+                    raise ValueError(_ZERO_CURVATURE)
                 alpha = 1.0 / largest
                 stats.extra["lambda_max"] = largest
             stats.extra["alpha"] = alpha
             return neumann(operator.matvec, v, self.iters, alpha)
 
-        return implicit_hypergradient(problem, solve, stats)
+        return implicit_hypergradient(problem, solve, stats, self.autocast)
+
+    def _finish_compiled(self, out: tuple, stats: Stats) -> Tensors:
+        grads, x, info = out
+        alpha = self.alpha
+        if alpha == "auto":
+            largest = float(info["lambda_max"])
+            if largest == 0.0:
+                raise ValueError(_ZERO_CURVATURE)
+            alpha = 1.0 / largest
+            stats.extra["lambda_max"] = largest
+        stats.extra["alpha"] = alpha
+        result = neumann_report(x, info["norms"], self.iters, alpha)
+        check_finite(grads, "the mixed second-derivative product ∇²φθ f · x")
+        stats.hvps = self.iters + (self.power_iters if self.alpha == "auto" else 0)
+        stats.iters, stats.residual = result.iters, result.residual
+        stats.converged, stats.diverged = result.converged, result.diverged
+        stats.extra["compiled"] = True
+        return grads
+
+
+def _generator() -> torch.Generator:
+    """The power iteration's start is drawn from a fixed seed: calls are reproducible."""
+    return torch.Generator().manual_seed(0)
+
+
+def _series(matvec: MatVec, v: Tensors, iters: int, alpha: float | str, power_iters: int,
+            start: Tensors | None) -> tuple[Tensors, dict[str, Tensor]]:
+    """The compiled program's solve: the power iteration (for ``alpha="auto"``, from
+    ``start``) and the series, without host synchronisation."""
+    info = {}
+    if start is not None:
+        info["lambda_max"] = power_iteration_estimate(matvec, start, power_iters)
+        alpha = 1.0 / info["lambda_max"]
+    x, info["norms"] = neumann_series(matvec, v, iters, alpha)
+    return x, info

@@ -79,11 +79,22 @@ class CompiledPath:
         self._problems: dict[tuple, BilevelProblem] = {}  # one per layout seen, at most `limit`
         self._compiled: Callable[..., Any] | None = None
         self._warned_limit = False
+        self._warned_subclass = False
 
     def __call__(self, problem: BilevelProblem, *args: Any) -> Any | None:
         """The program's outputs, or None where the caller must run the eager path: the first
         call of a layout (it checks the inputs), a layout over the limit, or after a failure."""
         if self.failure is not None:
+            return None
+        overridden = _overridden(problem)
+        if overridden:
+            # the programs rebuild the problem from its closures and ∇θ f; a subclass that
+            # defines its own stationarity map or evaluation would be silently misread
+            if not self._warned_subclass:
+                self._warned_subclass = True
+                warnings.warn(f"compile=True: {type(problem).__name__} defines its own {overridden}, "
+                              "which the compiled program does not reproduce; it runs on the eager path",
+                              HypergradientWarning, stacklevel=5)
             return None
         signature = problem.signature()
         known = self._problems.get(signature)
@@ -125,6 +136,12 @@ class CompiledPath:
             options["mode"] = "reduce-overhead"
         options.update(self.options)
         return options
+
+
+def _overridden(problem: BilevelProblem) -> str:
+    """The evaluation methods that ``problem``'s class overrides ("" for none)."""
+    names = ("stationarity", "call", "_evaluate", "leaf_copies", "inner", "outer")
+    return ", ".join(n for n in names if getattr(type(problem), n) is not getattr(BilevelProblem, n))
 
 
 def _private_copy(function: Callable[..., Any]) -> Callable[..., Any]:

@@ -330,3 +330,52 @@ def test_autocast_option_is_checked():
     with pytest.raises(ValueError, match="float32 products, but params are torch.float64"):
         HyperGradient("implicit-cg", autocast=torch.bfloat16).compute(
             problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+
+
+def test_problems_with_their_own_stationarity_map_run_eagerly():
+    """A subclass with another stationarity map (module-aware weighting, here 2·∇θf, which
+    has the same hypergradient) must not be compiled as if its map were ∇θf."""
+    from bilevel import BilevelProblem
+
+    class Doubled(BilevelProblem):
+        symmetric = False
+
+        def stationarity(self, theta, phi):
+            return tuple(2 * g for g in super().stationarity(theta, phi))
+
+    problem = ridge()
+    args = (problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    fast = HyperGradient("implicit-neumann", iters=300, compile=TRACE)
+    eager = HyperGradient("implicit-neumann", iters=300)
+    expected = eager.solve(Doubled(*args))
+    with pytest.warns(HypergradientWarning, match="Doubled defines its own stationarity"):
+        for _ in range(2):
+            result = fast.solve(Doubled(*args))
+    assert "compiled" not in fast.stats.extra
+    assert max_difference(result[0], expected[0]) == 0.0
+    assert float((result[0] - problem.exact_hypergradient()).norm() / problem.exact_hypergradient().norm()) < 1e-6
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_modules_with_buffers(training):
+    """Eval-mode BatchNorm (buffers read) compiles, with a module as hparams; train mode
+    (buffers updated in place inside a torch.func transform) falls back to eager with a warning.
+    The user's modules are left as they were either way."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4, dtype=torch.float64), torch.randn(64, 1, dtype=torch.float64)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 1)).double().train(training)
+    weigher = torch.nn.Linear(1, 1).double()
+    one = torch.ones(1, dtype=torch.float64)
+    inner = lambda m, a: ((m(x) - y) ** 2).mean() + a(one).exp().sum() * sum((p ** 2).sum() for p in m.parameters())  # noqa: E731
+    outer = lambda m, a: ((m(x) - y) ** 2).mean()  # noqa: E731
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast, eager = HyperGradient("unroll", steps=3, compile=TRACE), HyperGradient("unroll", steps=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            result, expected = fast.compute(inner, outer, model, weigher), eager.compute(inner, outer, model, weigher)
+    assert max_difference(result, expected) < 1e-14
+    assert bool(fast.stats.extra.get("compiled")) is not training
+    assert any("could not capture" in str(w.message) for w in caught) is training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

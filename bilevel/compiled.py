@@ -17,7 +17,10 @@ Contract:
   CPU at 20 iterations). New tensor values (a new mini-batch of the same shape) reuse the program;
   ``torch.compile``'s guards recompile it when the closures read something else.
 - If capture fails (an op ``torch.compile`` cannot trace, a graph break, a backend
-  error), one warning names the reason and that ``HyperGradient`` stays eager.
+  error), one warning names the reason and that ``HyperGradient`` stays eager. A Python
+  number read from a tensor in a closure (``float(t)``) is specialised: each new value
+  recompiles, and at ``torch._dynamo.config.recompile_limit`` the call fails over to eager
+  the same way.
 - The solver always makes its full budget of products (``stats.hvps``); an iteration that
   starts converged takes a zero step, so the result is the eager one up to rounding.
 """

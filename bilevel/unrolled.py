@@ -518,11 +518,12 @@ class UnrolledMode(Mode):
 
     def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
         self.check_problem(problem)
-        batches = [self._next_batch() for _ in range(self.steps)]
         stats.iters = self.steps
         stats.extra["graph_steps"] = self.graph_steps()
         settings = self._program_settings(problem) if self._fast is not None else None
+        batches = None
         if settings is not None:
+            batches = [self._next_batch() for _ in range(self.steps)]
             out = self._fast(problem, self.steps, self.steps - self.graph_steps(), settings,
                              tuple(batches) if self.inner_batches is not None else None)
             if out is not None:
@@ -536,6 +537,8 @@ class UnrolledMode(Mode):
         options, hyper = self._settings(problem, phi)
         stepper = self._stepper(self.backend, options, hyper, theta)  # configuration errors first
         self._check_differentiable(options, hyper)
+        if batches is None:  # after the configuration checks: a refused call consumes none
+            batches = [self._next_batch() for _ in range(self.steps)]
         # steps without graph use the settings' values only
         cheap = self._stepper(self.backend, options, {k: v.detach() for k, v in hyper.items()},
                               theta) if hyper else stepper

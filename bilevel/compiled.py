@@ -12,9 +12,10 @@ compiled call as a CUDA graph. The host reads the solver's diagnostics once, aft
 Contract:
 
 - The first call with a pair of closures and a params/hparams/buffers layout runs the eager
-  path, with all its input checks; later calls with the same closures, modules and layout
-  run the compiled program (the first of them compiles it: one to three minutes on a 2-core
-  CPU at 20 iterations). New tensor values (a new mini-batch of the same shape) reuse the program;
+  path, with all its input checks; later calls with the same closure code, modules and
+  layout run the compiled program (the first of them compiles it: one to three minutes on a
+  2-core CPU at 20 iterations). New tensor values (a new mini-batch of the same shape), also
+  in closures made anew each step, reuse the program and are read afresh;
   ``torch.compile``'s guards recompile it when the closures read something else.
 - If capture fails (an op ``torch.compile`` cannot trace, a graph break, a backend
   error), one warning names the reason and that ``HyperGradient`` stays eager. A Python
@@ -79,7 +80,7 @@ class CompiledPath:
         self.options = {} if options is True else dict(options)
         self.failure: str | None = None
         self.limit = int(getattr(torch._dynamo.config, "recompile_limit", 8))
-        self._problems: dict[tuple, BilevelProblem] = {}  # one per layout seen, at most `limit`
+        self._layouts: set[tuple] = set()  # signatures seen, at most `limit`
         self._compiled: Callable[..., Any] | None = None
         self._warned_limit = False
         self._warned_subclass = False
@@ -100,16 +101,13 @@ class CompiledPath:
                               HypergradientWarning, stacklevel=5)
             return None
         signature = problem.signature()
-        known = self._problems.get(signature)
-        if known is None:
-            if len(self._problems) < self.limit:
-                # the program closes over the first problem of each layout: a stable object
-                # lets torch.compile's guards pass on later calls
-                self._problems[signature] = problem
+        if signature not in self._layouts:
+            if len(self._layouts) < self.limit:
+                self._layouts.add(signature)
             elif not self._warned_limit:
                 self._warned_limit = True
                 warnings.warn(f"compile=True: this HyperGradient has met {self.limit} layouts "
-                              "(closures, modules, shapes, dtypes), torch.compile's recompile "
+                              "(closure code, modules, shapes, dtypes), torch.compile's recompile "
                               "limit; new layouts run on the eager path", HypergradientWarning,
                               stacklevel=5)
             return None
@@ -121,7 +119,7 @@ class CompiledPath:
         if cuda and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
             torch.compiler.cudagraph_mark_step_begin()
         try:
-            out = self._compiled(known, theta, phi, problem.buffers, *args)
+            out = self._compiled(problem, theta, phi, problem.buffers, *args)
         except Exception as error:  # noqa: BLE001 - any capture or backend failure falls back
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             self.failure = f"{type(error).__name__}: {reason}"[:300]

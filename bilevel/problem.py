@@ -155,8 +155,9 @@ class BilevelProblem:
 
     def signature(self) -> tuple:
         """What a compiled program of this problem depends on besides tensor values: the
-        closures, the structures (modules by identity), and the tensors' shapes and dtypes."""
-        return (self.inner_loss, self.outer_loss, self.params_structure, self.hparams_structure,
+        closures' code (a closure made anew each step with the same code counts as the same),
+        the structures (modules by identity), and the tensors' shapes and dtypes."""
+        return (_code(self.inner_loss), _code(self.outer_loss), self.params_structure, self.hparams_structure,
                 tuple((t.shape, t.dtype) for t in self.theta0 + self.phi0),
                 tuple((k, b.shape, b.dtype) for k, b in self.buffers.items()))
 
@@ -198,6 +199,11 @@ class BilevelProblem:
                     "twice-differentiable one")
         check_finite(grads, "the gradient of inner_loss w.r.t. params")
         return grads
+
+
+def _code(function: Callable) -> Any:
+    """The code object behind a function or bound method; the object itself otherwise."""
+    return getattr(getattr(function, "__func__", function), "__code__", function)
 
 
 def _check_loss(loss: Any, name: str) -> Tensor:

@@ -379,3 +379,31 @@ def test_modules_with_buffers(training):
     assert bool(fast.stats.extra.get("compiled")) is not training
     assert any("could not capture" in str(w.message) for w in caught) is training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("mode, options", [("implicit-cg", {"iters": 4}), ("unroll", {"steps": 2})])
+def test_closures_made_each_step_share_one_program_and_read_their_own_batch(mode, options):
+    """The pattern of a training loop (and of AuxiliaryLearner): new closures every step that
+    capture the step's batch. They share the program (no recompilation) and each call reads its
+    own batch, not the first one's."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    weights = torch.nn.Linear(1, 1).double()
+    one = torch.ones(1, dtype=torch.float64)
+    fast, eager = HyperGradient(mode, compile=TRACE, **options), HyperGradient(mode, **options)
+    counters.clear()
+    for step in range(4):
+        x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+
+        def inner(m, w):
+            return ((m(x) - y) ** 2).mean() + w(one).exp().sum() * sum((p ** 2).sum() for p in m.parameters())
+
+        def outer(m, w):
+            return ((m(x) - 2 * y) ** 2).mean()
+
+        result, expected = fast.compute(inner, outer, model, weights), eager.compute(inner, outer, model, weights)
+        assert max_difference(result, expected) < 1e-13 * max(float(t.abs().max()) for t in expected.values())
+        assert bool(fast.stats.extra.get("compiled")) is (step > 0)
+    assert counters["stats"]["unique_graphs"] == 1

@@ -379,7 +379,7 @@ class UnrolledMode(Mode):
         self._fast = compiled_path(sgd_unroll_program, self.compile)
         reason = self._not_compilable() if self._fast is not None else None
         if reason:
-            self.notes.append(f"compile=True: {self.name} runs eagerly because {reason}")
+            self.notes = (f"compile=True: {self.name} runs eagerly because {reason}",)
             self._fast = None
 
     def _not_compilable(self) -> str | None:

@@ -25,13 +25,9 @@ class Mode:
     #: whether the mode can solve the non-symmetric systems of non-gradient stationarity maps
     supports_nonsymmetric: ClassVar[bool] = False
 
-    @property
-    def notes(self) -> list[str]:
-        """Warnings about the chosen options (an unavailable fast path), which
-        ``HyperGradient`` issues once it is built."""
-        if "_notes" not in self.__dict__:
-            self.__dict__["_notes"] = []
-        return self.__dict__["_notes"]
+    #: warnings about the chosen options (an unavailable fast path) that ``HyperGradient``
+    #: issues once it is built; an instance sets its own
+    notes: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def option_names(cls) -> list[str]:

@@ -82,8 +82,7 @@ class CompiledPath:
         self.limit = int(getattr(torch._dynamo.config, "recompile_limit", 8))
         self._layouts: set[tuple] = set()  # signatures seen, at most `limit`
         self._compiled: Callable[..., Any] | None = None
-        self._warned_limit = False
-        self._warned_subclass = False
+        self._warned: set[str] = set()
 
     def __call__(self, problem: BilevelProblem, *args: Any) -> Any | None:
         """The program's outputs, or None where the caller must run the eager path: the first
@@ -94,22 +93,17 @@ class CompiledPath:
         if overridden:
             # the programs rebuild the problem from its closures and ∇θ f; a subclass that
             # defines its own stationarity map or evaluation would be silently misread
-            if not self._warned_subclass:
-                self._warned_subclass = True
-                warnings.warn(f"compile=True: {type(problem).__name__} defines its own {overridden}, "
-                              "which the compiled program does not reproduce; it runs on the eager path",
-                              HypergradientWarning, stacklevel=5)
+            self._warn_once("subclass", f"{type(problem).__name__} defines its own {overridden}, which "
+                            "the compiled program does not reproduce; it runs on the eager path")
             return None
         signature = problem.signature()
         if signature not in self._layouts:
             if len(self._layouts) < self.limit:
                 self._layouts.add(signature)
-            elif not self._warned_limit:
-                self._warned_limit = True
-                warnings.warn(f"compile=True: this HyperGradient has met {self.limit} layouts "
-                              "(closure code, modules, shapes, dtypes), torch.compile's recompile "
-                              "limit; new layouts run on the eager path", HypergradientWarning,
-                              stacklevel=5)
+            else:
+                self._warn_once("limit", f"this HyperGradient has met {self.limit} layouts (closure "
+                                "code, modules, shapes, dtypes), torch.compile's recompile limit; new "
+                                "layouts run on the eager path")
             return None
         if self._compiled is None:
             self._compiled = torch.compile(self.program, **self._compile_options(problem.device))
@@ -123,13 +117,17 @@ class CompiledPath:
         except Exception as error:  # noqa: BLE001 - any capture or backend failure falls back
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             self.failure = f"{type(error).__name__}: {reason}"[:300]
-            warnings.warn(f"compile=True: torch.compile could not capture the hypergradient call "
-                          f"({self.failure}); this HyperGradient uses the eager path from now on",
-                          HypergradientWarning, stacklevel=5)
+            self._warn_once("failure", f"torch.compile could not capture the hypergradient call "
+                            f"({self.failure}); this HyperGradient uses the eager path from now on")
             return None
         if cuda:  # CUDA-graph outputs live in memory that the next replay overwrites
             out = torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, out)
         return out
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"compile=True: {message}", HypergradientWarning, stacklevel=6)
 
     def _compile_options(self, device: torch.device) -> dict[str, Any]:
         options: dict[str, Any] = {"fullgraph": True, "dynamic": False}

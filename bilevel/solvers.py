@@ -131,6 +131,13 @@ def neumann_report(x: Tensors, norms: Tensor, iters: int, alpha: float, residual
                        converged=residual < 1.0 and not diverged, diverged=diverged)
 
 
+def damped(matvec: MatVec, damping: float) -> MatVec:
+    """``p ↦ (A + damping·I) p``."""
+    if not damping:
+        return matvec
+    return lambda p: axpy(damping, p, matvec(p))
+
+
 def conjugate_gradient(matvec: MatVec, v: Tensors, iters: int, tol: float = 1e-10,
                        damping: float = 0.0, x0: Tensors | None = None) -> SolveResult:
     """Conjugate gradient for ``(A + damping·I) x = v`` with ``A`` symmetric.
@@ -142,10 +149,7 @@ def conjugate_gradient(matvec: MatVec, v: Tensors, iters: int, tol: float = 1e-1
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
 
-    def apply(p: Tensors) -> Tensors:
-        ap = matvec(p)
-        return axpy(damping, p, ap) if damping else ap
-
+    apply = damped(matvec, damping)
     v_norm = float(norm(v))
     if v_norm == 0.0:
         return SolveResult(x=tuple(torch.zeros_like(t) for t in v), products=0, iters=0, residual=0.0)
@@ -194,10 +198,7 @@ def conjugate_gradient_fixed(matvec: MatVec, v: Tensors, iters: int, tol: float 
     ``negative_curvature``.
     """
 
-    def apply(p: Tensors) -> Tensors:
-        ap = matvec(p)
-        return axpy(damping, p, ap) if damping else ap
-
+    apply = damped(matvec, damping)
     v_norm = norm(v)
     v_scale = torch.where(v_norm > 0, v_norm, torch.ones_like(v_norm))
     if x0 is None:

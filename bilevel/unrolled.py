@@ -295,6 +295,11 @@ def sgd_unroll_program(problem: BilevelProblem, theta: Tensors, phi: Tensors, bu
     return hypergradient, tuple(t.detach() for t in theta_final)
 
 
+def _hparam_index(problem: BilevelProblem, value: Tensor) -> int | None:
+    """The position of the very tensor ``value`` among the user's hparams (None if absent)."""
+    return next((i for i, t in enumerate(problem.phi0) if t is value), None)
+
+
 def _is_zero(value: Any) -> bool:
     return isinstance(value, (int, float)) and value == 0
 
@@ -406,7 +411,7 @@ class UnrolledMode(Mode):
             if callable(value) and not isinstance(value, (Tensor, type)):
                 spec[name] = ("callable", value)
             elif isinstance(value, Tensor):
-                index = next((i for i, t in enumerate(problem.phi0) if t is value), None)
+                index = _hparam_index(problem, value)
                 if index is None and value.requires_grad:
                     return None
                 spec[name] = ("value", value.item()) if index is None else ("hparam", index)
@@ -462,7 +467,7 @@ class UnrolledMode(Mode):
                     view = problem.hparams_structure.unflatten(phi)
                 value = value(view)
             elif isinstance(value, Tensor):
-                index = next((i for i, t in enumerate(problem.phi0) if t is value), None)
+                index = _hparam_index(problem, value)
                 if index is not None:
                     value = phi[index]
                 elif value.requires_grad:

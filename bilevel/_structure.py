@@ -40,6 +40,9 @@ class Structure:
         """Rebuild the user structure from ``leaves``. A module becomes a name -> tensor dict,
         or stays the module itself with ``keep_modules`` (its leaves are then bound elsewhere)."""
         leaves = tuple(leaves)
+        if (self.kind == "tuple" and len(leaves) == len(self.children)
+                and all(child.kind == "tensor" for child in self.children)):
+            return leaves  # a flat tuple, the common case: called at every loss evaluation
         if len(leaves) != self.num_leaves:
             raise ValueError(f"expected {self.num_leaves} tensors, got {len(leaves)}")
         out, rest = self._build(leaves, keep_modules)

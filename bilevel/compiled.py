@@ -115,8 +115,7 @@ class CompiledPath:
         try:
             out = self._compiled(problem, theta, phi, problem.buffers, *args)
         except Exception as error:  # noqa: BLE001 - any capture or backend failure falls back
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            self.failure = f"{type(error).__name__}: {reason}"[:300]
+            self.failure = _describe(error)
             self._warn_once("failure", f"torch.compile could not capture the hypergradient call "
                             f"({self.failure}); this HyperGradient uses the eager path from now on")
             return None
@@ -131,10 +130,25 @@ class CompiledPath:
 
     def _compile_options(self, device: torch.device) -> dict[str, Any]:
         options: dict[str, Any] = {"fullgraph": True, "dynamic": False}
-        if device.type == "cuda":
-            options["mode"] = "reduce-overhead"
+        if device.type == "cuda" and "backend" not in self.options and "mode" not in self.options:
+            options["mode"] = "reduce-overhead"  # inductor's kernels replayed as a CUDA graph
         options.update(self.options)
         return options
+
+
+def _describe(error: Exception) -> str:
+    """A short account of a capture failure: the error's first line, dynamo's explanation
+    and the innermost line of user code it names, when the message has them."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    parts = [f"{type(error).__name__}: {lines[0] if lines else ''}"]
+    parts += [line for line in lines if line.startswith("Explanation:")][:1]
+    if "from user code:" in lines:
+        frames = [i for i, line in enumerate(lines) if line.startswith("File ")]
+        if frames:
+            last = frames[-1]
+            code = lines[last + 1] if last + 1 < len(lines) and not lines[last + 1].startswith("Set ") else ""
+            parts.append(f"at {lines[last]}" + (f": {code}" if code else ""))
+    return "; ".join(parts)[:600]
 
 
 def _overridden(problem: BilevelProblem) -> str:

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .errors import check_finite
+from .errors import check_finite, deferred_finite_checks
 from .operators import StationarityJacobian
 from .problem import BilevelProblem
 from .solvers import SolveResult, Tensors
@@ -64,9 +64,10 @@ def implicit_hypergradient(problem: BilevelProblem, solve: Solve, stats: Stats,
         raise ValueError(f"autocast={autocast} lowers the precision of float32 products, but params "
                          f"are {problem.dtype}; use float32 params, or autocast=None")
     theta, phi = problem.leaf_copies()
-    with low_precision(problem.device, autocast):
-        field = problem.stationarity(theta, phi)
-    v, direct = outer_gradients(problem, theta, phi)
+    with deferred_finite_checks():  # the setup's checks, read in one host synchronisation
+        with low_precision(problem.device, autocast):
+            field = problem.stationarity(theta, phi)
+        v, direct = outer_gradients(problem, theta, phi)
     operator = StationarityJacobian(field, theta, phi, problem.suspects)
     result = solve(operator, v)
     mixed = operator.mixed(result.x)

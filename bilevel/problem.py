@@ -131,7 +131,7 @@ class BilevelProblem:
         """The closure ``name`` at (θ, φ), modules rebound to them and to ``buffers`` (by
         default the private copies), with no checks or error translation: a pure function
         that ``torch.func`` transforms and ``torch.compile`` can trace."""
-        keep = bool(self._bound)
+        keep = len(self._bound) > 0  # not bool(list): dynamo before torch 2.13 cannot trace it
         p_arg = self.params_structure.unflatten(theta, keep_modules=keep)
         h_arg = self.hparams_structure.unflatten(phi, keep_modules=keep)
         if not self._bound:
@@ -218,7 +218,7 @@ def _check_loss(loss: Any, name: str) -> Tensor:
         raise ValueError(f"{name} returned a tensor without a graph: it depends on neither params "
                          "nor hparams. Compute it from the arguments the closure receives "
                          "(or, for modules, by calling the module), not from detached copies")
-    return loss.reshape(())
+    return loss if loss.dim() == 0 else loss.reshape(())
 
 
 def _custom_functions(loss: Tensor) -> str:

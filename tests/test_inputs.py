@@ -335,3 +335,36 @@ def test_a_mode_is_one_small_registered_class(rp, monkeypatch):
         HyperGradient("test-half-identity", beta=1.0)
     with pytest.raises(ValueError, match="already registered"):
         bilevel.register_mode(type("Other", (HalfIdentity,), {}))
+
+
+def test_deferred_nan_checks_name_the_first_place(rp):
+    """Checks are read once per call (one host synchronisation), yet still name the place
+    where the NaN appeared first, not a later place it propagated to."""
+    calls = {"n": 0}
+
+    def inner(w, lam):  # NaN from the 4th evaluation on: unrolled step 3
+        calls["n"] += 1
+        return rp.inner_loss(w, lam) * (float("nan") if calls["n"] >= 4 else 1.0)
+
+    with pytest.raises(NonFiniteError, match="inner_loss at unrolled step 3"):
+        call(rp, "unroll", inner=inner, steps=6)
+    with pytest.raises(NonFiniteError, match="the value of inner_loss"):  # not its gradient
+        call(rp, "implicit-cg", inner=lambda w, lam: rp.inner_loss(w, lam) * float("nan"))
+
+
+def test_finite_checks_report_in_order_and_before_a_later_error():
+    from bilevel.errors import deferred_finite_checks, check_finite
+
+    big, nan = torch.ones(50), torch.tensor(float("nan"))
+    with pytest.raises(NonFiniteError, match="in second"):
+        with deferred_finite_checks():
+            check_finite((big, torch.tensor(1.0)), "first")
+            check_finite((big / 0,), "second")  # inf in a large tensor
+            check_finite((nan,), "third")  # NaN in a scalar, added later
+    with pytest.raises(NonFiniteError, match="in the loss") as caught:
+        with deferred_finite_checks():
+            check_finite((nan,), "the loss")
+            raise RuntimeError("an op failed on the NaN")
+    assert isinstance(caught.value.__context__, RuntimeError)
+    with deferred_finite_checks():  # nothing wrong: nothing raised
+        check_finite((big, None, torch.tensor(2.0, dtype=torch.float64)), "fine")

@@ -47,7 +47,8 @@ def test_cg_stops_at_negative_curvature_and_says_so():
     assert result.negative_curvature and not result.converged and result.iters == result.products < 20
 
 
-def test_a_non_finite_product_stops_the_solve_and_names_it():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_non_finite_product_stops_the_solve_and_names_it(overlap):
     _, matvec, v = _system(SPD)
     calls = {"n": 0}
 
@@ -57,4 +58,19 @@ def test_a_non_finite_product_stops_the_solve_and_names_it():
         return (out[0] * float("nan"), out[1]) if calls["n"] == 3 else out
 
     with pytest.raises(NonFiniteError, match="product 3"):
-        conjugate_gradient(broken, v, 20, tol=1e-12)
+        conjugate_gradient(broken, v, 20, tol=1e-12, overlap=overlap)
+
+
+@pytest.mark.parametrize("eigenvalues, tol, iters", [(SPD, 1e-12, 200), (SPD, 0.0, 7), (INDEFINITE, 1e-12, 20)])
+def test_overlapped_cg_reads_one_iteration_late_and_returns_the_same_iterate(eigenvalues, tol, iters):
+    """overlap=True (the default on CUDA) queues iteration k+1 before reading iteration k: the
+    same iterate, and one extra (discarded) product exactly when the solve stops early."""
+    _, matvec, v = _system(eigenvalues)
+    plain = conjugate_gradient(matvec, v, iters, tol=tol, overlap=False)
+    ahead = conjugate_gradient(matvec, v, iters, tol=tol, overlap=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain.x, ahead.x))
+    assert (ahead.iters, ahead.residual, ahead.converged, ahead.negative_curvature) == \
+        (plain.iters, plain.residual, plain.converged, plain.negative_curvature)
+    stopped_early = plain.iters < iters
+    assert ahead.products == plain.products + int(stopped_early)
+

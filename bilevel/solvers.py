@@ -38,14 +38,20 @@ class SolveResult:
 
 
 # ----------------------------------------------------------------- tuple algebra
-# Eagerly, each helper makes a few fused launches (``torch._foreach_*``, one reduction per
-# pair): on a GPU, small solver steps are bound by launch overhead. Under ``torch.compile``
-# they keep the plain per-tensor form, which inductor fuses itself. (On an H100 with torch
-# 2.11, the 20-iteration CG in the foreach form fell back to eager, for a reason not yet
-# captured; the plain form compiles there and runs 9x faster than eager.)
+# On CUDA, eagerly, each helper makes a few fused launches (``torch._foreach_*``, one
+# reduction per pair): small solver steps there are bound by launch overhead (measured on an
+# H100: benchmarks/README.md). Elsewhere, and under ``torch.compile`` (inductor fuses the plain
+# form itself), they use plain per-tensor ops: on CPU, ``torch.dot``'s BLAS threads slowed
+# the whole process by up to 40% on 2 cores, and the fused forms gained nothing measurable.
+# (On an H100 with torch 2.11, the 20-iteration CG in the foreach form fell back to eager, for
+# a reason not yet captured; the plain form compiles there and runs 9x faster than eager.)
+def _fused(x: Sequence[Tensor]) -> bool:
+    return x[0].is_cuda and not torch.compiler.is_compiling()
+
+
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """Σᵢ ⟨aᵢ, bᵢ⟩ as a 0-dim tensor (no host sync)."""
-    if torch.compiler.is_compiling():
+    if not _fused(a):
         return sum((x * y).sum() for x, y in zip(a, b))
     dots = [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]
     return dots[0] if len(dots) == 1 else torch.stack(dots).sum()
@@ -53,15 +59,21 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 
 def norm(a: Sequence[Tensor]) -> Tensor:
     """‖a‖₂ over all the tensors, as a 0-dim tensor (no host sync)."""
-    if torch.compiler.is_compiling():
+    if not _fused(a):
         return dot(a, a).sqrt()
-    norms = torch._foreach_norm(list(a))
-    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+    return torch.linalg.vector_norm(torch.stack(leaf_norms(a)))
+
+
+def leaf_norms(a: Sequence[Tensor]) -> list[Tensor]:
+    """[‖aᵢ‖₂ for each tensor], 0-dim tensors (one fused launch on CUDA)."""
+    if not _fused(a):
+        return [t.norm() for t in a]
+    return list(torch._foreach_norm(list(a)))
 
 
 def axpy(alpha: float | Tensor, x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensors:
     """``y + alpha * x`` leaf-wise."""
-    if torch.compiler.is_compiling():
+    if not _fused(x):
         return tuple(yi + alpha * xi for xi, yi in zip(x, y))
     if isinstance(alpha, Tensor):
         return tuple(torch._foreach_add(list(y), torch._foreach_mul(list(x), alpha)))
@@ -69,7 +81,7 @@ def axpy(alpha: float | Tensor, x: Sequence[Tensor], y: Sequence[Tensor]) -> Ten
 
 
 def scale(alpha: float | Tensor, x: Sequence[Tensor]) -> Tensors:
-    if torch.compiler.is_compiling():
+    if not _fused(x):
         return tuple(alpha * xi for xi in x)
     return tuple(torch._foreach_mul(list(x), alpha))
 
@@ -100,10 +112,8 @@ def neumann_series(matvec: MatVec, v: Tensors, iters: int, alpha: float | Tensor
     ``j = 0 … K`` (``K + 1`` entries, ``K`` products), or ``j < K`` with ``residual=False``
     (``K − 1`` products).
     """
-    if torch.compiler.is_compiling():
-        leaf_norms = lambda x: [norm(x)]  # noqa: E731
-    else:  # one fused launch per term; the norms over the leaves are taken once, at the end
-        leaf_norms = lambda x: list(torch._foreach_norm(list(x)))  # noqa: E731
+    # the norms over the leaves are taken once, at the end: no reduction per term but the
+    # leaves' own (one fused launch per term on CUDA)
     term, total = v, v
     norms = [leaf_norms(v)]
     for j in range(1, iters + 1 if residual else iters):

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..compiled import CompiledPath, compiled_path, implicit_program
-from ..errors import FiniteChecks
+from ..errors import check_finite, deferred_finite_checks
 from ..implicit import check_autocast, implicit_hypergradient
 from ..problem import BilevelProblem
 from ..solvers import Tensors, conjugate_gradient, conjugate_gradient_fixed
@@ -85,10 +85,9 @@ class ImplicitCG(Mode):
 
     def _finish_compiled(self, out: tuple, warm: bool, stats: Stats) -> Tensors:
         grads, x, info = out
-        checks = FiniteChecks()
-        checks.add(x, "the conjugate-gradient solve (a Hessian-vector product)")
-        checks.add(grads, "the mixed second-derivative product ∇²φθ f · x")
-        checks.verify()
+        with deferred_finite_checks():
+            check_finite(x, "the conjugate-gradient solve (a Hessian-vector product)")
+            check_finite(grads, "the mixed second-derivative product ∇²φθ f · x")
         stats.hvps = self.iters + int(warm)
         stats.iters = int(info["iters"])
         stats.residual = float(info["residual"])

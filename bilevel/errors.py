@@ -91,12 +91,9 @@ def deferred_finite_checks() -> Iterator[FiniteChecks]:
     token = _DEFERRED.set(checks)
     try:
         yield checks
-    except BaseException:
+    finally:  # also when the block raised: a NonFiniteError from here then takes its place
         _DEFERRED.reset(token)
         checks.verify()
-        raise
-    _DEFERRED.reset(token)
-    checks.verify()
 
 
 _MISSING_DERIVATIVE = re.compile(r"derivative for '?([\w.:]+)'? is not implemented")

@@ -112,8 +112,7 @@ def neumann_series(matvec: MatVec, v: Tensors, iters: int, alpha: float | Tensor
     ``j = 0 … K`` (``K + 1`` entries, ``K`` products), or ``j < K`` with ``residual=False``
     (``K − 1`` products).
     """
-    # the norms over the leaves are taken once, at the end: no reduction per term but the
-    # leaves' own (one fused launch per term on CUDA)
+    # per term only the leaves' norms (one fused launch on CUDA); they are combined at the end
     term, total = v, v
     norms = [leaf_norms(v)]
     for j in range(1, iters + 1 if residual else iters):

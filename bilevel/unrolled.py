@@ -553,27 +553,26 @@ class UnrolledMode(Mode):
         first_graph_step = self.steps - self.graph_steps()
         phi_constant = tuple(t.detach() for t in phi)
         meter = SavedTensorMemory() if self.measure_memory else contextlib.nullcontext()
-        with deferred_finite_checks():  # read once, after the backward pass: no host sync per step
-            with torch.enable_grad(), meter:
-                for step in range(self.steps):
-                    graph = step >= first_graph_step
-                    if step == first_graph_step:
-                        theta = tuple(t.detach().requires_grad_() for t in theta)
-                        state = stepper.detach_state(state)
-                    loss = problem.inner(theta, phi if graph else phi_constant, *batches[step])
-                    check_finite((loss,), f"the value of inner_loss at unrolled step {step}")
-                    with second_order_guard("differentiating through an inner optimizer step"):
-                        step_fn = stepper if graph else cheap
-                        theta, state = step_fn.advance(loss, theta, state, graph, fresh_state)
-                    fresh_state = False
-                    if not graph:
-                        theta = tuple(t.detach().requires_grad_() for t in theta)
-                        state = stepper.detach_state(state)
-                inner_buffers = {k: v.clone() for k, v in problem.buffers.items()}  # before outer_loss runs
-                outer = problem.outer(theta, phi)
-                check_finite((outer,), "the value of outer_loss after the unrolled steps")
-                with second_order_guard("backpropagating through the unrolled steps"):
-                    result = _total_gradient(outer, phi, problem.phi0)
+        # NaN/inf checks are read once, after the backward pass: no host sync per step
+        with deferred_finite_checks(), torch.enable_grad(), meter:
+            for step in range(self.steps):
+                graph = step >= first_graph_step
+                if step == first_graph_step:
+                    theta = tuple(t.detach().requires_grad_() for t in theta)
+                    state = stepper.detach_state(state)
+                loss = problem.inner(theta, phi if graph else phi_constant, *batches[step])
+                check_finite((loss,), f"the value of inner_loss at unrolled step {step}")
+                with second_order_guard("differentiating through an inner optimizer step"):
+                    theta, state = (stepper if graph else cheap).advance(loss, theta, state, graph, fresh_state)
+                fresh_state = False
+                if not graph:
+                    theta = tuple(t.detach().requires_grad_() for t in theta)
+                    state = stepper.detach_state(state)
+            inner_buffers = {k: v.clone() for k, v in problem.buffers.items()}  # before outer_loss runs
+            outer = problem.outer(theta, phi)
+            check_finite((outer,), "the value of outer_loss after the unrolled steps")
+            with second_order_guard("backpropagating through the unrolled steps"):
+                result = _total_gradient(outer, phi, problem.phi0)
             check_finite(result, "the unrolled hypergradient")
         if self.update_params:
             problem.write_back(theta, inner_buffers)

@@ -39,7 +39,8 @@ ITERS, STEPS, DAMPING, ALPHA, LR = 20, 20, 1.0, 0.05, 0.1
 
 
 # ----------------------------------------------------------------------------- problems
-def mlp_problem(params_target: float, device: str, batch: int = 2048, dtype: torch.dtype = torch.float32):
+def mlp_problem(params_target: float, device: str, batch: int = 2048, dtype: torch.dtype = torch.float32,
+                log_decay: float = -4.0):
     """Width chosen so the MLP 64 -> H -> H -> 10 has about ``params_target`` parameters."""
     hidden = int((-(74) + (74 ** 2 + 4 * params_target) ** 0.5) / 2)
     g = torch.Generator().manual_seed(0)
@@ -54,7 +55,7 @@ def mlp_problem(params_target: float, device: str, batch: int = 2048, dtype: tor
         h = torch.tanh(F.linear(h, ps[2], ps[3]))
         return F.linear(h, ps[4], ps[5])
 
-    return _losses(forward, params, x, y, xv, yv, f"MLP {sum(p.numel() for p in params):.1e}")
+    return _losses(forward, params, x, y, xv, yv, f"MLP {sum(p.numel() for p in params):.1e}", log_decay)
 
 
 def cnn_problem(device: str, batch: int = 512):

@@ -29,18 +29,22 @@ class SolverBreakdownError(RuntimeError):
 class FiniteChecks:
     """NaN/inf checks of several places in a computation, read in one host synchronisation.
 
-    ``add`` records the tensors of a place; ``verify`` tests them all (the scalars, such as
-    the losses of an unrolled run, in one stacked test), reads the flags at once and raises
+    ``add`` records the tensors of a place; ``verify`` tests them all and raises
     :class:`NonFiniteError` naming the first place that failed, in the order they were added
     (a NaN propagates forward, so that is where it appeared). On a GPU each synchronisation
     drains the launch queue: one read per call instead of one per place keeps the device busy.
+
+    The test is one fused reduction: the 2-norm of every tensor (``torch._foreach_norm``, one
+    launch on CUDA), read at once. A norm is finite when the tensor is, and NaN or inf when it
+    holds one; a finite tensor whose norm overflows (entries near 1e19 in float32) is then
+    tested exactly, so it never raises.
     """
 
     def __init__(self) -> None:
         self._pending: list[tuple[list[Tensor], str]] = []
 
     def add(self, tensors: Sequence[Tensor | None], where: str) -> None:
-        present = [t for t in tensors if t is not None]
+        present = [t for t in tensors if t is not None and (t.is_floating_point() or t.is_complex())]
         if present:
             self._pending.append((present, where))
 
@@ -48,25 +52,20 @@ class FiniteChecks:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        device = pending[0][0][0].device
-        scalars, scalar_places, flags, flag_places = [], [], [], []
+        tensors = [t for place, _ in pending for t in place]
         with torch.no_grad():
-            for place, (tensors, _) in enumerate(pending):
-                for t in tensors:
-                    if t.numel() == 1:  # losses: tested together, in one stacked test
-                        scalars.append(t.reshape(()).to(device))
-                        scalar_places.append(place)
-                    else:
-                        flags.append(torch.isfinite(t).all().to(device))
-                        flag_places.append(place)
-            parts = ([torch.isfinite(torch.stack(scalars))] if scalars else []) + \
-                    ([torch.stack(flags)] if flags else [])
-            results = torch.cat(parts).tolist()  # the one host synchronisation
-        failed = {place for place, good in zip(scalar_places + flag_places, results) if not good}
-        for place, (_, where) in enumerate(pending):
-            if place in failed:
-                raise NonFiniteError(f"non-finite values (NaN or inf) in {where}; check the losses and "
-                                     "the hyperparameter values, or lower the solver step size")
+            norms = torch._foreach_norm(tensors)
+            first = norms[0]
+            if any(n.dtype != first.dtype or n.device != first.device for n in norms):
+                norms = [n.to(first.device, torch.float64) for n in norms]
+            finite = torch.isfinite(torch.stack(norms)).tolist()  # the one host synchronisation
+            if all(finite):
+                return
+            suspect = iter(finite)
+            for place, where in pending:
+                if any(not next(suspect) and not bool(torch.isfinite(t).all()) for t in place):
+                    raise NonFiniteError(f"non-finite values (NaN or inf) in {where}; check the losses "
+                                         "and the hyperparameter values, or lower the solver step size")
 
 
 _DEFERRED: contextvars.ContextVar[FiniteChecks | None] = contextvars.ContextVar("bilevel_checks", default=None)
@@ -99,19 +98,28 @@ def deferred_finite_checks() -> Iterator[FiniteChecks]:
 _MISSING_DERIVATIVE = re.compile(r"derivative for '?([\w.:]+)'? is not implemented")
 
 
-@contextlib.contextmanager
-def second_order_guard(what: str) -> Iterator[None]:
-    """Turn autograd's errors about missing double backward into :class:`NoDoubleBackwardError`."""
-    try:
-        yield
-    except (RuntimeError, NotImplementedError) as error:
+class second_order_guard:  # noqa: N801 (used as a function: ``with second_order_guard(...)``)
+    """Turn autograd's errors about missing double backward into :class:`NoDoubleBackwardError`
+    (a plain class, not a generator-based context manager: it wraps every product)."""
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: object) -> bool:
+        if not isinstance(error, (RuntimeError, NotImplementedError)):
+            return False
         message = str(error)
         match = _MISSING_DERIVATIVE.search(message)
         if match is None and "double backward" not in message and "twice" not in message:
-            raise
+            return False
         op = match.group(1) if match else "an op in the loss"
         raise NoDoubleBackwardError(
-            f"{what} needs the second derivative of {op!r}, which PyTorch does not implement. "
+            f"{self.what} needs the second derivative of {op!r}, which PyTorch does not implement. "
             "Every hypergradient mode differentiates the inner gradient, so replace that op by a "
             "twice-differentiable equivalent (write it from elementary tensor ops); if it touches "
             "only params and not hparams, mode='implicit-identity' avoids Hessian-vector "

@@ -110,7 +110,7 @@ class HyperGradient:
         the same structure and shapes every call; other modes accept any problem."""
         layout = (problem.params_structure, problem.hparams_structure,
                   tuple(t.shape for t in problem.theta0), tuple(t.shape for t in problem.phi0))
-        if self._layout is not None and layout != self._layout and self.mode.state_fits_one_layout():
+        if self._layout is not None and self.mode.state_fits_one_layout() and layout != self._layout:
             raise ValueError(
                 "params/hparams changed structure or shapes since the last call "
                 f"(params was {self._layout[0].describe()}, now {layout[0].describe()}; hparams was "

@@ -8,21 +8,24 @@ another stationarity map. Assumes ``θ`` is (close to) a point where ``G(θ, φ)
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+from torch import Tensor
 
 from .errors import check_finite, deferred_finite_checks
 from .operators import StationarityJacobian
 from .problem import BilevelProblem
-from .solvers import SolveResult, Tensors
+from .solvers import SolveResult, Tensors, axpy, scale
 from .stats import Stats
 
 Solve = Callable[[StationarityJacobian, Tensors], SolveResult]
 
 
-def outer_gradients(problem: BilevelProblem, theta: Tensors, phi: Tensors) -> tuple[Tensors, Tensors]:
-    """``(∂g/∂θ, ∂g/∂φ)`` at the given leaves, zeros where ``g`` does not depend on a tensor."""
+def outer_gradients(problem: BilevelProblem, theta: Tensors,
+                    phi: Tensors) -> tuple[Tensors, tuple[Tensor | None, ...]]:
+    """``(∂g/∂θ, ∂g/∂φ)`` at the given leaves: zeros in ``∂g/∂θ`` where ``g`` does not depend
+    on a tensor, None in ``∂g/∂φ`` (no direct term to add)."""
     with torch.enable_grad():
         g = problem.outer(theta, phi)
         check_finite((g,), "the value of outer_loss")
@@ -30,11 +33,20 @@ def outer_gradients(problem: BilevelProblem, theta: Tensors, phi: Tensors) -> tu
     if all(x is None for x in grads):
         raise ValueError("outer_loss depends on neither params nor hparams; compute it from the "
                          "arguments the closure receives (or, for modules, by calling the module)")
-    grads = tuple(torch.zeros_like(t) if x is None else x for x, t in zip(grads, theta + phi))
-    v, direct = grads[:len(theta)], grads[len(theta):]
+    v = tuple(torch.zeros_like(t) if x is None else x for x, t in zip(grads, theta))
+    direct = grads[len(theta):]
     check_finite(v, "the gradient of outer_loss w.r.t. params")
     check_finite(direct, "the gradient of outer_loss w.r.t. hparams")
     return v, direct
+
+
+def subtract_mixed(direct: Sequence[Tensor | None], mixed: Tensors) -> Tensors:
+    """``∂g/∂φ − (∂G/∂φ)ᵀx`` leaf-wise, ``−(∂G/∂φ)ᵀx`` where there is no direct term."""
+    if all(d is None for d in direct):
+        return scale(-1.0, mixed)
+    if all(d is not None for d in direct):
+        return axpy(-1.0, mixed, direct)
+    return tuple(-m if d is None else d - m for d, m in zip(direct, mixed))
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -64,13 +76,17 @@ def implicit_hypergradient(problem: BilevelProblem, solve: Solve, stats: Stats,
         raise ValueError(f"autocast={autocast} lowers the precision of float32 products, but params "
                          f"are {problem.dtype}; use float32 params, or autocast=None")
     theta, phi = problem.leaf_copies()
-    with deferred_finite_checks():  # the setup's checks, read in one host synchronisation
+    # The NaN/inf checks of the setup and of the mixed product are read together when the
+    # block ends: the setup's reads need not drain the device queue before the solve starts.
+    # A solver error on a NaN that the setup made (a non-finite product) gives way to the
+    # setup's error, which names where the NaN appeared.
+    with deferred_finite_checks():
         with low_precision(problem.device, autocast):
             field = problem.stationarity(theta, phi)
         v, direct = outer_gradients(problem, theta, phi)
-    operator = StationarityJacobian(field, theta, phi, problem.suspects)
-    result = solve(operator, v)
-    mixed = operator.mixed(result.x)
+        operator = StationarityJacobian(field, theta, phi, problem.suspects)
+        result = solve(operator, v)
+        mixed = operator.mixed(result.x)
     stats.hvps = operator.products
     stats.iters = result.iters
     stats.residual = result.residual
@@ -79,4 +95,4 @@ def implicit_hypergradient(problem: BilevelProblem, solve: Solve, stats: Stats,
     stats.diverged = result.diverged
     stats.singular = result.singular
     stats.extra["hparams_unused_by_inner"] = all(operator.unused)
-    return tuple(d - m for d, m in zip(direct, mixed))
+    return subtract_mixed(direct, mixed)

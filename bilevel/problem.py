@@ -64,8 +64,10 @@ class BilevelProblem:
         self._bound = [("theta", s, offset) for s, offset in modules_of(self.params_structure)] + [
             ("phi", s, offset) for s, offset in modules_of(self.hparams_structure)]
         modules = [s.module for _, s, _ in self._bound]
-        self._calls = {name: _ClosureCall(fn, modules) for name, fn in
-                       (("inner_loss", inner_loss), ("outer_loss", outer_loss))}
+        self._closures: dict[str, Callable[..., Any]] = {}
+        self._calls: dict[str, _ClosureCall] = {}  # with modules to rebind: for functional_call
+        self.add_closure("inner_loss", inner_loss)
+        self.add_closure("outer_loss", outer_loss)
         self.buffers: dict[str, Tensor] = {
             f"bound.{i}.{name}": b.detach().clone()
             for i, module in enumerate(modules) for name, b in module.named_buffers()}
@@ -107,7 +109,9 @@ class BilevelProblem:
     def add_closure(self, name: str, closure: Callable[..., Any]) -> None:
         """Register another closure ``(params, hparams, *extra)`` evaluated like the losses
         (modules rebound), for subclasses that need more than the two losses."""
-        self._calls[name] = _ClosureCall(closure, [s.module for _, s, _ in self._bound])
+        self._closures[name] = closure
+        if self._bound:
+            self._calls[name] = _ClosureCall(closure, [s.module for _, s, _ in self._bound])
 
     def evaluate(self, name: str, theta: Tensors, phi: Tensors, *extra: Any) -> Any:
         """The closure registered as ``name`` at (θ, φ), unchecked."""
@@ -135,7 +139,7 @@ class BilevelProblem:
         p_arg = self.params_structure.unflatten(theta, keep_modules=keep)
         h_arg = self.hparams_structure.unflatten(phi, keep_modules=keep)
         if not self._bound:
-            loss = self._calls[name].closure(p_arg, h_arg, *extra)
+            loss = self._closures[name](p_arg, h_arg, *extra)
         else:
             sources = {"theta": theta, "phi": phi}
             bindings = dict(self.buffers if buffers is None else buffers)

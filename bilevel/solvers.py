@@ -67,7 +67,7 @@ def norm(a: Sequence[Tensor]) -> Tensor:
 def leaf_norms(a: Sequence[Tensor]) -> list[Tensor]:
     """[‖aᵢ‖₂ for each tensor], 0-dim tensors (one fused launch on CUDA)."""
     if not _fused(a):
-        return [t.norm() for t in a]
+        return [torch.linalg.vector_norm(t) for t in a]
     return list(torch._foreach_norm(list(a)))
 
 

@@ -368,3 +368,24 @@ def test_finite_checks_report_in_order_and_before_a_later_error():
     assert isinstance(caught.value.__context__, RuntimeError)
     with deferred_finite_checks():  # nothing wrong: nothing raised
         check_finite((big, None, torch.tensor(2.0, dtype=torch.float64)), "fine")
+
+
+def test_finite_checks_do_not_mistake_an_overflowing_norm_for_a_nan():
+    """The fused check reads one 2-norm per tensor; a finite float32 tensor whose norm
+    overflows (entries of 1e30) must pass, and a NaN next to it must still be found."""
+    from bilevel.errors import deferred_finite_checks, check_finite
+
+    huge = torch.full((10,), 1e30)
+    assert not torch.isfinite(huge.norm())  # the case under test: the norm overflows
+    with deferred_finite_checks():
+        check_finite((huge, torch.tensor(3e38)), "huge but finite")
+    check_finite((huge,), "huge but finite, checked at once")
+    spoiled = huge.clone()
+    spoiled[7] = float("nan")
+    with pytest.raises(NonFiniteError, match="in spoiled"):
+        with deferred_finite_checks():
+            check_finite((huge,), "huge")
+            check_finite((torch.ones(3), spoiled), "spoiled")
+    with pytest.raises(NonFiniteError, match="in mixed dtypes"):
+        check_finite((torch.ones(2, dtype=torch.float64), torch.tensor([1.0, float("inf")], dtype=torch.float16)),
+                     "mixed dtypes")

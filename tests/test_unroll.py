@@ -477,3 +477,41 @@ def test_module_with_batchnorm_unrolls_correctly():
     eps = 1e-6
     fd = (unrolled_outer(decay.detach() + eps) - unrolled_outer(decay.detach() - eps)) / (2 * eps)
     assert abs(float(fd)) > 1e-4 and float(got) == pytest.approx(float(fd), rel=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_plain_sgd_takes_one_fused_step_and_equals_torchopts_update(monkeypatch, fused):
+    """Plain SGD (no momentum, weight decay or maximize) on the torchopt backend computes
+    θ − lr·g itself: on CUDA one ``torch._foreach_add`` per step (forced here on the CPU with
+    ``fused``) instead of torchopt's multiply and add per tensor. Its hypergradient equals the
+    one through torchopt's own update (momentum 0 given as a transformation) and higher's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bilevel import solvers
+
+    class FusedAdds(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            FusedAdds.count += func.overloadpacket is torch.ops.aten._foreach_add
+            return func(*args, **(kwargs or {}))
+
+    if fused:
+        monkeypatch.setattr(solvers, "_fused", lambda tensors: True)
+    problem = ridge(p=6)
+    weights = (torch.full((6,), 0.5, dtype=torch.float64), torch.zeros((), dtype=torch.float64))
+    inner = lambda ps, lam: problem.inner_loss(ps[0], lam) + ps[1] ** 2  # noqa: E731 (two leaves)
+    outer = lambda ps, lam: problem.outer_loss(ps[0], lam) + ps[1]  # noqa: E731
+    args = (inner, outer, tuple(w.clone().requires_grad_() for w in weights), problem.hparams)
+    with FusedAdds():
+        got = HyperGradient("unroll", steps=7, lr=0.2).compute(*args)
+    assert FusedAdds.count == (7 if fused else 0)
+    through_torchopt = HyperGradient("unroll", steps=7, inner_optimizer=torchopt.sgd(lr=0.2)).compute(*args)
+    through_higher = HyperGradient("unroll", steps=7, lr=0.2, backend="higher").compute(*args)
+    assert rel_error(got, through_torchopt) < 1e-13
+    assert rel_error(got, through_higher) < 1e-13
+    if fused:
+        FusedAdds.count = 0
+        with FusedAdds():  # momentum: torchopt's update, not the direct step
+            HyperGradient("unroll", steps=7, lr=0.2, momentum=0.5).compute(*args)
+        assert FusedAdds.count == 0

@@ -1,0 +1,130 @@
+"""Host overhead per hypergradient call, ours against the floor and the peers, on any machine.
+
+A small problem on a GPU is bound by the host: each op costs a launch (Python, dispatcher,
+driver), and each read of a device value (``.tolist()``, ``float(t)``, ``bool(t)``) drains
+the launch queue. This script measures both causes without a GPU, for the implementations of
+``bench.py``:
+
+- ``ops``: tensor ops dispatched per call (PyTorch's dispatcher, views and other
+  metadata-only ops left out), about one kernel launch each on a GPU;
+- ``reads``: values read back to the host per call (a GPU synchronisation each);
+- ``us``: the median time of a call at a tiny size (an MLP of 2e3 parameters, batch 8, one
+  thread), where the arithmetic is negligible and what remains is host work; and its ratio to
+  the floor's.
+
+With ``--cuda-algebra`` (the default) our solvers take the code path they take on CUDA
+(fused ``torch._foreach_*`` tuple algebra), so the counts are those of a GPU run.
+
+    python benchmarks/overhead.py [--repeats 200] [--algorithms cg,neumann,unroll] [--no-cuda-algebra]
+
+Results and how to read them: benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import time
+import warnings
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import bench
+from bilevel import solvers
+
+#: Tensor methods that copy a value to the host (on a GPU: wait for the queue to drain)
+HOST_READS = {"tolist", "item", "__float__", "__int__", "__bool__", "__index__"}
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the ops that reach the dispatcher, except views and metadata-only ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket not in (torch.ops.aten.detach, torch.ops.aten.lift_fresh):
+            self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _Reads(TorchFunctionMode):
+    """Counts the Tensor methods that read a value back to the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in HOST_READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count(fn, problem) -> tuple[int, int]:
+    """(ops, host reads) of one call, after a warm-up call."""
+    _, inner, outer, params, logs = problem
+    fn(inner, outer, params, logs)
+    with _Reads() as reads, _Ops() as ops:
+        fn(inner, outer, params, logs)
+    return sum(ops.counts.values()), reads.count
+
+
+def host_time(implementations: dict, problem, repeats: int) -> dict[str, float]:
+    """Median seconds per call, interleaved and rotated as in ``bench.measure``."""
+    _, inner, outer, params, logs = problem
+    times = {name: [] for name in implementations}
+    names = list(implementations)
+    for round_ in range(repeats):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            start = time.perf_counter()
+            implementations[name](inner, outer, params, logs)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--algorithms", default="cg,neumann,unroll")
+    parser.add_argument("--no-cuda-algebra", action="store_true",
+                        help="keep the CPU code path of the solvers' tuple algebra")
+    args = parser.parse_args(argv)
+    fused, threads = solvers._fused, torch.get_num_threads()
+    if not args.no_cuda_algebra:
+        solvers._fused = lambda tensors: not torch.compiler.is_compiling()  # CUDA's path, on CPU
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _run(args)
+    finally:
+        solvers._fused = fused
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> list[tuple]:
+    # weight decay e³: at this size and point the Hessian has curvature below −1, where our CG
+    # (rightly) stops and the floor runs on; the decay makes every implementation run 20 iterations
+    problem = bench.mlp_problem(2e3, "cpu", batch=8, log_decay=3.0)
+    print(f"torch {torch.__version__}, one thread, {problem[0]} batch 8, "
+          f"{'CPU' if args.no_cuda_algebra else 'CUDA'} tuple algebra, median of {args.repeats}")
+    print(f"{'algorithm':<8} {'implementation':<16} {'ops':>6} {'reads':>6} {'us':>8} {'/floor':>7}")
+    rows = []
+    for algorithm in args.algorithms.split(","):
+        implementations = bench.ALGORITHMS[algorithm]
+        counts = {name: count(fn, problem) for name, fn in implementations.items()}
+        times = host_time(implementations, problem, args.repeats)
+        for name in implementations:
+            ops, reads = counts[name]
+            ratio = times[name] / times["floor"]
+            print(f"{algorithm:<8} {name:<16} {ops:6d} {reads:6d} {times[name] * 1e6:8.0f} {ratio:7.2f}", flush=True)
+            rows.append((algorithm, name, ops, reads, times[name], ratio))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

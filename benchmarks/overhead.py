@@ -12,8 +12,9 @@ the launch queue. This script measures both causes without a GPU, for the implem
   thread), where the arithmetic is negligible and what remains is host work; and its ratio to
   the floor's.
 
-With ``--cuda-algebra`` (the default) our solvers take the code path they take on CUDA
-(fused ``torch._foreach_*`` tuple algebra), so the counts are those of a GPU run.
+By default the solvers' inner products take the form they take on CUDA (``torch.dot`` per
+pair; the CPU's is ``(x * y).sum()``), so the counts are those of a GPU run;
+``--no-cuda-algebra`` keeps the CPU's.
 
     python benchmarks/overhead.py [--repeats 200] [--algorithms cg,neumann,unroll] [--no-cuda-algebra]
 
@@ -91,18 +92,18 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--algorithms", default="cg,neumann,unroll")
     parser.add_argument("--no-cuda-algebra", action="store_true",
-                        help="keep the CPU code path of the solvers' tuple algebra")
+                        help="keep the CPU's form of the solvers' inner products")
     args = parser.parse_args(argv)
-    fused, threads = solvers._fused, torch.get_num_threads()
-    if not args.no_cuda_algebra:
-        solvers._fused = lambda tensors: not torch.compiler.is_compiling()  # CUDA's path, on CPU
+    blas_dot, threads = solvers._blas_dot, torch.get_num_threads()
+    if not args.no_cuda_algebra:  # CUDA's inner products (torch.dot per pair), on the CPU
+        solvers._blas_dot = lambda tensors: not torch.compiler.is_compiling()
     torch.set_num_threads(1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return _run(args)
     finally:
-        solvers._fused = fused
+        solvers._blas_dot = blas_dot
         torch.set_num_threads(threads)
 
 

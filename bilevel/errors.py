@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import re
 from typing import Iterator, Sequence
 
@@ -55,10 +56,11 @@ class FiniteChecks:
         tensors = [t for place, _ in pending for t in place]
         with torch.no_grad():
             norms = torch._foreach_norm(tensors)
-            first = norms[0]
-            if any(n.dtype != first.dtype or n.device != first.device for n in norms):
-                norms = [n.to(first.device, torch.float64) for n in norms]
-            finite = torch.isfinite(torch.stack(norms)).tolist()  # the one host synchronisation
+            try:
+                values = torch.stack(norms).tolist()  # the one host synchronisation
+            except RuntimeError:  # tensors on several devices
+                values = [float(n) for n in norms]
+            finite = [math.isfinite(value) for value in values]
             if all(finite):
                 return
             suspect = iter(finite)

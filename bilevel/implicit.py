@@ -84,7 +84,7 @@ def implicit_hypergradient(problem: BilevelProblem, solve: Solve, stats: Stats,
         with low_precision(problem.device, autocast):
             field = problem.stationarity(theta, phi)
         v, direct = outer_gradients(problem, theta, phi)
-        operator = StationarityJacobian(field, theta, phi, problem.suspects)
+        operator = StationarityJacobian(field, theta, phi, lambda: problem.suspects(theta, phi))
         result = solve(operator, v)
         mixed = operator.mixed(result.x)
     stats.hvps = operator.products

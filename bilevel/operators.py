@@ -7,7 +7,7 @@ which rebuilds the first-order graph each time.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -26,11 +26,12 @@ class StationarityJacobian:
     ``strict`` (default) refuses a θ that ``G`` does not depend on (a zero Hessian block, so
     a singular system); with ``strict=False`` such blocks are zero, as formulas that never
     solve the system exactly (AuxiLearn's Neumann series) expect. Entries of ``field`` that
-    are None or constant count as zero.
+    are None or constant count as zero. ``suspects`` is the clause that error names as the
+    likely cause (custom autograd Functions), or a callable that makes it when needed.
     """
 
-    def __init__(self, field: Sequence[Tensor | None], theta: Tensors, phi: Tensors, suspects: str = "",
-                 strict: bool = True) -> None:
+    def __init__(self, field: Sequence[Tensor | None], theta: Tensors, phi: Tensors,
+                 suspects: str | Callable[[], str] = "", strict: bool = True) -> None:
         self.theta, self.phi = theta, phi
         self._live = [i for i, g in enumerate(field) if g is not None and g.grad_fn is not None]
         self.field = tuple(field[i] for i in self._live)
@@ -51,11 +52,12 @@ class StationarityJacobian:
         self.unused = tuple(g is None for g in grads)
         if self.strict and wrt is self.theta and any(self.unused):
             i = self.unused.index(True)
+            suspects = self.suspects() if callable(self.suspects) else self.suspects
             where = f"params[{i}]" if len(wrt) > 1 else "params"
             raise ValueError(
                 f"the gradient of inner_loss does not depend on {where}, so the inner Hessian has a "
                 "zero block and the implicit system is singular: inner_loss is linear in it, or an "
-                f"op without double backward cut the graph{self.suspects}. Replace that op by a "
+                f"op without double backward cut the graph{suspects}. Replace that op by a "
                 "twice-differentiable one, or leave the tensor out of params")
         return tuple(torch.zeros(batch + w.shape, dtype=w.dtype, device=w.device) if g is None else g
                      for g, w in zip(grads, wrt))

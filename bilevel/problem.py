@@ -49,7 +49,6 @@ class BilevelProblem:
     """
 
     symmetric = True  # the stationarity map is a gradient, so its Jacobian is symmetric
-    suspects = ""  # custom autograd Functions seen in inner_loss, named in second-order errors
 
     def __init__(self, inner_loss: Closure, outer_loss: Closure, params: Any, hparams: Any) -> None:
         for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
@@ -157,6 +156,17 @@ class BilevelProblem:
         """g(θ, φ) as a scalar tensor."""
         return self._evaluate("outer_loss", theta, phi)
 
+    def suspects(self, theta: Tensors, phi: Tensors) -> str:
+        """The custom ``autograd.Function`` nodes in the graph of ``inner_loss`` at (θ, φ), as a
+        clause for an error about a missing second derivative ("" if none, or if this problem
+        has no scalar inner loss). Evaluates the loss anew: it is for error messages only, so
+        that no call pays for the graph walk or keeps a graph alive for it."""
+        try:
+            with torch.enable_grad():
+                return _custom_functions(self.inner(theta, phi))
+        except Exception:  # noqa: BLE001 (a clause for a message about another error)
+            return ""
+
     def signature(self) -> tuple:
         """What a compiled program of this problem depends on besides tensor values: the
         closures' code (a closure made anew each step with the same code counts as the same),
@@ -188,7 +198,6 @@ class BilevelProblem:
             check_finite((f,), "the value of inner_loss")
             with second_order_guard("the gradient of inner_loss"):
                 grads = torch.autograd.grad(f, theta, create_graph=True, allow_unused=True)
-        self.suspects = _custom_functions(f)
         for i, (g, t) in enumerate(zip(grads, theta)):
             where = f"params[{i}]" if len(theta) > 1 else "params"
             if g is None:
@@ -199,7 +208,7 @@ class BilevelProblem:
                 raise ValueError(
                     f"the gradient of inner_loss w.r.t. {where} has no graph, so its Hessian "
                     "cannot be differentiated: inner_loss is linear in it, or it passes through "
-                    f"an op without double backward{self.suspects}. Replace that op by a "
+                    f"an op without double backward{_custom_functions(f)}. Replace that op by a "
                     "twice-differentiable one")
         check_finite(grads, "the gradient of inner_loss w.r.t. params")
         return grads

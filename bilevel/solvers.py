@@ -38,20 +38,25 @@ class SolveResult:
 
 
 # ----------------------------------------------------------------- tuple algebra
-# On CUDA, eagerly, each helper makes a few fused launches (``torch._foreach_*``, one
-# reduction per pair): small solver steps there are bound by launch overhead (measured on an
-# H100: benchmarks/README.md). Elsewhere, and under ``torch.compile`` (inductor fuses the plain
-# form itself), they use plain per-tensor ops: on CPU, ``torch.dot``'s BLAS threads slowed
-# the whole process by up to 40% on 2 cores, and the fused forms gained nothing measurable.
+# Eagerly, each helper makes one fused call for all the tensors (``torch._foreach_*``): on
+# CUDA one launch instead of one or two per tensor, which is what small solver steps are
+# bound by there (measured on an H100: benchmarks/README.md); on the CPU one dispatch, and
+# ``y + αx`` in one pass. Under ``torch.compile`` they use plain per-tensor ops, which
+# inductor fuses itself. Inner products use ``torch.dot`` on CUDA only: on the CPU its BLAS
+# threads slowed the whole process by up to 40% on 2 cores, so there they are ``(x * y).sum()``.
 # (On an H100 with torch 2.11, the 20-iteration CG in the foreach form fell back to eager, for
 # a reason not yet captured; the plain form compiles there and runs 9x faster than eager.)
 def _fused(x: Sequence[Tensor]) -> bool:
-    return x[0].is_cuda and not torch.compiler.is_compiling()
+    return not torch.compiler.is_compiling()
+
+
+def _blas_dot(x: Sequence[Tensor]) -> bool:
+    return x[0].is_cuda and _fused(x)
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """Σᵢ ⟨aᵢ, bᵢ⟩ as a 0-dim tensor (no host sync)."""
-    if not _fused(a):
+    if not _blas_dot(a):
         return sum((x * y).sum() for x, y in zip(a, b))
     dots = [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]
     return dots[0] if len(dots) == 1 else torch.stack(dots).sum()
@@ -65,7 +70,7 @@ def norm(a: Sequence[Tensor]) -> Tensor:
 
 
 def leaf_norms(a: Sequence[Tensor]) -> list[Tensor]:
-    """[‖aᵢ‖₂ for each tensor], 0-dim tensors (one fused launch on CUDA)."""
+    """[‖aᵢ‖₂ for each tensor], 0-dim tensors (one fused call)."""
     if not _fused(a):
         return [torch.linalg.vector_norm(t) for t in a]
     return list(torch._foreach_norm(list(a)))

@@ -389,3 +389,28 @@ def test_finite_checks_do_not_mistake_an_overflowing_norm_for_a_nan():
     with pytest.raises(NonFiniteError, match="in mixed dtypes"):
         check_finite((torch.ones(2, dtype=torch.float64), torch.tensor([1.0, float("inf")], dtype=torch.float16)),
                      "mixed dtypes")
+
+
+def test_a_custom_function_that_cuts_the_second_derivative_is_named(rp):
+    """A custom autograd Function whose backward detaches its input leaves the gradient with a
+    graph (through the hparams) that no longer depends on the params: the Hessian block is
+    zero. The error names the Function as the likely cause (found on demand, after the fact)."""
+
+    class DetachedSquare(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return 2 * x.detach() * grad  # no second derivative in x
+
+    def inner(w, lam):
+        return (lam.exp() * DetachedSquare.apply(w)).sum()
+
+    for mode in ("implicit-cg", "implicit-neumann"):
+        with pytest.raises(ValueError, match="does not depend on params.*custom autograd Functions in the "
+                                             "graph: DetachedSquareBackward"):
+            call(rp, mode, inner=inner)

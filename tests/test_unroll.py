@@ -482,9 +482,10 @@ def test_module_with_batchnorm_unrolls_correctly():
 @pytest.mark.parametrize("fused", [False, True])
 def test_plain_sgd_takes_one_fused_step_and_equals_torchopts_update(monkeypatch, fused):
     """Plain SGD (no momentum, weight decay or maximize) on the torchopt backend computes
-    θ − lr·g itself: on CUDA one ``torch._foreach_add`` per step (forced here on the CPU with
-    ``fused``) instead of torchopt's multiply and add per tensor. Its hypergradient equals the
-    one through torchopt's own update (momentum 0 given as a transformation) and higher's."""
+    θ − lr·g itself: one ``torch._foreach_add`` per step (the eager tuple algebra; per-tensor
+    ops without ``fused``, as under ``torch.compile``) instead of torchopt's multiply and add
+    per tensor. Its hypergradient equals the one through torchopt's own update (momentum 0
+    given as a transformation) and higher's."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from bilevel import solvers
@@ -496,8 +497,7 @@ def test_plain_sgd_takes_one_fused_step_and_equals_torchopts_update(monkeypatch,
             FusedAdds.count += func.overloadpacket is torch.ops.aten._foreach_add
             return func(*args, **(kwargs or {}))
 
-    if fused:
-        monkeypatch.setattr(solvers, "_fused", lambda tensors: True)
+    monkeypatch.setattr(solvers, "_fused", lambda tensors: fused)
     problem = ridge(p=6)
     weights = (torch.full((6,), 0.5, dtype=torch.float64), torch.zeros((), dtype=torch.float64))
     inner = lambda ps, lam: problem.inner_loss(ps[0], lam) + ps[1] ** 2  # noqa: E731 (two leaves)

@@ -354,6 +354,9 @@ class UnrolledMode(Mode):
         optimizers, ``measure_memory`` and ``update_params`` with momentum run eagerly, with
         a warning when the ``HyperGradient`` is built.
 
+    On the torchopt backend, plain SGD (no momentum, weight decay or ``maximize``; ``lr`` a
+    number) is stepped directly as θ − lr·g, torchopt's own update, in one fused call per step.
+
     Backends differ in one place: higher's Adam adds ``eps`` to √v before the bias correction
     (as torch.optim.Adam once did), torchopt after (as torch.optim.Adam does now), an
     O(eps/√v) difference; SGD (with momentum, Nesterov, weight decay) agrees to rounding.

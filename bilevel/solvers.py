@@ -46,12 +46,12 @@ class SolveResult:
 # threads slowed the whole process by up to 40% on 2 cores, so there they are ``(x * y).sum()``.
 # (On an H100 with torch 2.11, the 20-iteration CG in the foreach form fell back to eager, for
 # a reason not yet captured; the plain form compiles there and runs 9x faster than eager.)
-def _fused(x: Sequence[Tensor]) -> bool:
+def _fused() -> bool:
     return not torch.compiler.is_compiling()
 
 
 def _blas_dot(x: Sequence[Tensor]) -> bool:
-    return x[0].is_cuda and _fused(x)
+    return x[0].is_cuda and _fused()
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -64,21 +64,21 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 
 def norm(a: Sequence[Tensor]) -> Tensor:
     """‖a‖₂ over all the tensors, as a 0-dim tensor (no host sync)."""
-    if not _fused(a):
+    if not _fused():
         return dot(a, a).sqrt()
     return torch.linalg.vector_norm(torch.stack(leaf_norms(a)))
 
 
 def leaf_norms(a: Sequence[Tensor]) -> list[Tensor]:
     """[‖aᵢ‖₂ for each tensor], 0-dim tensors (one fused call)."""
-    if not _fused(a):
+    if not _fused():
         return [torch.linalg.vector_norm(t) for t in a]
     return list(torch._foreach_norm(list(a)))
 
 
 def axpy(alpha: float | Tensor, x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensors:
     """``y + alpha * x`` leaf-wise."""
-    if not _fused(x):
+    if not _fused():
         return tuple(yi + alpha * xi for xi, yi in zip(x, y))
     if isinstance(alpha, Tensor):
         return tuple(torch._foreach_add(list(y), torch._foreach_mul(list(x), alpha)))
@@ -86,7 +86,7 @@ def axpy(alpha: float | Tensor, x: Sequence[Tensor], y: Sequence[Tensor]) -> Ten
 
 
 def scale(alpha: float | Tensor, x: Sequence[Tensor]) -> Tensors:
-    if not _fused(x):
+    if not _fused():
         return tuple(alpha * xi for xi in x)
     return tuple(torch._foreach_mul(list(x), alpha))
 

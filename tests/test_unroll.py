@@ -497,7 +497,7 @@ def test_plain_sgd_takes_one_fused_step_and_equals_torchopts_update(monkeypatch,
             FusedAdds.count += func.overloadpacket is torch.ops.aten._foreach_add
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(solvers, "_fused", lambda tensors: fused)
+    monkeypatch.setattr(solvers, "_fused", lambda: fused)
     problem = ridge(p=6)
     weights = (torch.full((6,), 0.5, dtype=torch.float64), torch.zeros((), dtype=torch.float64))
     inner = lambda ps, lam: problem.inner_loss(ps[0], lam) + ps[1] ** 2  # noqa: E731 (two leaves)

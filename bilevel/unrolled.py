@@ -603,8 +603,6 @@ class UnrolledMode(Mode):
             self._state = stepper.detach_state(state)
         if self.measure_memory:
             stats.extra["saved_bytes_peak"] = meter.peak
-        if problem.device.type == "cuda":
-            stats.extra["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(problem.device)
         return result
 
     def state_dict(self) -> dict[str, Any]:

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
-import time
 import warnings
 
 import torch
@@ -74,19 +72,6 @@ def count(fn, problem) -> tuple[int, int]:
     return sum(ops.counts.values()), reads.count
 
 
-def host_time(implementations: dict, problem, repeats: int) -> dict[str, float]:
-    """Median seconds per call, interleaved and rotated as in ``bench.measure``."""
-    _, inner, outer, params, logs = problem
-    times = {name: [] for name in implementations}
-    names = list(implementations)
-    for round_ in range(repeats):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            start = time.perf_counter()
-            implementations[name](inner, outer, params, logs)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=200)
@@ -118,7 +103,8 @@ def _run(args: argparse.Namespace) -> list[tuple]:
     for algorithm in args.algorithms.split(","):
         implementations = bench.ALGORITHMS[algorithm]
         counts = {name: count(fn, problem) for name, fn in implementations.items()}
-        times = host_time(implementations, problem, args.repeats)
+        times = {name: seconds for name, (seconds, _, _) in
+                 bench.measure(implementations, problem, args.repeats, "cpu").items()}
         for name in implementations:
             ops, reads = counts[name]
             ratio = times[name] / times["floor"]

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .errors import HypergradientWarning
-from .implicit import low_precision
+from .implicit import low_precision, subtract_mixed
 from .problem import BilevelProblem
 from .solvers import MatVec, Tensors
 
@@ -61,7 +61,7 @@ def implicit_program(problem: BilevelProblem, theta: Tensors, phi: Tensors, buff
     matvec: MatVec = lambda p: pullback(p)[0]  # noqa: E731
     x, info = solve(matvec, v, *args)
     mixed = pullback(x)[1]
-    return tuple(d - m for d, m in zip(direct, mixed)), x, info
+    return subtract_mixed(direct, mixed), x, info
 
 
 class CompiledPath:

@@ -117,7 +117,7 @@ def neumann_series(matvec: MatVec, v: Tensors, iters: int, alpha: float | Tensor
     ``j = 0 … K`` (``K + 1`` entries, ``K`` products), or ``j < K`` with ``residual=False``
     (``K − 1`` products).
     """
-    # per term only the leaves' norms (one fused launch on CUDA); they are combined at the end
+    # per term only the leaves' norms (one fused call); they are combined at the end
     term, total = v, v
     norms = [leaf_norms(v)]
     for j in range(1, iters + 1 if residual else iters):

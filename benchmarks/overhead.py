@@ -98,7 +98,7 @@ def _run(args: argparse.Namespace) -> list[tuple]:
     problem = bench.mlp_problem(2e3, "cpu", batch=8, log_decay=3.0)
     print(f"torch {torch.__version__}, one thread, {problem[0]} batch 8, "
           f"{'CPU' if args.no_cuda_algebra else 'CUDA'} tuple algebra, median of {args.repeats}")
-    print(f"{'algorithm':<8} {'implementation':<16} {'ops':>6} {'reads':>6} {'us':>8} {'/floor':>7}")
+    print(f"{'algorithm':<8} {'implementation':<19} {'ops':>6} {'reads':>6} {'us':>8} {'/floor':>7}")
     rows = []
     for algorithm in args.algorithms.split(","):
         implementations = bench.ALGORITHMS[algorithm]
@@ -108,7 +108,7 @@ def _run(args: argparse.Namespace) -> list[tuple]:
         for name in implementations:
             ops, reads = counts[name]
             ratio = times[name] / times["floor"]
-            print(f"{algorithm:<8} {name:<16} {ops:6d} {reads:6d} {times[name] * 1e6:8.0f} {ratio:7.2f}", flush=True)
+            print(f"{algorithm:<8} {name:<19} {ops:6d} {reads:6d} {times[name] * 1e6:8.0f} {ratio:7.2f}", flush=True)
             rows.append((algorithm, name, ops, reads, times[name], ratio))
     return rows
 

@@ -133,11 +133,12 @@ def neumann(matvec: MatVec, v: Tensors, iters: int, alpha: float, residual: bool
     """Truncated Neumann series ``x = α Σ_{j<K} (I − αA)ʲ v`` with ``K = iters`` terms.
 
     Uses ``K`` products: ``K − 1`` for the terms and one more for the exact residual
-    ``v − A x = (I − αA)ᴷ v`` (skipped with ``residual=False``: ``K − 1`` products, no
-    residual or divergence report). Converges for any ``A`` (symmetric or not) whose spectrum
-    lies in the disc |1 − αλ| < 1, e.g. SPD ``A`` with ``α < 2/λmax``. ``diverged`` is set
-    when the residual grew above ‖v‖, or to twice the smallest residual of the series (the
-    residual of an SPD ``A`` with ``α < 2/λmax`` never grows).
+    ``v − A x = (I − αA)ᴷ v``. With ``residual=False`` it skips that product (``K − 1``
+    products) and reports no residual; divergence is then judged on the last term
+    ``(I − αA)ᴷ⁻¹ v``, the residual of the first ``K − 1`` terms. Converges for any ``A``
+    (symmetric or not) whose spectrum lies in the disc |1 − αλ| < 1, e.g. SPD ``A`` with
+    ``α < 2/λmax``. ``diverged`` is set when the judged norm grew above ‖v‖, or to twice the
+    smallest norm of the series (for SPD ``A`` with ``α < 2/λmax`` the terms never grow).
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
@@ -149,23 +150,24 @@ def neumann_report(x: Tensors, norms: Tensor, iters: int, alpha: float, residual
     """:func:`neumann`'s result from :func:`neumann_series`' output (one host synchronisation):
     raises on non-finite terms, flags divergence."""
     norms_host = norms.tolist()
-    if not residual:
-        if not all(math.isfinite(value) for value in norms_host):
-            raise NonFiniteError("non-finite values in the Neumann series; lower alpha")
-        return SolveResult(x=x, products=iters - 1, iters=iters, converged=None)
     v_norm, norms_host = norms_host[0], norms_host[1:]
     for j, value in enumerate(norms_host, start=1):
         if not math.isfinite(value):
             raise NonFiniteError(f"non-finite values in term {j} of the Neumann series (product {j}); "
                                  f"alpha={alpha:g} may be above 2/λmax: lower it or use alpha='auto'")
-    residual = norms_host[-1] / v_norm if v_norm > 0 else 0.0
+    if not norms_host:  # one term and no residual: x = αv, nothing to judge
+        return SolveResult(x=x, products=0, iters=iters, converged=None)
+    last = norms_host[-1] / v_norm if v_norm > 0 else 0.0
     best = min(norms_host) / v_norm if v_norm > 0 else 0.0
-    # for SPD A with α < 2/λmax the residual (I − αA)ʲ v never grows; growth to twice its best
+    # for SPD A with α < 2/λmax the terms (I − αA)ʲ v never grow; growth to twice the best
     # value (above rounding) means some |1 − αλ| > 1, even before it exceeds ‖v‖
-    growing = residual > 2.0 * best and residual > torch.finfo(norms.dtype).eps ** 0.5
-    diverged = residual > 1.0 or growing
-    return SolveResult(x=x, products=iters, iters=iters, residual=residual,
-                       converged=residual < 1.0 and not diverged, diverged=diverged)
+    growing = last > 2.0 * best and last > torch.finfo(norms.dtype).eps ** 0.5
+    diverged = last > 1.0 or growing
+    if not residual:
+        return SolveResult(x=x, products=iters - 1, iters=iters, converged=False if diverged else None,
+                           diverged=diverged)
+    return SolveResult(x=x, products=iters, iters=iters, residual=last,
+                       converged=last < 1.0 and not diverged, diverged=diverged)
 
 
 def damped(matvec: MatVec, damping: float) -> MatVec:

@@ -14,7 +14,7 @@ def test_benchmark_quick_run_agrees_with_the_floor(capsys):
     spec.loader.exec_module(bench)
     rows = bench.main(["--quick"])
     implementations = {(problem, algorithm, name) for problem, algorithm, name, *_ in rows}
-    assert len(implementations) == len(rows) == 2 * (3 + 3 + 5)  # MLP and CNN; cg, neumann, unroll
+    assert len(implementations) == len(rows) == 2 * (3 + 4 + 5)  # MLP and CNN; cg, neumann, unroll
     for problem, algorithm, name, seconds, to_floor, to_peer, memory, diff in rows:
         assert seconds > 0 and to_floor > 0
         assert diff < 1e-4, (problem, algorithm, name, diff)  # float32, same algorithm as the floor

@@ -74,8 +74,10 @@ def test_errors_shrink_with_budget():
     assert neumann[-1] < 1e-6 and cg[-1] < 1e-3
 
 
-def test_neumann_with_explicit_alpha_is_the_truncated_series():
-    """x = α Σ_{j<K} (I − αH)^j v, checked against the dense formula."""
+@pytest.mark.parametrize("residual", [True, False])
+def test_neumann_with_explicit_alpha_is_the_truncated_series(residual):
+    """x = α Σ_{j<K} (I − αH)^j v, checked against the dense formula; ``residual=False``
+    gives the same sum with one product fewer and no residual."""
     problem = ridge(p=5)
     theta = problem.params_star()
     lam = problem.hparams
@@ -88,9 +90,13 @@ def test_neumann_with_explicit_alpha_is_the_truncated_series():
         lambda l: torch.autograd.grad(problem.inner_loss(theta, l), theta, create_graph=True)[0],
         lam.detach())
     expected = -(mixed.T @ x)
-    hg = HyperGradient("implicit-neumann", iters=k, alpha=alpha)
+    hg = HyperGradient("implicit-neumann", iters=k, alpha=alpha, residual=residual)
     grad = hg.compute(problem.inner_loss, problem.outer_loss, theta, lam)
     assert rel_error(grad, expected) < 1e-12
+    if not residual:
+        assert hg.stats.hvps == k - 1 and hg.stats.residual is None and hg.stats.converged is None
+        assert not hg.stats.diverged
+        return
     assert hg.stats.hvps == k
     residual = float((v - hess @ x).norm() / v.norm())
     assert hg.stats.residual == pytest.approx(residual, rel=1e-8)

@@ -33,11 +33,13 @@ def test_unknown_option_names_the_valid_ones():
         HyperGradient("implicit-cg", iterations=5)
 
 
-@pytest.mark.parametrize("options, error", [
-    ({"iters": 0}, ValueError), ({"iters": 2.5}, TypeError), ({"tol": -1.0}, ValueError)])
-def test_bad_option_values(options, error):
+@pytest.mark.parametrize("mode, options, error", [
+    ("implicit-cg", {"iters": 0}, ValueError), ("implicit-cg", {"iters": 2.5}, TypeError),
+    ("implicit-cg", {"tol": -1.0}, ValueError), ("implicit-cg", {"warm_start": "yes"}, TypeError),
+    ("implicit-neumann", {"residual": "false"}, TypeError)])
+def test_bad_option_values(mode, options, error):
     with pytest.raises(error, match="option"):
-        HyperGradient("implicit-cg", **options)
+        HyperGradient(mode, **options)
 
 
 def test_every_mode_builds_with_defaults():

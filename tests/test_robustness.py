@@ -195,6 +195,9 @@ def _slow_divergence_args():
 BREAKDOWNS = [  # (mode, options, problem, stats flag, warning text)
     ("implicit-neumann", {"iters": 30, "alpha": 10.0}, _ridge_args, "diverged", "diverged"),
     ("implicit-neumann", {"iters": 40, "alpha": 0.21}, _slow_divergence_args, "diverged", "diverged"),
+    ("implicit-neumann", {"iters": 30, "alpha": 10.0, "residual": False}, _ridge_args, "diverged", "diverged"),
+    ("implicit-neumann", {"iters": 40, "alpha": 0.21, "residual": False}, _slow_divergence_args, "diverged",
+     "diverged"),
     ("implicit-cg", {}, _saddle_args, "negative_curvature", "negative curvature"),
     ("implicit-nystrom", {"rank": 2, "rho": 1e-3}, _singular_args, "singular", "singular"),
     ("implicit-exact", {}, _singular_args, "singular", "singular"),
@@ -225,12 +228,13 @@ def test_breakdown_is_flagged_warned_once_and_raised_when_strict(mode, options, 
     assert _same(strict.state_dict(), state)  # the mode's state (Nyström generator) did not advance
 
 
-def test_convergent_neumann_is_not_flagged():
+@pytest.mark.parametrize("residual", [True, False])
+def test_convergent_neumann_is_not_flagged(residual):
     """The growth criterion stays quiet for a convergent series run down to rounding level."""
     inner, outer, theta, phi = _slow_divergence_args()
-    hg = HyperGradient("implicit-neumann", iters=400, alpha=0.19, strict=True)
+    hg = HyperGradient("implicit-neumann", iters=400, alpha=0.19, strict=True, residual=residual)
     grad = hg.compute(inner, outer, theta, phi)
-    assert not hg.stats.diverged and hg.stats.converged
+    assert not hg.stats.diverged and hg.stats.converged is (True if residual else None)
     assert torch.allclose(grad, torch.tensor([1.0, 1.0, 1.0, 1e-4], dtype=torch.float64), atol=1e-12)
 
 

@@ -96,3 +96,9 @@ def check_positive(name: str, value: Any, integer: bool = False, allow_zero: boo
         raise TypeError(f"option {name} must be {'an int' if integer else 'a number'}, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"option {name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def check_flag(name: str, value: Any) -> None:
+    """Validate a True/False option (a string such as ``"false"`` would read as true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"option {name} must be True or False, got {value!r}")

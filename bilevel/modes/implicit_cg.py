@@ -12,7 +12,7 @@ from ..implicit import check_autocast, implicit_hypergradient
 from ..problem import BilevelProblem
 from ..solvers import Tensors, conjugate_gradient, conjugate_gradient_fixed
 from ..stats import Stats
-from .base import Mode, check_positive, register_mode
+from .base import Mode, check_flag, check_positive, register_mode
 
 
 @register_mode
@@ -56,6 +56,7 @@ class ImplicitCG(Mode):
         check_positive("iters", self.iters, integer=True)
         check_positive("tol", self.tol, allow_zero=True)
         check_positive("damping", self.damping, allow_zero=True)
+        check_flag("warm_start", self.warm_start)
         check_autocast(self.autocast)
         self._fast = compiled_path(implicit_program, self.compile)
 

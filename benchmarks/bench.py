@@ -10,8 +10,9 @@ implementation does the same work:
 Implementations: ours (HyperGradient), the floor (hand-written autograd: first-order graph
 built once and reused for every product), torchopt (custom_root + solve_cg / solve_inv;
 functional SGD), higher (differentiable SGD). Reports the median time per hypergradient,
-peak CUDA memory, the ratio to the floor and to the best peer, and the relative difference
-of the result from the floor's.
+peak CUDA memory, the ratio to the floor (the median of the ratios within a round, with a
+95% confidence interval) and to the best peer, and the relative difference of the result
+from the floor's.
 
     python benchmarks/bench.py [--device cuda] [--sizes 1e5,3e5] [--repeats 7] [--quick] [--compile]
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import math
 import statistics
 import time
 import warnings
@@ -223,11 +225,11 @@ PEERS = ("torchopt", "higher")
 
 
 def measure(implementations: dict[str, Callable], problem, repeats: int, device: str):
-    """Median seconds, peak CUDA memory and result per implementation. Repeats are interleaved
-    (one call of each implementation per round), so a change in machine load between rounds
-    affects every implementation alike; each round starts with the next implementation, so
-    an effect of the position in a round (allocator and cache state left by the previous
-    call) does not always fall on the same one."""
+    """Per implementation: median seconds, peak CUDA memory, result, and the seconds of each
+    round. Repeats are interleaved (one call of each implementation per round), so a change
+    in machine load between rounds affects every implementation alike; each round starts with
+    the next implementation, so an effect of the position in a round (allocator and cache
+    state left by the previous call) does not always fall on the same one."""
     _, inner, outer, params, logs = problem
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -247,7 +249,27 @@ def measure(implementations: dict[str, Callable], problem, repeats: int, device:
             fn(inner, outer, params, logs)
             sync()
             times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(times[name]), memory[name], results[name]) for name in implementations}
+    return {name: (statistics.median(times[name]), memory[name], results[name], times[name])
+            for name in implementations}
+
+
+def paired_ratio(times: list[float], reference: list[float]) -> float:
+    """The median over rounds of ``times / reference`` in the same round: a load change that
+    spans a round slows both alike and cancels, which the ratio of two medians does not."""
+    return statistics.median(t / r for t, r in zip(times, reference))
+
+
+def ratio_interval(times: list[float], reference: list[float]) -> tuple[float, float]:
+    """A distribution-free confidence interval of at least 95% for :func:`paired_ratio`: the
+    k-th smallest and largest per-round ratio, with the largest k for which the median lies
+    between them with probability ≥ 0.95 (binomial; below 6 rounds, the min and the max)."""
+    ratios = sorted(t / r for t, r in zip(times, reference))
+    n, k = len(ratios), 0
+    below = 1 / 2 ** n  # P(Binomial(n, ½) ≤ k): the median lies outside with twice that
+    while 1 - 2 * (below + math.comb(n, k + 1) / 2 ** n) >= 0.95:
+        k += 1
+        below += math.comb(n, k) / 2 ** n
+    return ratios[k], ratios[-1 - k]
 
 
 def main(argv=None):
@@ -272,8 +294,8 @@ def main(argv=None):
     print(f"torch {torch.__version__}, torchopt {torchopt.__version__}, higher {importlib.metadata.version('higher')}, "
           f"device {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}, "
           f"threads {torch.get_num_threads()}, median of {args.repeats}")
-    print(f"{'problem':<12} {'algorithm':<8} {'implementation':<19} {'ms':>9} {'/floor':>7} {'/best peer':>10} "
-          f"{'MiB':>8} {'diff vs floor':>13}")
+    print(f"{'problem':<12} {'algorithm':<8} {'implementation':<19} {'ms':>9} {'/floor':>7} {'95% CI':>12} "
+          f"{'/best peer':>10} {'MiB':>8} {'diff vs floor':>13}")
     rows = []
     warnings.simplefilter("ignore")
     for problem in problems:
@@ -289,15 +311,17 @@ def main(argv=None):
                 print(f"{problem[0]:<12} {algorithm:<8} not compiled: {compiled.hg.mode._fast.failure}", flush=True)
             elif compiled is not None:
                 print(f"{problem[0]:<12} {algorithm:<8} compile took {compiled.compile_seconds:.0f} s", flush=True)
-            floor_time, _, floor_result = results["floor"]
-            peer_times = [results[p][0] for p in PEERS if p in results]
-            for name, (seconds, memory, result) in results.items():
+            _, _, floor_result, floor_rounds = results["floor"]
+            peers = [p for p in PEERS if p in results]
+            best = min(peers, key=lambda p: results[p][0]) if peers else None
+            for name, (seconds, memory, result, rounds) in results.items():
                 diff = max(float((a - b).norm() / b.norm()) for a, b in zip(result, floor_result))
-                best_peer = seconds / min(peer_times) if peer_times else float("nan")
+                to_floor, (low, high) = paired_ratio(rounds, floor_rounds), ratio_interval(rounds, floor_rounds)
+                to_peer = paired_ratio(rounds, results[best][3]) if best else float("nan")
                 mib = f"{memory / 2 ** 20:8.0f}" if memory is not None else f"{'n/a':>8}"
-                print(f"{problem[0]:<12} {algorithm:<8} {name:<19} {seconds * 1e3:9.1f} {seconds / floor_time:7.2f} "
-                      f"{best_peer:10.2f} {mib} {diff:13.1e}", flush=True)
-                rows.append((problem[0], algorithm, name, seconds, seconds / floor_time, best_peer, memory, diff))
+                print(f"{problem[0]:<12} {algorithm:<8} {name:<19} {seconds * 1e3:9.1f} {to_floor:7.2f} "
+                      f"{f'{low:.2f}–{high:.2f}':>12} {to_peer:10.2f} {mib} {diff:13.1e}", flush=True)
+                rows.append((problem[0], algorithm, name, seconds, to_floor, to_peer, memory, diff, (low, high)))
     return rows
 
 

@@ -103,13 +103,13 @@ def _run(args: argparse.Namespace) -> list[tuple]:
     for algorithm in args.algorithms.split(","):
         implementations = bench.ALGORITHMS[algorithm]
         counts = {name: count(fn, problem) for name, fn in implementations.items()}
-        times = {name: seconds for name, (seconds, _, _) in
-                 bench.measure(implementations, problem, args.repeats, "cpu").items()}
+        timed = bench.measure(implementations, problem, args.repeats, "cpu")
         for name in implementations:
             ops, reads = counts[name]
-            ratio = times[name] / times["floor"]
-            print(f"{algorithm:<8} {name:<19} {ops:6d} {reads:6d} {times[name] * 1e6:8.0f} {ratio:7.2f}", flush=True)
-            rows.append((algorithm, name, ops, reads, times[name], ratio))
+            seconds, rounds = timed[name][0], timed[name][3]
+            ratio = bench.paired_ratio(rounds, timed["floor"][3])
+            print(f"{algorithm:<8} {name:<19} {ops:6d} {reads:6d} {seconds * 1e6:8.0f} {ratio:7.2f}", flush=True)
+            rows.append((algorithm, name, ops, reads, seconds, ratio))
     return rows
 
 

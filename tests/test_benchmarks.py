@@ -15,8 +15,8 @@ def test_benchmark_quick_run_agrees_with_the_floor(capsys):
     rows = bench.main(["--quick"])
     implementations = {(problem, algorithm, name) for problem, algorithm, name, *_ in rows}
     assert len(implementations) == len(rows) == 2 * (3 + 4 + 5)  # MLP and CNN; cg, neumann, unroll
-    for problem, algorithm, name, seconds, to_floor, to_peer, memory, diff in rows:
-        assert seconds > 0 and to_floor > 0
+    for problem, algorithm, name, seconds, to_floor, to_peer, memory, diff, (low, high) in rows:
+        assert seconds > 0 and low <= to_floor <= high
         assert diff < 1e-4, (problem, algorithm, name, diff)  # float32, same algorithm as the floor
     assert "/floor" in capsys.readouterr().out
 
@@ -44,3 +44,16 @@ def test_overhead_counts_no_more_launches_or_reads_than_needed():
     assert table[("neumann", "ours")][1] == 2
     assert table[("unroll", "ours")][1] == 1
     assert table[("cg", "ours")][1] == 20 + 2
+
+
+def test_ratio_interval_is_the_binomial_order_statistic_interval():
+    """For 11 rounds the ≥95% interval of the median is the 2nd to the 10th smallest ratio
+    (coverage 1 − 2·12/2¹¹ = 0.988; the 3rd to the 9th would cover only 0.935); for 15 the
+    4th to the 12th; below 6 rounds, the min and the max."""
+    spec = importlib.util.spec_from_file_location("bench", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for n, expected in [(5, (1, 5)), (11, (2, 10)), (15, (4, 12))]:
+        times = [float(i) for i in range(n, 0, -1)]  # unsorted on purpose
+        assert bench.ratio_interval(times, [1.0] * n) == expected
+    assert bench.paired_ratio([2.0, 9.0, 3.0], [1.0, 3.0, 1.0]) == 3.0  # ratios 2, 3, 3

@@ -18,8 +18,11 @@ _BREAKDOWNS = {
                           "inner Hessian is not positive definite at params (not a minimum, or a "
                           "non-convex inner problem). The result used the iterate before it; add "
                           "damping, or use implicit-neumann",
-    "diverged": "the Neumann series diverged (its residual grew): alpha is above 2/λmax; lower "
-                "alpha or use alpha='auto'",
+    "diverged": "the Neumann series diverged (its terms grew): some eigenvalue λ of the inner "
+                "Hessian has |1 − αλ| ≥ 1. Either alpha is above 2/λmax (lower alpha, or use "
+                "alpha='auto'), or λ < 0: the Hessian is indefinite (params is not a minimum), "
+                "which no alpha fixes; train params closer to a minimum, or solve the indefinite "
+                "system with implicit-exact (small problems) or implicit-gmres",
     "singular": "the linear system is numerically singular (a least-squares or pseudo-inverse "
                 "solution was used); add damping/rho or check that params is a strict minimum",
 }
@@ -69,12 +72,19 @@ class HyperGradient:
         return problem.hparams_structure.unflatten(grads)
 
     def backward(self, inner_loss: Closure, outer_loss: Closure, params: Any, hparams: Any) -> None:
-        """Like :meth:`compute`, then accumulate the result into the hparams' ``.grad``
-        (as ``loss.backward()`` would); nothing is written if the computation fails."""
+        """Like :meth:`compute`, then accumulate the result as ``loss.backward()`` would: into
+        the ``.grad`` of leaf hparams, and through a non-leaf hparam (``raw.exp()``) into the
+        leaves it was computed from (``raw.grad``; that graph is freed, as by
+        ``loss.backward()``). Nothing is written if the computation fails."""
         problem = BilevelProblem(inner_loss, outer_loss, params, hparams)
         grads = self._run(problem)
+        computed = [(t, g) for t, g in zip(problem.phi0, grads) if t.grad_fn is not None]
+        if computed:
+            torch.autograd.backward([t for t, _ in computed], [g for _, g in computed])
         with torch.no_grad():
             for leaf, grad in zip(problem.phi0, grads):
+                if leaf.grad_fn is not None:
+                    continue
                 if leaf.grad is None:
                     leaf.grad = grad.clone()
                 else:

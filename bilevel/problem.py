@@ -7,19 +7,23 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Sequence
+import types
+import warnings
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._structure import Tensors, flatten, modules_of
-from .errors import check_finite, second_order_guard
+from .errors import HypergradientWarning, check_finite, second_order_guard
 
 Closure = Callable[[Any, Any], Tensor]
 
 # PyTorch's errors for an op whose inputs live on different devices
 _DEVICE_MIXTURE = re.compile(r"same device|expected device|on different devices")
+# ... and whose inputs have different floating dtypes (float32 data with float64 params)
+_DTYPE_MIXTURE = re.compile(r"same dtype|same scalar type|expected scalar type")
 
 
 class _ClosureCall(nn.Module):
@@ -120,6 +124,12 @@ class BilevelProblem:
         try:
             loss = self.call(name, theta, phi, extra)
         except RuntimeError as error:
+            if _DTYPE_MIXTURE.search(str(error)) and not _DEVICE_MIXTURE.search(str(error)):
+                raise TypeError(
+                    f"{name} combined tensors of different dtypes: params and hparams are "
+                    f"{self.dtype}, so every floating tensor and module the closure uses (data, "
+                    f"constants) must be too; convert them with .to({self.dtype}). "
+                    f"Original error: {error}") from error
             if not _DEVICE_MIXTURE.search(str(error)):
                 raise
             raise ValueError(
@@ -127,7 +137,16 @@ class BilevelProblem:
                 f"{self.device}, so every tensor and module the closure uses (data, targets, "
                 f"constants) must be there too; move them with .to({str(self.device)!r}). "
                 f"Original error: {error}") from error
-        return _check_loss(loss, name) if check else loss
+        if not check:
+            return loss
+        loss = _check_loss(loss, name)
+        if name == "inner_loss":  # screened once per closure code (or callable class)
+            code = _code(self.inner_loss)
+            key = code if isinstance(code, types.CodeType) else type(self.inner_loss)
+            if key not in _SCREENED:
+                _SCREENED.add(key)
+                warn_once_differentiable(loss)
+        return loss
 
     def call(self, name: str, theta: Tensors, phi: Tensors, extra: tuple = (),
              buffers: dict[str, Tensor] | None = None) -> Any:
@@ -234,16 +253,46 @@ def _check_loss(loss: Any, name: str) -> Tensor:
     return loss if loss.dim() == 0 else loss.reshape(())
 
 
-def _custom_functions(loss: Tensor) -> str:
-    """Names of custom ``autograd.Function`` nodes in the graph of ``loss`` (suspects for
-    a missing double backward), as a clause for an error message."""
-    names, seen, stack = set(), set(), [loss.grad_fn]
+def _function_nodes(loss: Tensor) -> list[Any]:
+    """The custom ``autograd.Function`` nodes in the graph of ``loss``."""
+    found, seen, stack = [], set(), [loss.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
         if isinstance(node, torch.autograd.function.BackwardCFunction):
-            names.add(type(node).__name__)
+            found.append(node)
         stack.extend(n for n, _ in node.next_functions)
-    return f" (custom autograd Functions in the graph: {', '.join(sorted(names))})" if names else ""
+    return found
+
+
+def _custom_functions(loss: Tensor) -> str:
+    """Names of custom ``autograd.Function`` nodes in the graph of ``loss`` (suspects for
+    a missing double backward), as a clause for an error message."""
+    names = sorted({type(node).__name__ for node in _function_nodes(loss)})
+    return f" (custom autograd Functions in the graph: {', '.join(names)})" if names else ""
+
+
+#: the code of every ``@once_differentiable`` backward (one wrapper, made per decorated function)
+_ONCE_DIFFERENTIABLE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
+#: inner losses already screened by :func:`warn_once_differentiable` (code objects or classes)
+_SCREENED: set[Hashable] = set()
+
+
+def warn_once_differentiable(loss: Tensor) -> None:
+    """Warn if the graph of ``loss`` holds a custom Function whose backward is marked
+    ``@once_differentiable``. PyTorch runs such a backward without a graph and raises only if
+    the incoming gradient itself requires grad, so a Hessian product through it usually just
+    misses that op's second derivative: a silently wrong hypergradient. (A graph walk: callers
+    run it once per closure, not per call.)"""
+    names = sorted({node._forward_cls.__name__ for node in _function_nodes(loss)
+                    if getattr(node._forward_cls.backward, "__code__", None) is _ONCE_DIFFERENTIABLE})
+    if names:
+        warnings.warn(
+            f"the graph of the inner loss holds {', '.join(names)}, a custom autograd Function whose "
+            "backward is marked @once_differentiable: PyTorch computes that backward without a "
+            "graph, so Hessian-vector products miss its second derivative and every mode returns "
+            "a wrong hypergradient, without an error. Write its backward with differentiable "
+            "tensor ops and drop @once_differentiable (check the result with "
+            "bilevel.testing.assert_hypergradient_close)", HypergradientWarning, stacklevel=2)

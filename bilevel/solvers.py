@@ -424,17 +424,22 @@ def nystrom(columns: Tensor, indices: Tensor, v: Tensors, rho: float) -> SolveRe
 def dense_solve(matrix: Tensor, v: Tensors) -> SolveResult:
     """Solve ``A x = v`` with ``A`` given densely as a ``(P, P)`` matrix.
 
-    Sets ``singular`` (and returns a least-squares solution) when ``A`` is numerically singular.
+    Sets ``singular`` (and returns the least-squares solution) when ``A`` is numerically
+    singular: the LU factorisation fails, its residual is above rounding, or the solution
+    shows a condition number above ``1 / (P ε)`` (numpy's rank tolerance): ``cond(A) ≥
+    max|aᵢⱼ| ‖x‖ / ‖v‖``, so a solution blown up by a near-zero eigenvalue is caught.
     """
     vf = flat(v)
     if not bool(torch.isfinite(matrix).all()):
         raise NonFiniteError("non-finite values in the dense Hessian")
+    if not bool(torch.isfinite(vf).all()):
+        raise NonFiniteError("non-finite values in the right-hand side ∂g/∂θ of the dense solve")
     solution, info = torch.linalg.solve_ex(matrix, vf)
     r = vf - matrix @ solution
-    v_norm = float(vf.norm())
-    scale_ = float(matrix.abs().max()) * float(solution.norm()) + v_norm
-    singular = bool(info != 0) or not (float(r.norm()) <= 1e3 * torch.finfo(matrix.dtype).eps
-                                       * matrix.shape[0] * scale_)
+    v_norm, x_norm, a_max = float(vf.norm()), float(solution.norm()), float(matrix.abs().max())
+    eps, size = torch.finfo(matrix.dtype).eps, matrix.shape[0]
+    singular = (bool(info != 0) or not float(r.norm()) <= 1e3 * eps * size * (a_max * x_norm + v_norm)
+                or not a_max * x_norm <= v_norm / (size * eps))
     if singular:
         solution = torch.linalg.lstsq(matrix.cpu(), vf.cpu().unsqueeze(-1)).solution.squeeze(-1).to(vf.device)
         r = vf - matrix @ solution

@@ -13,9 +13,14 @@ class Stats:
         mode: the mode name.
         hvps: Hessian-vector (or Jacobian-vector) products used, power iterations included.
         residual: relative residual ‖v − H x‖/‖v‖ of the linear solve, where there is one.
-        converged: whether the solver met its tolerance (None where the mode has no solver).
+        converged: whether the solve succeeded by the solver's own test, which is not an
+            accuracy guarantee everywhere: CG and GMRES met ``tol``; Neumann's residual fell
+            below ‖v‖ without growing (it has no tolerance: read ``residual``); Nyström and
+            the dense solve were not singular (Nyström's low rank is an approximation it
+            cannot measure); None where the mode has no solver or no residual.
         negative_curvature: CG met pᵀHp ≤ 0 (the inner Hessian is not positive definite).
-        diverged: an iteration grew instead of shrinking (Neumann with too large ``alpha``).
+        diverged: an iteration grew instead of shrinking (Neumann: α above 2/λmax, or an
+            indefinite Hessian).
         singular: a dense or Nyström core matrix was numerically singular.
         wall_time: seconds for the call.
         iters: solver iterations (or unrolled steps).

@@ -7,6 +7,7 @@ higher's differentiable optimizers. Shared by the ``unroll`` and ``truncated-unr
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import functools
 import inspect
@@ -19,7 +20,7 @@ from torch import Tensor
 from .compiled import CompiledPath, compiled_path
 from .errors import check_finite, deferred_finite_checks, second_order_guard
 from .memory import SavedTensorMemory
-from .modes.base import Mode, check_positive
+from .modes.base import Mode, check_flag, check_positive
 from .problem import BilevelProblem
 from .solvers import Tensors, axpy
 from .stats import Stats
@@ -392,6 +393,11 @@ class UnrolledMode(Mode):
 
     def __post_init__(self) -> None:
         check_positive("steps", self.steps, integer=True)
+        check_flag("update_params", self.update_params)
+        check_flag("measure_memory", self.measure_memory)
+        if self.inner_batches is not None and not isinstance(self.inner_batches, collections.abc.Iterable):
+            raise TypeError("option inner_batches must be an iterable of mini-batches (a list, a "
+                            f"generator or a DataLoader), got {type(self.inner_batches).__name__}")
         if self.backend not in BACKENDS:
             raise ValueError(f"option backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.inner_optimizer is None:

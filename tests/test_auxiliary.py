@@ -4,7 +4,7 @@ import inspect
 import pytest
 import torch
 
-from bilevel import HyperGradient, NoDoubleBackwardError
+from bilevel import HyperGradient, HypergradientWarning, NoDoubleBackwardError
 from bilevel.auxiliary import ConvCombiner, LinearCombiner, MetaOptimizer, NonlinearCombiner
 from bilevel.testing import assert_hypergradient_close
 
@@ -116,6 +116,25 @@ def test_meta_optimizer_handles_unused_and_frozen_parameters():
     with pytest.raises(ValueError, match=r"parameters\[2\].*affects val_loss but not train_loss"):
         meta.step(train_loss(theta, phi), val_loss(theta, phi) + spare.sum(), [frozen, theta, spare], [phi, spare_aux])
     assert spare.grad is None and theta.grad is None
+
+
+def test_meta_optimizer_warns_about_a_once_differentiable_training_loss():
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad):
+            return 2 * ctx.saved_tensors[0] * grad
+
+    train_loss, val_loss, solve, phi = _aux_problem(3)
+    theta = solve(phi.detach()).detach().requires_grad_()
+    meta = MetaOptimizer(torch.optim.SGD([phi], lr=0.0), hpo_lr=0.1)
+    with pytest.warns(HypergradientWarning, match="Square.*@once_differentiable"):
+        meta.step(train_loss(theta, phi) + Square.apply(theta).sum(), val_loss(theta, phi), [theta], [phi])
 
 
 def test_meta_optimizer_has_auxilearns_signature():

@@ -133,6 +133,17 @@ def test_backward_accumulates_like_loss_backward():
     assert theta.grad is None
 
 
+def test_backward_through_a_computed_hparam_reaches_its_leaf():
+    """hparams λ = 2·raw (a non-leaf): backward puts dg/draw = 2·dg/dλ in raw.grad, as
+    loss.backward() would (before, it wrote λ.grad and raw never moved)."""
+    problem = ridge()
+    expected = problem.exact_hypergradient()
+    raw = (problem.hparams.detach() / 2).requires_grad_()
+    lam = 2 * raw
+    HyperGradient("implicit-exact").backward(problem.inner_loss, problem.outer_loss, problem.params_star(), lam)
+    assert raw.grad is not None and rel_error(raw.grad, 2 * expected) < 1e-10
+
+
 def test_result_is_detached_and_inputs_untouched():
     problem = ridge()
     theta = problem.params_star()
@@ -189,6 +200,48 @@ def test_neumann_divergence_is_reported():
     with pytest.warns(HypergradientWarning, match="diverged"):
         hg.compute(problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
     assert hg.stats.diverged and hg.stats.residual > 1.0
+
+
+def test_exact_flags_a_numerically_singular_hessian_and_solves_an_ill_conditioned_one():
+    """H = Q diag(s, 1, …, 5) Qᵀ: with s = 0 rounding leaves an eigenvalue near 1e-16, where
+    LU succeeds with a tiny residual but a solution of ~1e16; the condition test flags it and
+    returns the least-squares solution. With s = 1e-10 (cond 5e10) H is invertible in float64:
+    no flag, and the solve matches the closed form Bᵀ H⁻¹ (w − c)."""
+    torch.manual_seed(0)
+    q = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
+    b, c = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    phi = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    outer = lambda w, p: 0.5 * ((w - c) ** 2).sum()  # noqa: E731
+    for smallest in (0.0, 1e-10):
+        hess = q @ torch.diag(torch.tensor([smallest, 1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)) @ q.T
+        inner = lambda w, p: 0.5 * w @ hess @ w - w @ (b @ p)  # noqa: E731
+        w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+        hg = HyperGradient("implicit-exact")
+        if smallest == 0.0:
+            with pytest.warns(HypergradientWarning, match="singular"):
+                grad = hg.compute(inner, outer, w, phi)
+            assert hg.stats.singular and not hg.stats.converged
+            expected = b.T @ torch.linalg.pinv(hess, hermitian=True, rtol=1e-12) @ (w.detach() - c)
+            assert float(grad.norm()) < 1e3 and rel_error(grad, expected) < 1e-6
+        else:
+            grad = hg.compute(inner, outer, w, phi)
+            assert not hg.stats.singular and hg.stats.converged
+            expected = b.T @ torch.linalg.solve(hess, w.detach() - c)
+            assert rel_error(grad, expected) < 1e-5
+
+
+def test_neumann_on_an_indefinite_hessian_names_the_cause_alpha_cannot_fix():
+    """H = diag(2, −1): alpha='auto' takes 1/λmax = 0.5, and the −1 direction grows by 1.5
+    per term; the warning must not only blame alpha, which is already automatic."""
+    hess = torch.diag(torch.tensor([2.0, -1.0], dtype=torch.float64))
+    inner = lambda w, p: 0.5 * w @ hess @ w - w @ p  # noqa: E731
+    outer = lambda w, p: ((w - 1) ** 2).sum()  # noqa: E731
+    w = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    phi = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    hg = HyperGradient("implicit-neumann")
+    with pytest.warns(HypergradientWarning, match="indefinite.*implicit-exact"):
+        hg.compute(inner, outer, w, phi)
+    assert hg.stats.diverged and hg.stats.extra["alpha"] == pytest.approx(0.5)
 
 
 def test_singular_hessian_is_reported():

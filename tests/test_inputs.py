@@ -6,7 +6,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 import bilevel
-from bilevel import HyperGradient, NoDoubleBackwardError, NonFiniteError
+import bilevel.problem
+from bilevel import HyperGradient, HypergradientWarning, NoDoubleBackwardError, NonFiniteError
 from bilevel.problem import BilevelProblem
 from problems import ridge
 
@@ -36,7 +37,8 @@ def test_unknown_option_names_the_valid_ones():
 @pytest.mark.parametrize("mode, options, error", [
     ("implicit-cg", {"iters": 0}, ValueError), ("implicit-cg", {"iters": 2.5}, TypeError),
     ("implicit-cg", {"tol": -1.0}, ValueError), ("implicit-cg", {"warm_start": "yes"}, TypeError),
-    ("implicit-neumann", {"residual": "false"}, TypeError)])
+    ("implicit-neumann", {"residual": "false"}, TypeError), ("unroll", {"update_params": "no"}, TypeError),
+    ("unroll", {"measure_memory": 1}, TypeError), ("truncated-unroll", {"inner_batches": 5}, TypeError)])
 def test_bad_option_values(mode, options, error):
     with pytest.raises(error, match="option"):
         HyperGradient(mode, **options)
@@ -128,6 +130,7 @@ class _Square(torch.autograd.Function):
         return 2 * x * grad
 
 
+@pytest.mark.filterwarnings("ignore::bilevel.HypergradientWarning")  # the @once_differentiable one
 @pytest.mark.parametrize("mode", ["implicit-cg", "implicit-neumann"])
 def test_once_differentiable_function_is_named(rp, mode):
     """The custom Functions in the graph are looked for only when an error names them: once
@@ -137,6 +140,42 @@ def test_once_differentiable_function_is_named(rp, mode):
         call(rp, mode, inner=inner)
     with pytest.raises(ValueError, match="no graph.*_SquareBackward"):
         call(rp, mode, inner=lambda w, lam: _Square.apply(w).sum())
+
+
+class _Cube(torch.autograd.Function):
+    """x³ with a differentiable backward: double backward through it is exact."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 3
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * grad
+
+
+def test_once_differentiable_in_the_inner_loss_warns_once_per_closure():
+    """f = ½ Σ Square(w) + ½‖w − φ‖²: the incoming gradient of Square's backward is a
+    constant, so PyTorch does not raise and the Hessian silently loses Square's term (every
+    mode returns −0.7 instead of −0.35 here). The walk finds it; a custom Function with a
+    differentiable backward does not warn; one closure warns once."""
+    phi = torch.tensor([0.6], dtype=torch.float64, requires_grad=True)
+    w = (phi.detach() / 2).requires_grad_()
+    outer = lambda w, p: 0.5 * ((w - 1) ** 2).sum()  # noqa: E731
+    silent = lambda w, p: 0.5 * _Square.apply(w).sum() + 0.5 * ((w - p) ** 2).sum()  # noqa: E731
+    for mode in ("implicit-cg", "unroll"):
+        bilevel.problem._SCREENED.clear()
+        with pytest.warns(HypergradientWarning, match="holds _Square.*@once_differentiable.*wrong hypergradient"):
+            HyperGradient(mode).compute(silent, outer, w, phi)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the same closure is screened once
+            HyperGradient(mode).compute(silent, outer, w, phi)
+    exact = lambda w, p: 0.25 * _Cube.apply(w).sum() + 0.5 * ((w - p) ** 2).sum()  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HyperGradient("implicit-cg").compute(exact, outer, w, phi)
 
 
 def test_nan_in_loss_says_where(rp):
@@ -249,6 +288,16 @@ def test_closure_mixing_devices_names_the_closure(rp):
         call(rp, outer=lambda w, lam: (x_meta @ w).sum())
     with pytest.raises(ValueError, match="inner_loss combined tensors on different devices"):
         call(rp, inner=lambda w, lam: rp.inner_loss(w, lam) + (x_meta @ w).sum())
+
+
+@pytest.mark.parametrize("mode", ["implicit-cg", "unroll"])
+def test_closure_mixing_dtypes_names_the_closure_and_the_fix(rp, mode):
+    """float32 data with float64 params: PyTorch's own error names neither the closure nor the fix."""
+    x32 = torch.randn(3, 4)
+    with pytest.raises(TypeError, match="outer_loss combined tensors of different dtypes.*torch.float64"):
+        call(rp, mode, outer=lambda w, lam: (x32 @ w).sum())
+    with pytest.raises(TypeError, match="inner_loss combined tensors of different dtypes"):
+        call(rp, mode, inner=lambda w, lam: rp.inner_loss(w, lam) + (torch.nn.functional.linear(x32, w[None])).sum())
 
 
 @pytest.mark.cuda

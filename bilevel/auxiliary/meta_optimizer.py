@@ -9,7 +9,7 @@ from torch import Tensor
 from ..errors import check_finite, second_order_guard
 from ..hypergradient import HyperGradient
 from ..operators import StationarityJacobian
-from ..problem import BilevelProblem, _custom_functions
+from ..problem import BilevelProblem, _custom_functions, warn_once_differentiable
 from ..solvers import Tensors, neumann
 from ..unrolled import UnrolledMode
 
@@ -68,6 +68,7 @@ class MetaOptimizer:
         self.hpo_lr = hpo_lr
         self.truncate_iter = truncate_iter
         self.max_grad_norm = max_grad_norm
+        self._screened = False
         self.hypergradient = None if mode is None else HyperGradient(mode, **mode_options)
         if self.hypergradient is not None and isinstance(self.hypergradient.mode, UnrolledMode):
             raise ValueError(f"mode {mode!r} unrolls inner steps, which needs the training loss as a "
@@ -92,6 +93,9 @@ class MetaOptimizer:
             if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
                 raise ValueError(f"{name} must be a scalar tensor with a graph to the parameters "
                                  "(compute it with the models, without torch.no_grad, and reduce it)")
+        if not self._screened:  # the graph walk, on the first step only
+            self._screened = True
+            warn_once_differentiable(train_loss)
         if self.hypergradient is None:
             grads = self._auxilearn(train_loss.reshape(()), val_loss.reshape(()), theta, phi)
         else:

@@ -124,7 +124,9 @@ class HyperGradient:
             raise ValueError(
                 "params/hparams changed structure or shapes since the last call "
                 f"(params was {self._layout[0].describe()}, now {layout[0].describe()}; hparams was "
-                f"{self._layout[1].describe()}, now {layout[1].describe()}), but mode "
+                f"{self._layout[1].describe()}, now {layout[1].describe()}; params shapes were "
+                f"{_shapes(self._layout[2])}, now {_shapes(layout[2])}; hparams shapes were "
+                f"{_shapes(self._layout[3])}, now {_shapes(layout[3])}), but mode "
                 f"{self.mode.name!r} carries state from that call; use a new HyperGradient for "
                 "the new problem")
         self._layout = layout
@@ -156,3 +158,7 @@ class HyperGradient:
         if state.get("mode") != self.mode.name:
             raise ValueError(f"state_dict is for mode {state.get('mode')!r}, not {self.mode.name!r}")
         self.mode.load_state_dict(state["state"])
+
+
+def _shapes(shapes: tuple) -> str:
+    return ", ".join(str(tuple(shape)) for shape in shapes)

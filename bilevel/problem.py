@@ -92,6 +92,13 @@ class BilevelProblem:
                 if t.dtype != reference.dtype:
                     raise ValueError(f"{where} has dtype {t.dtype} but hparams[0] has "
                                      f"{reference.dtype}; use one floating dtype for params and hparams")
+        shared = {id(t) for t in self.theta0} & {id(t) for t in self.phi0}
+        if shared:
+            i = next(i for i, t in enumerate(self.theta0) if id(t) in shared)
+            j = next(j for j, t in enumerate(self.phi0) if id(t) in shared)
+            raise ValueError(f"params[{i}] and hparams[{j}] are the same tensor (shape "
+                             f"{tuple(self.theta0[i].shape)}); a tensor is either trained by the inner "
+                             "problem or a hyperparameter, not both: pass it in only one of them")
 
     @property
     def dtype(self) -> torch.dtype:

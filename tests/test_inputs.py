@@ -444,3 +444,23 @@ def test_finite_checks_do_not_mistake_an_overflowing_norm_for_a_nan():
         check_finite((torch.ones(2, dtype=torch.float64), torch.tensor([1.0, float("inf")], dtype=torch.float16)),
                      "mixed dtypes")
 
+
+
+def test_a_tensor_in_both_params_and_hparams_is_refused(rp):
+    theta = rp.params_star()
+    with pytest.raises(ValueError, match=r"params\[0\] and hparams\[1\] are the same tensor"):
+        HyperGradient("implicit-cg").compute(lambda p, h: rp.inner_loss(p[0], h[0]),
+                                             lambda p, h: rp.outer_loss(p[0], h[0]) + (h[1] ** 2).sum(),
+                                             (theta,), (rp.hparams, theta))
+
+
+def test_a_layout_change_names_the_shapes():
+    w3 = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    w4 = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    lam = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    inner = lambda w, h: ((w - 1) ** 2).sum() + h * (w ** 2).sum()  # noqa: E731
+    outer = lambda w, h: (w ** 2).sum()  # noqa: E731
+    hg = HyperGradient("unroll", steps=1, update_params=True, lr=0.1, momentum=0.9)
+    hg.compute(inner, outer, w3, lam)
+    with pytest.raises(ValueError, match=r"params shapes were \(3,\), now \(4,\)"):
+        hg.compute(inner, outer, w4, lam)

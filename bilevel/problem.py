@@ -131,13 +131,14 @@ class BilevelProblem:
         try:
             loss = self.call(name, theta, phi, extra)
         except RuntimeError as error:
-            if _DTYPE_MIXTURE.search(str(error)) and not _DEVICE_MIXTURE.search(str(error)):
+            devices = _DEVICE_MIXTURE.search(str(error)) is not None
+            if not devices and _DTYPE_MIXTURE.search(str(error)):
                 raise TypeError(
                     f"{name} combined tensors of different dtypes: params and hparams are "
                     f"{self.dtype}, so every floating tensor and module the closure uses (data, "
                     f"constants) must be too; convert them with .to({self.dtype}). "
                     f"Original error: {error}") from error
-            if not _DEVICE_MIXTURE.search(str(error)):
+            if not devices:
                 raise
             raise ValueError(
                 f"{name} combined tensors on different devices: params and hparams are on "

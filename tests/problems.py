@@ -82,3 +82,18 @@ def logistic(n: int = 60, p: int = 5, n_val: int = 40, seed: int = 1, dtype=torc
         return w
 
     return Problem(inner_loss, outer_loss, inner_solve, hparams)
+
+
+class _Square(torch.autograd.Function):
+    """x² with a backward marked ``@once_differentiable``: no second derivative through it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad

@@ -7,6 +7,7 @@ import torch
 from bilevel import HyperGradient, HypergradientWarning, NoDoubleBackwardError
 from bilevel.auxiliary import ConvCombiner, LinearCombiner, MetaOptimizer, NonlinearCombiner
 from bilevel.testing import assert_hypergradient_close
+from problems import _Square
 
 D = torch.float64
 
@@ -119,22 +120,11 @@ def test_meta_optimizer_handles_unused_and_frozen_parameters():
 
 
 def test_meta_optimizer_warns_about_a_once_differentiable_training_loss():
-    class Square(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return x * x
-
-        @staticmethod
-        @torch.autograd.function.once_differentiable
-        def backward(ctx, grad):
-            return 2 * ctx.saved_tensors[0] * grad
-
     train_loss, val_loss, solve, phi = _aux_problem(3)
     theta = solve(phi.detach()).detach().requires_grad_()
     meta = MetaOptimizer(torch.optim.SGD([phi], lr=0.0), hpo_lr=0.1)
     with pytest.warns(HypergradientWarning, match="Square.*@once_differentiable"):
-        meta.step(train_loss(theta, phi) + Square.apply(theta).sum(), val_loss(theta, phi), [theta], [phi])
+        meta.step(train_loss(theta, phi) + _Square.apply(theta).sum(), val_loss(theta, phi), [theta], [phi])
 
 
 def test_meta_optimizer_has_auxilearns_signature():

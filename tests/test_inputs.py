@@ -3,13 +3,12 @@ import warnings
 
 import pytest
 import torch
-from torch.autograd.function import once_differentiable
 
 import bilevel
 import bilevel.problem
 from bilevel import HyperGradient, HypergradientWarning, NoDoubleBackwardError, NonFiniteError
 from bilevel.problem import BilevelProblem
-from problems import ridge
+from problems import _Square, ridge
 
 
 @pytest.fixture
@@ -115,19 +114,6 @@ def test_op_without_double_backward_is_named(rp):
 
     with pytest.raises(NoDoubleBackwardError, match="_cdist_backward.*twice-differentiable"):
         call(rp, inner=inner)
-
-
-class _Square(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return 2 * x * grad
 
 
 @pytest.mark.filterwarnings("ignore::bilevel.HypergradientWarning")  # the @once_differentiable one

@@ -77,15 +77,10 @@ class Structure:
         )
         return {"tuple": f"({inner})", "list": f"[{inner}]", "dict": f"{{{inner}}}"}[self.kind]
 
-    def same_layout(self, other: "Structure") -> bool:
-        """Whether two structures have the same containers and keys (not the same values)."""
-        if self.kind != other.kind or self.keys != other.keys:
-            return False
-        if self.kind == "module":
-            return self.module is other.module
-        return len(self.children) == len(other.children) and all(
-            a.same_layout(b) for a, b in zip(self.children, other.children)
-        )
+    def plain(self) -> tuple:
+        """The containers, keys and parameter names as plain nested tuples (no module
+        object): comparable across processes, and storable in a checkpoint."""
+        return (self.kind, tuple(self.keys), tuple(child.plain() for child in self.children))
 
 
 def flatten(obj: Any, argument: str) -> tuple[Tensors, Structure]:

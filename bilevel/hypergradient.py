@@ -6,6 +6,7 @@ import warnings
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .errors import HypergradientWarning, SolverBreakdownError
 from .modes import Mode, get_mode
@@ -51,7 +52,9 @@ class HyperGradient:
         self.strict = strict
         self.stats = Stats(mode=mode)
         self._warned: set[str] = set()
-        self._layout: tuple | None = None
+        self._layout: dict[str, Any] | None = None  # of the last call (or of a loaded checkpoint)
+        self._layout_source = "the last call"
+        self._loaded = False  # a loaded state whose devices the next call checks
 
     def __repr__(self) -> str:
         return f"HyperGradient({self.mode!r})"
@@ -117,19 +120,19 @@ class HyperGradient:
 
     def _check_layout(self, problem: BilevelProblem) -> None:
         """A mode whose state is shaped like the problem (a warm start, optimizer state) needs
-        the same structure and shapes every call; other modes accept any problem."""
-        layout = (problem.params_structure, problem.hparams_structure,
-                  tuple(t.shape for t in problem.theta0), tuple(t.shape for t in problem.phi0))
-        if self._layout is not None and self.mode.state_fits_one_layout() and layout != self._layout:
-            raise ValueError(
-                "params/hparams changed structure or shapes since the last call "
-                f"(params was {self._layout[0].describe()}, now {layout[0].describe()}; hparams was "
-                f"{self._layout[1].describe()}, now {layout[1].describe()}; params shapes were "
-                f"{_shapes(self._layout[2])}, now {_shapes(layout[2])}; hparams shapes were "
-                f"{_shapes(self._layout[3])}, now {_shapes(layout[3])}), but mode "
-                f"{self.mode.name!r} carries state from that call; use a new HyperGradient for "
-                "the new problem")
-        self._layout = layout
+        the same structure, shapes and dtype every call; other modes accept any problem."""
+        layout = _layout_of(problem)
+        if self.mode.state_fits_one_layout():
+            if self._layout is not None and layout != self._layout:
+                raise ValueError(
+                    f"params/hparams changed structure, shapes or dtype since {self._layout_source} "
+                    f"({_differences(self._layout, layout)}), but mode {self.mode.name!r} carries "
+                    f"state (from {self._layout_source}) that fits only that layout; use a new "
+                    "HyperGradient for the new problem")
+            if self._loaded:
+                _check_state_devices(self.mode.state_dict(), problem.device)
+        self._loaded = False
+        self._layout, self._layout_source = layout, "the last call"
 
     def _report(self, stats: Stats) -> None:
         for flag, message in _BREAKDOWNS.items():
@@ -148,16 +151,76 @@ class HyperGradient:
             warnings.warn(message, HypergradientWarning, stacklevel=4)
 
     def state_dict(self) -> dict[str, Any]:
-        """The mode's state (warm-start solutions, optimizer state, generator state).
+        """The mode's state (warm-start solutions, optimizer state, generator state), with
+        what it belongs to: the mode, its configuration (``signature``, e.g. the inner
+        optimizer and backend) and the layout of the problem it was computed for.
 
         Saved with ``torch.save``; torchopt's optimizer states are named tuples, so reading a
         checkpoint of an unrolled mode needs ``torch.load(path, weights_only=False)``."""
-        return {"mode": self.mode.name, "state": self.mode.state_dict()}
+        fits = self.mode.state_fits_one_layout()
+        return {"mode": self.mode.name, "signature": self.mode.state_signature(),
+                "layout": self._layout if fits else None, "state": self.mode.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`. It must come from the same mode and configuration
+        (``ValueError`` otherwise); the next call must have the checkpoint's structure,
+        shapes, dtype, and the device its tensors were loaded to (``torch.load(...,
+        map_location=...)`` moves them)."""
+        if not isinstance(state, dict) or "state" not in state:
+            raise ValueError("load_state_dict expects a dict from HyperGradient.state_dict()")
         if state.get("mode") != self.mode.name:
             raise ValueError(f"state_dict is for mode {state.get('mode')!r}, not {self.mode.name!r}")
+        saved, here = state.get("signature"), self.mode.state_signature()
+        if saved is not None and saved != here:  # (checkpoints written before signatures: no check)
+            differ = ", ".join(f"{k} {saved.get(k)!r} there, {here.get(k)!r} here"
+                               for k in sorted(set(saved) | set(here)) if saved.get(k) != here.get(k))
+            raise ValueError(f"state_dict was saved by a {self.mode.name!r} HyperGradient configured "
+                             f"otherwise ({differ}); its state does not fit this one. Build the "
+                             "HyperGradient with the checkpoint's configuration, or start without it")
         self.mode.load_state_dict(state["state"])
+        layout = state.get("layout")
+        self._layout = dict(layout) if layout is not None else None
+        self._layout_source = "the loaded checkpoint"
+        self._loaded = True
+
+
+def _layout_of(problem: BilevelProblem) -> dict[str, Any]:
+    """What a state shaped like the problem depends on, as plain data (storable, comparable)."""
+    return {"params": problem.params_structure.plain(), "hparams": problem.hparams_structure.plain(),
+            "params_described": problem.params_structure.describe(),
+            "hparams_described": problem.hparams_structure.describe(),
+            "params_shapes": tuple(tuple(t.shape) for t in problem.theta0),
+            "hparams_shapes": tuple(tuple(t.shape) for t in problem.phi0),
+            "dtype": str(problem.dtype).removeprefix("torch.")}
+
+
+def _differences(before: dict[str, Any], now: dict[str, Any]) -> str:
+    parts = []
+    for side in ("params", "hparams"):
+        if before.get(side) != now[side] or before.get(f"{side}_described") != now[f"{side}_described"]:
+            parts.append(f"{side} was {before.get(f'{side}_described')}, now {now[f'{side}_described']}")
+        if before.get(f"{side}_shapes") != now[f"{side}_shapes"]:
+            parts.append(f"{side} shapes were {_shapes(before.get(f'{side}_shapes', ()))}, "
+                         f"now {_shapes(now[f'{side}_shapes'])}")
+    if before.get("dtype") != now["dtype"]:
+        parts.append(f"dtype was {before.get('dtype')}, now {now['dtype']}")
+    return "; ".join(parts)
+
+
+def _check_state_devices(state: Any, device: torch.device) -> None:
+    """A loaded state must be on the problem's device (say so, rather than fail in an op)."""
+    stack = [state]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Tensor):
+            if item.device != device:
+                raise ValueError(f"the loaded state holds tensors on {item.device}, but params and "
+                                 f"hparams are on {device}; load the checkpoint with "
+                                 f"torch.load(..., map_location={str(device)!r})")
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
 
 
 def _shapes(shapes: tuple) -> str:

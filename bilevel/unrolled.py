@@ -390,6 +390,7 @@ class UnrolledMode(Mode):
     _fast: CompiledPath | None = field(default=None, init=False, repr=False)
     _batches: Iterator | None = field(default=None, init=False, repr=False)
     _probed: dict[tuple[str, str], bool] = field(default_factory=dict, init=False, repr=False)
+    _unverified: bool = field(default=False, init=False, repr=False)  # a loaded optimizer state
 
     def __post_init__(self) -> None:
         check_positive("steps", self.steps, integer=True)
@@ -578,6 +579,9 @@ class UnrolledMode(Mode):
         cheap = self._stepper(self.backend, options, {k: v.detach() for k, v in hyper.items()},
                               theta) if hyper else stepper
         carried = self.update_params and self._state is not None
+        if carried and self._unverified:
+            _check_loaded_state(self._state, stepper, theta)
+            self._unverified = False
         state = self._state if carried else stepper.init(theta)
         fresh_state = not carried
         first_graph_step = self.steps - self.graph_steps()
@@ -616,4 +620,44 @@ class UnrolledMode(Mode):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._state = state.get("optimizer_state")
+        self._unverified = self._state is not None  # checked against a fresh state on first use
+
+    def state_signature(self) -> dict[str, str]:
+        optimizer = ("a torchopt GradientTransformation" if _is_transformation(self.inner_optimizer)
+                     else _optimizer_class(self.inner_optimizer).__name__)
+        return {"inner_optimizer": optimizer, "backend": self.backend}
+
+    def state_fits_one_layout(self) -> bool:
+        return self.update_params and self._state is not None  # unused otherwise
+
+
+def _check_loaded_state(loaded: Any, stepper: Any, theta: Tensors) -> None:
+    """A loaded optimizer state must have the form of this call's optimizer state (another
+    optimizer, or other options such as momentum or amsgrad, differ) and tensors shaped like
+    the params. higher's optimizers create their state at the first step, so there the form
+    is that after one step on zero-valued copies of the params."""
+    import torchopt
+
+    fresh = stepper.init(theta)
+    if isinstance(stepper, _HigherStepper):
+        probe = tuple(torch.zeros_like(t, requires_grad=True) for t in theta)
+        with torch.enable_grad():
+            _, fresh = stepper.advance(sum((t * t).sum() for t in probe), probe, fresh, False, True)
+    (leaves, form), (fresh_leaves, fresh_form) = (torchopt.pytree.tree_flatten(s) for s in (loaded, fresh))
+    if form != fresh_form:
+        raise ValueError(
+            f"the loaded optimizer state does not fit this HyperGradient's inner optimizer: it is "
+            f"{form}, but the optimizer with these options keeps {fresh_form}. Build the "
+            "HyperGradient with the options the checkpoint was saved with (momentum, betas, "
+            "amsgrad, ...), or start without the checkpoint")
+    for a, b in zip(leaves, fresh_leaves):
+        if isinstance(a, Tensor) or isinstance(b, Tensor):
+            if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype):
+                raise ValueError("the loaded optimizer state holds tensors whose shapes or dtypes differ "
+                                 f"from the params' ({_shape_list(theta)}); load a checkpoint saved for "
+                                 "these params")
+
+
+def _shape_list(tensors: Tensors) -> str:
+    return ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tensors)
 

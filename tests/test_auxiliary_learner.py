@@ -141,3 +141,44 @@ def test_learner_resumes_the_modes_own_state(mode, options):
     for _ in range(2):
         stateless.step(train, aux)
     assert not torch.equal(stateless.auxiliary.raw, learner.auxiliary.raw)
+
+
+class _WithSpareHead(nn.Module):
+    """The learner's primary network plus a head the training loss never uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 6))
+        self.spare = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.filterwarnings("ignore::bilevel.HypergradientWarning")  # far from a minimum: CG may warn
+@pytest.mark.parametrize("mode", ["implicit-exact", "implicit-cg", "unroll"])
+def test_learner_holds_primary_parameters_the_training_loss_does_not_use_fixed(mode):
+    """An unused head is a constant of the inner problem (implicit modes would otherwise
+    refuse a singular Hessian): the auxiliary step equals that of the same model with the head
+    frozen throughout, even though main_loss reads the head, and the head stays trainable."""
+    learners = []
+    for frozen in (False, True):
+        learner, train, aux = _learner(mode)
+        torch.manual_seed(1)
+        primary = _WithSpareHead().to(D)
+        primary.spare.requires_grad_(not frozen)
+        learner.primary = primary
+        learner.primary_optimizer = torch.optim.SGD(primary.parameters(), lr=0.3)
+        learner.train_loss = lambda p, a, batch: (a(_per_task_losses(p, batch))
+                                                  + 1e-2 * sum((w ** 2).sum() for w in p.body.parameters()))
+        learner.main_loss = lambda p, batch: (nn.functional.cross_entropy(p(batch[0])[:, 0:2], batch[1])
+                                              + p.spare(batch[0]).pow(2).mean())
+        for _ in range(2):
+            info = learner.step(train, aux)
+        learners.append((learner, info))
+    (learner, info), (reference, reference_info) = learners
+    assert info["auxiliary_updated"] and info["hypergradient_norm"] > 0
+    assert info["hypergradient_norm"] == pytest.approx(reference_info["hypergradient_norm"], rel=1e-12)
+    assert torch.allclose(learner.auxiliary.raw, reference.auxiliary.raw, rtol=1e-12, atol=1e-15)
+    assert all(p.requires_grad for p in learner.primary.parameters())
+    assert learner.primary.spare.weight.grad is None

@@ -302,6 +302,97 @@ def test_unrolled_optimizer_state_resumes_bit_exactly_from_a_checkpoint(mode, op
                            expected[0])
 
 
+def _quadratic(p, dtype=torch.float64):
+    w = torch.zeros(p, dtype=dtype, requires_grad=True)
+    lam = torch.tensor(0.1, dtype=dtype, requires_grad=True)
+    return (lambda w, h: ((w - 1) ** 2).sum() + h * (w ** 2).sum()), (lambda w, h: (w ** 2).sum()), w, lam
+
+
+def _saved(make, p=3, **load):
+    hg = make()
+    hg.compute(*_quadratic(p))
+    buffer = io.BytesIO()
+    torch.save(hg.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False, **load)
+
+
+def test_a_checkpoint_loads_only_into_the_configuration_it_was_saved_by():
+    adam = _saved(lambda: HyperGradient("unroll", steps=2, update_params=True, inner_optimizer=torch.optim.Adam))
+    assert adam["signature"] == {"inner_optimizer": "Adam", "backend": "torchopt"}
+    with pytest.raises(ValueError, match="inner_optimizer 'Adam' there, 'RMSprop' here"):
+        HyperGradient("unroll", update_params=True, inner_optimizer=torch.optim.RMSprop).load_state_dict(adam)
+    with pytest.raises(ValueError, match="backend 'torchopt' there, 'higher' here"):
+        HyperGradient("unroll", update_params=True, inner_optimizer=torch.optim.Adam,
+                      backend="higher").load_state_dict(adam)
+    # the same class with other options: the state's form differs, found at the first call
+    momentum = _saved(lambda: HyperGradient("unroll", steps=2, update_params=True, momentum=0.9))
+    plain = HyperGradient("unroll", steps=2, update_params=True)
+    plain.load_state_dict(momentum)
+    with pytest.raises(ValueError, match="does not fit this HyperGradient's inner optimizer.*TraceState"):
+        plain.compute(*_quadratic(3))
+    same = HyperGradient("unroll", steps=2, update_params=True, momentum=0.9)
+    same.load_state_dict(momentum)
+    same.compute(*_quadratic(3))  # the matching configuration runs
+    # higher's optimizers create their state at the first step: the same check
+    adam = _saved(lambda: HyperGradient("unroll", steps=2, update_params=True, backend="higher",
+                                        inner_optimizer=torch.optim.Adam))
+    amsgrad = HyperGradient("unroll", steps=2, update_params=True, backend="higher",
+                            inner_optimizer=torch.optim.Adam, amsgrad=True)
+    amsgrad.load_state_dict(adam)
+    with pytest.raises(ValueError, match="does not fit this HyperGradient's inner optimizer"):
+        amsgrad.compute(*_quadratic(3))
+    same = HyperGradient("unroll", steps=2, update_params=True, backend="higher", inner_optimizer=torch.optim.Adam)
+    same.load_state_dict(adam)
+    same.compute(*_quadratic(3))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: HyperGradient("implicit-cg", warm_start=True),
+    lambda: HyperGradient("unroll", steps=2, update_params=True, momentum=0.9),
+    lambda: HyperGradient("unroll", steps=2, update_params=True, momentum=0.9, backend="higher"),
+])
+def test_a_loaded_state_must_fit_the_next_problem(make):
+    checkpoint = _saved(make)
+    for p, dtype, message in ((4, torch.float64, r"params shapes were \(3,\), now \(4,\)"),
+                              (3, torch.float32, "dtype was float64, now float32")):
+        hg = make()
+        hg.load_state_dict(checkpoint)
+        with pytest.raises(ValueError, match=f"since the loaded checkpoint \\({message}\\)"):
+            hg.compute(*_quadratic(p, dtype))
+    hg = make()
+    hg.load_state_dict(_saved(make, map_location="meta"))  # torch.load put it on another device
+    with pytest.raises(ValueError, match="tensors on meta.*map_location='cpu'"):
+        hg.compute(*_quadratic(3))
+    hg = make()
+    hg.load_state_dict(checkpoint)
+    hg.compute(*_quadratic(3))  # the problem it was saved for
+
+
+@pytest.mark.parametrize("saver, loader", [
+    (lambda: HyperGradient("implicit-cg", warm_start=True), lambda: HyperGradient("implicit-cg")),
+    (lambda: HyperGradient("unroll", steps=2, update_params=True, momentum=0.9),
+     lambda: HyperGradient("unroll", steps=2, momentum=0.9)),
+])
+def test_a_loaded_state_the_options_leave_unused_does_not_bind_the_layout(saver, loader):
+    hg = loader()
+    hg.load_state_dict(_saved(saver))
+    hg.compute(*_quadratic(5))  # warm_start / update_params off: the state is not used
+
+
+def test_checkpoints_without_signature_or_layout_still_load():
+    """Checkpoints written before state_dict() recorded the configuration and layout."""
+    make = lambda: HyperGradient("implicit-cg", warm_start=True, tol=1e-12)  # noqa: E731
+    checkpoint = _saved(make)
+    old = {"mode": checkpoint["mode"], "state": checkpoint["state"]}
+    hg, reference = make(), make()
+    hg.load_state_dict(old)
+    reference.load_state_dict(checkpoint)
+    assert torch.equal(hg.compute(*_quadratic(3)), reference.compute(*_quadratic(3)))
+    with pytest.raises(ValueError, match="expects a dict from HyperGradient.state_dict"):
+        hg.load_state_dict({"mode": "implicit-cg"})
+
+
 # --------------------------------------------------- state after calls that raise midway
 def test_failed_call_does_not_advance_a_warm_start():
     """The solve succeeds, then the mixed product is non-finite (d√h/dh at h = 0): the

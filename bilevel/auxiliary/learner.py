@@ -26,6 +26,11 @@ class AuxiliaryLearner:
             current training batch, or on their ``inner_batches``) without changing the model.
         update_every: one auxiliary step every this many primary steps.
 
+    Primary parameters that ``train_loss`` does not use (an unused head) are constants of the
+    inner problem: they get no primary gradient, and the auxiliary step holds them fixed
+    (``requires_grad`` is switched off for that call only), as their values cannot depend on
+    the auxiliary model.
+
     ``step(train_batch, aux_batch)`` takes one primary step, and on every ``update_every``-th
     call also one auxiliary step; it returns a dict of what it did. ``state_dict()`` holds
     everything a run needs to resume exactly (models, optimizers, step counter, mode state);
@@ -77,10 +82,17 @@ class AuxiliaryLearner:
                                 "auxiliary_updated": False}
         if self.steps % self.update_every == 0:
             self.auxiliary_optimizer.zero_grad()
-            self.hypergradient.backward(
-                lambda primary, auxiliary, *batch: self.train_loss(primary, auxiliary, batch[0] if batch else train_batch),
-                lambda primary, auxiliary: self.main_loss(primary, aux_batch),
-                self.primary, self.auxiliary)
+            unused = [p for p, g in zip(primary_params, grads) if g is None]
+            try:  # parameters the training loss does not use are constants of the inner problem
+                for p in unused:
+                    p.requires_grad_(False)
+                self.hypergradient.backward(
+                    lambda primary, auxiliary, *batch: self.train_loss(primary, auxiliary, batch[0] if batch else train_batch),
+                    lambda primary, auxiliary: self.main_loss(primary, aux_batch),
+                    self.primary, self.auxiliary)
+            finally:
+                for p in unused:
+                    p.requires_grad_(True)
             norm = torch.linalg.vector_norm(torch.stack([
                 torch.linalg.vector_norm(p.grad) for p in self.auxiliary.parameters() if p.grad is not None]))
             self.auxiliary_optimizer.step()

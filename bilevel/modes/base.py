@@ -61,10 +61,16 @@ class Mode:
         if state:
             raise ValueError(f"mode {self.name!r} has no state, got keys {sorted(state)}")
 
+    def state_signature(self) -> dict[str, str]:
+        """The options the state's meaning depends on (an unrolled mode's inner optimizer and
+        backend), as strings: a checkpoint loads only into a mode with the same signature."""
+        return {}
+
     def state_fits_one_layout(self) -> bool:
         """Whether the current state is shaped like one problem's params/hparams (a warm
-        start, optimizer state), so that the next call must have the same structure. A state
-        that fits any problem (a random generator) overrides this to return False."""
+        start, optimizer state) and used by the next call, which then must have the same
+        structure. A state that fits any problem (a random generator) or that the options
+        leave unused (a loaded warm start with ``warm_start=False``) does not count."""
         return bool(self.state_dict())
 
 

@@ -103,3 +103,6 @@ class ImplicitCG(Mode):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._previous = state.get("previous")
+
+    def state_fits_one_layout(self) -> bool:
+        return self.warm_start and self._previous is not None  # unused otherwise

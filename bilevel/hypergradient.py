@@ -162,22 +162,27 @@ class HyperGradient:
                 "layout": self._layout if fits else None, "state": self.mode.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`. It must come from the same mode and configuration
-        (``ValueError`` otherwise); the next call must have the checkpoint's structure,
+        """Restore a :meth:`state_dict`. It must come from the same mode, and a state this
+        HyperGradient will use from the same configuration (``ValueError`` otherwise, and
+        nothing is loaded); the next call must then have the checkpoint's structure,
         shapes, dtype, and the device its tensors were loaded to (``torch.load(...,
         map_location=...)`` moves them)."""
         if not isinstance(state, dict) or "state" not in state:
             raise ValueError("load_state_dict expects a dict from HyperGradient.state_dict()")
         if state.get("mode") != self.mode.name:
             raise ValueError(f"state_dict is for mode {state.get('mode')!r}, not {self.mode.name!r}")
+        previous = self.mode.state_dict()
+        self.mode.load_state_dict(state["state"])
         saved, here = state.get("signature"), self.mode.state_signature()
-        if saved is not None and saved != here:  # (checkpoints written before signatures: no check)
+        # a state this mode will use must come from its configuration (checkpoints written
+        # before signatures are not checked; an empty or unused state fits any configuration)
+        if saved is not None and saved != here and self.mode.state_fits_one_layout():
+            self.mode.load_state_dict(previous)
             differ = ", ".join(f"{k} {saved.get(k)!r} there, {here.get(k)!r} here"
                                for k in sorted(set(saved) | set(here)) if saved.get(k) != here.get(k))
             raise ValueError(f"state_dict was saved by a {self.mode.name!r} HyperGradient configured "
                              f"otherwise ({differ}); its state does not fit this one. Build the "
                              "HyperGradient with the checkpoint's configuration, or start without it")
-        self.mode.load_state_dict(state["state"])
         layout = state.get("layout")
         self._layout = dict(layout) if layout is not None else None
         self._layout_source = "the loaded checkpoint"

@@ -182,3 +182,65 @@ def test_learner_holds_primary_parameters_the_training_loss_does_not_use_fixed(m
     assert torch.allclose(learner.auxiliary.raw, reference.auxiliary.raw, rtol=1e-12, atol=1e-15)
     assert all(p.requires_grad for p in learner.primary.parameters())
     assert learner.primary.spare.weight.grad is None
+
+
+def _sometimes_unused_head(hypergradient):
+    """A head that train_loss uses only on batches that carry its labels."""
+    torch.manual_seed(0)
+    x, y = torch.randn(20, 3, dtype=D), torch.randn(20, 2, dtype=D)
+    primary = nn.ModuleDict({"a": nn.Linear(3, 1), "b": nn.Linear(3, 1)}).to(D)
+    weight = nn.Linear(1, 1, bias=False).to(D)
+
+    def train_loss(p, w, batch):
+        x, y, labelled = batch
+        loss = ((p["a"](x)[:, 0] - y[:, 0]) ** 2).mean() * w.weight.exp().sum()
+        return loss + ((p["b"](x)[:, 0] - y[:, 1]) ** 2).mean() if labelled else loss
+
+    learner = AuxiliaryLearner(primary, weight, train_loss, lambda p, b: ((p["a"](b[0])[:, 0] - b[1][:, 0]) ** 2).mean(),
+                               torch.optim.SGD(primary.parameters(), lr=0.1), torch.optim.SGD(weight.parameters(), lr=0.1),
+                               hypergradient, update_every=1)
+    return learner, (x, y, True), (x, y, False), (x, y)
+
+
+@pytest.mark.filterwarnings("ignore::bilevel.HypergradientWarning")
+def test_learner_refuses_a_changing_set_of_unused_parameters_only_when_the_mode_carries_state():
+    stateful = HyperGradient("unroll", steps=2, update_params=True, lr=0.05, momentum=0.9)
+    learner, labelled, unlabelled, aux = _sometimes_unused_head(stateful)
+    learner.step(labelled, aux)
+    before = copy.deepcopy(learner.state_dict())
+    with pytest.raises(ValueError, match=r"unused now: \['b.weight', 'b.bias'\]; then: none.*update_params"):
+        learner.step(unlabelled, aux)
+    after = learner.state_dict()  # refused before anything moved
+    assert after["steps"] == before["steps"] == 1
+    assert all(torch.equal(after["primary"][k], v) for k, v in before["primary"].items())
+    learner.step(labelled, aux)  # the same parameters as last time: fine
+    stateless, labelled, unlabelled, aux = _sometimes_unused_head(HyperGradient("unroll", steps=2, lr=0.05))
+    for batch in (labelled, unlabelled, labelled):
+        assert stateless.step(batch, aux)["auxiliary_updated"]
+
+
+def test_learner_load_refused_leaves_the_learner_as_it_was():
+    saver, labelled, _, aux = _sometimes_unused_head(HyperGradient("unroll", steps=2, update_params=True, lr=0.05,
+                                                                   momentum=0.9))
+    saver.step(labelled, aux)
+    checkpoint = copy.deepcopy(saver.state_dict())
+    loader, labelled, _, aux = _sometimes_unused_head(HyperGradient("unroll", steps=2, update_params=True, lr=0.05,
+                                                                    inner_optimizer=torch.optim.Adam))
+    torch.manual_seed(3)
+    for p in loader.primary.parameters():
+        p.data.normal_()
+    before = copy.deepcopy(loader.state_dict())
+    with pytest.raises(ValueError, match="inner_optimizer 'SGD' there, 'Adam' here"):
+        loader.load_state_dict(checkpoint)
+    after = loader.state_dict()
+    assert after["steps"] == before["steps"] == 0
+    assert all(torch.equal(after["primary"][k], v) for k, v in before["primary"].items())
+    assert not torch.equal(after["primary"]["a.weight"], checkpoint["primary"]["a.weight"])
+    # a part refused after the mode's state was loaded: that state is rolled back too
+    same, labelled, _, aux = _sometimes_unused_head(HyperGradient("unroll", steps=2, update_params=True, lr=0.05,
+                                                                  momentum=0.9))
+    broken = copy.deepcopy(checkpoint)
+    del broken["primary"]["b.bias"]
+    with pytest.raises(RuntimeError, match="b.bias"):
+        same.load_state_dict(broken)
+    assert same.steps == 0 and same.hypergradient.state_dict()["state"] == {}

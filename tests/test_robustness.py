@@ -439,3 +439,28 @@ def test_unrolled_call_that_raises_midway_keeps_params_and_optimizer_state(mode)
     assert torch.equal(hg.compute(problem.inner_loss, problem.outer_loss, theta, problem.hparams),
                        reference.compute(problem.inner_loss, problem.outer_loss, reference_theta, problem.hparams))
     assert torch.equal(theta, reference_theta)
+
+
+def test_a_state_without_use_loads_into_any_configuration():
+    """An empty state (no update_params) fits any inner optimizer; a refused load loads nothing."""
+    empty = _saved(lambda: HyperGradient("unroll", steps=2))
+    assert empty["state"] == {}
+    HyperGradient("unroll", steps=2, inner_optimizer=torch.optim.Adam).load_state_dict(empty)
+    adam = HyperGradient("unroll", steps=2, update_params=True, inner_optimizer=torch.optim.Adam)
+    adam.compute(*_quadratic(3))
+    before = copy.deepcopy(adam.state_dict())
+    with pytest.raises(ValueError, match="configured otherwise"):
+        adam.load_state_dict(_saved(lambda: HyperGradient("unroll", steps=2, update_params=True, momentum=0.9)))
+    assert _same(adam.state_dict(), before)
+
+
+def test_a_nystrom_checkpoint_loads_wherever_map_location_put_it(device):
+    """The generator state is a byte tensor that torch.load moves with everything else; the
+    generator takes it back from any device."""
+    make = lambda: HyperGradient("implicit-nystrom", rank=2, generator=5)  # noqa: E731
+    hg = make()
+    hg.load_state_dict(_saved(make, p=6, map_location=device))  # the state after one draw
+    reference = make()
+    reference.load_state_dict(_saved(make, p=6))
+    assert torch.equal(hg.compute(*_online_ridge(2)), reference.compute(*_online_ridge(2)))
+    assert not torch.equal(make().compute(*_online_ridge(2)), reference.compute(*_online_ridge(2)))

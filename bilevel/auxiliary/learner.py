@@ -1,6 +1,7 @@
 """``AuxiliaryLearner``: one object that runs the primary/auxiliary training loop with any mode."""
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import torch
@@ -29,7 +30,9 @@ class AuxiliaryLearner:
     Primary parameters that ``train_loss`` does not use (an unused head) are constants of the
     inner problem: they get no primary gradient, and the auxiliary step holds them fixed
     (``requires_grad`` is switched off for that call only), as their values cannot depend on
-    the auxiliary model.
+    the auxiliary model. If that set changes between auxiliary steps (a head trained only on
+    some batches), a mode whose state is shaped like the last problem (``warm_start``,
+    ``update_params``) cannot follow, and the step raises before changing anything.
 
     ``step(train_batch, aux_batch)`` takes one primary step, and on every ``update_every``-th
     call also one auxiliary step; it returns a dict of what it did. ``state_dict()`` holds
@@ -60,6 +63,7 @@ class AuxiliaryLearner:
         self.hypergradient = hypergradient if hypergradient is not None else HyperGradient("implicit-cg")
         self.update_every = update_every
         self.steps = 0
+        self._unused: list[str] | None = None  # primary parameters held fixed at the last auxiliary step
 
     def step(self, train_batch: Any, aux_batch: Any) -> dict[str, Any]:
         """One primary optimizer step on ``train_batch``; on every ``update_every``-th call
@@ -70,50 +74,78 @@ class AuxiliaryLearner:
         after an auxiliary step ``hypergradient_norm`` and ``stats`` (the mode's
         :class:`~bilevel.Stats`).
         """
-        self.steps += 1
-        primary_params = [p for p in self.primary.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.primary.named_parameters() if p.requires_grad]
         loss = self.train_loss(self.primary, self.auxiliary, train_batch)
-        grads = torch.autograd.grad(loss, primary_params, allow_unused=True)
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        auxiliary_step = (self.steps + 1) % self.update_every == 0
+        unused = [n for (n, _), g in zip(named, grads) if g is None]
+        if auxiliary_step:  # before anything moves, so that a refused step changes nothing
+            self._check_unused(unused)
+        self.steps += 1
         self.primary_optimizer.zero_grad()
-        for p, g in zip(primary_params, grads):  # the auxiliary model's .grad stays untouched
+        for (_, p), g in zip(named, grads):  # the auxiliary model's .grad stays untouched
             p.grad = None if g is None else g.detach()
         self.primary_optimizer.step()
         info: dict[str, Any] = {"step": self.steps, "train_loss": float(loss.detach()),
                                 "auxiliary_updated": False}
-        if self.steps % self.update_every == 0:
+        if auxiliary_step:
             self.auxiliary_optimizer.zero_grad()
-            unused = [p for p, g in zip(primary_params, grads) if g is None]
+            held = [p for n, p in named if n in unused]
             try:  # parameters the training loss does not use are constants of the inner problem
-                for p in unused:
+                for p in held:
                     p.requires_grad_(False)
                 self.hypergradient.backward(
                     lambda primary, auxiliary, *batch: self.train_loss(primary, auxiliary, batch[0] if batch else train_batch),
                     lambda primary, auxiliary: self.main_loss(primary, aux_batch),
                     self.primary, self.auxiliary)
             finally:
-                for p in unused:
+                for p in held:
                     p.requires_grad_(True)
+            self._unused = unused
             norm = torch.linalg.vector_norm(torch.stack([
                 torch.linalg.vector_norm(p.grad) for p in self.auxiliary.parameters() if p.grad is not None]))
             self.auxiliary_optimizer.step()
             info.update(auxiliary_updated=True, hypergradient_norm=float(norm), stats=self.hypergradient.stats)
         return info
 
+    def _check_unused(self, unused: list[str]) -> None:
+        """Holding other parameters fixed than at the last auxiliary step changes the inner
+        problem's layout, which a mode carrying state shaped by it cannot follow."""
+        if self._unused is None or unused == self._unused or not self.hypergradient.mode.state_fits_one_layout():
+            return
+        raise ValueError(
+            f"train_loss uses other primary parameters than at the last auxiliary step (unused "
+            f"now: {unused or 'none'}; then: {self._unused or 'none'}), and those it does not use "
+            f"are held fixed, so the inner problem changed shape; mode "
+            f"{self.hypergradient.mode.name!r} carries state shaped by the last one (warm_start, "
+            "update_params). Turn that option off, or make train_loss use the same parameters "
+            "at every auxiliary step")
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: models, optimizers, step counter, mode state."""
         return {"primary": self.primary.state_dict(), "auxiliary": self.auxiliary.state_dict(),
                 "primary_optimizer": self.primary_optimizer.state_dict(),
                 "auxiliary_optimizer": self.auxiliary_optimizer.state_dict(),
-                "steps": self.steps, "hypergradient": self.hypergradient.state_dict()}
+                "steps": self.steps, "unused": self._unused, "hypergradient": self.hypergradient.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; if any part is refused, the learner stays as it was."""
         missing = {"primary", "auxiliary", "primary_optimizer", "auxiliary_optimizer", "steps",
                    "hypergradient"} - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}; pass a dict from AuxiliaryLearner.state_dict()")
+        previous = copy.deepcopy(self.state_dict())
+        try:
+            self._load(state)
+        except BaseException:
+            self._load(previous)
+            raise
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.hypergradient.load_state_dict(state["hypergradient"])  # the part most likely refused
         self.primary.load_state_dict(state["primary"])
         self.auxiliary.load_state_dict(state["auxiliary"])
         self.primary_optimizer.load_state_dict(state["primary_optimizer"])
         self.auxiliary_optimizer.load_state_dict(state["auxiliary_optimizer"])
         self.steps = state["steps"]
-        self.hypergradient.load_state_dict(state["hypergradient"])
+        self._unused = state.get("unused")  # (absent from checkpoints of earlier versions)

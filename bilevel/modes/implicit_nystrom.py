@@ -69,7 +69,7 @@ class ImplicitNystrom(Mode):
         return {"generator": self._generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._generator.set_state(state["generator"])
+        self._generator.set_state(state["generator"].cpu())  # a byte tensor, wherever map_location put it
 
     def state_fits_one_layout(self) -> bool:
         return False  # the generator draws column indices for a problem of any size

@@ -202,13 +202,12 @@ def _layout_of(problem: BilevelProblem) -> dict[str, Any]:
 def _differences(before: dict[str, Any], now: dict[str, Any]) -> str:
     parts = []
     for side in ("params", "hparams"):
-        if before.get(side) != now[side] or before.get(f"{side}_described") != now[f"{side}_described"]:
-            parts.append(f"{side} was {before.get(f'{side}_described')}, now {now[f'{side}_described']}")
-        if before.get(f"{side}_shapes") != now[f"{side}_shapes"]:
-            parts.append(f"{side} shapes were {_shapes(before.get(f'{side}_shapes', ()))}, "
-                         f"now {_shapes(now[f'{side}_shapes'])}")
-    if before.get("dtype") != now["dtype"]:
-        parts.append(f"dtype was {before.get('dtype')}, now {now['dtype']}")
+        if before[side] != now[side] or before[f"{side}_described"] != now[f"{side}_described"]:
+            parts.append(f"{side} was {before[f'{side}_described']}, now {now[f'{side}_described']}")
+        if before[f"{side}_shapes"] != now[f"{side}_shapes"]:
+            parts.append(f"{side} shapes were {_shapes(before[f'{side}_shapes'])}, now {_shapes(now[f'{side}_shapes'])}")
+    if before["dtype"] != now["dtype"]:
+        parts.append(f"dtype was {before['dtype']}, now {now['dtype']}")
     return "; ".join(parts)
 
 

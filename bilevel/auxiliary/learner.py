@@ -90,7 +90,7 @@ class AuxiliaryLearner:
                                 "auxiliary_updated": False}
         if auxiliary_step:
             self.auxiliary_optimizer.zero_grad()
-            held = [p for n, p in named if n in unused]
+            held = [p for (_, p), g in zip(named, grads) if g is None]
             try:  # parameters the training loss does not use are constants of the inner problem
                 for p in held:
                     p.requires_grad_(False)

@@ -146,6 +146,27 @@ def test_meta_optimizer_has_auxilearns_signature():
     assert positional.step(train_loss(theta, phi), val_loss(theta, phi), [theta], [phi]) is None
 
 
+def test_meta_optimizer_zero_grad_and_the_scale_of_the_true_hypergradient():
+    """With H = I/α the default's Neumann terms after the first vanish (p = ∂g/∂θ), so the
+    true hypergradient is exactly α times AuxiLearn's (the docstring's retuning advice)."""
+    alpha = 0.1
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(5, generator=g, dtype=D).requires_grad_()
+    phi = torch.randn(5, generator=g, dtype=D).requires_grad_()
+    target = torch.randn(5, generator=g, dtype=D)
+    grads = {}
+    for mode in (None, "implicit-exact"):
+        train = 0.5 * (theta ** 2).sum() / alpha - (phi * theta).sum()
+        val = 0.5 * ((theta - target) ** 2).sum()
+        meta = MetaOptimizer(torch.optim.SGD([phi], lr=0.0), hpo_lr=alpha, truncate_iter=3, max_grad_norm=None,
+                             mode=mode)
+        grads[mode] = meta.step(train, val, [theta], [phi], return_grads=True)[0]
+        assert phi.grad is not None
+        meta.zero_grad()
+        assert phi.grad is None
+    assert torch.allclose(grads["implicit-exact"], alpha * grads[None], rtol=1e-12, atol=0)
+
+
 def test_meta_optimizer_errors():
     train_loss, val_loss, solve, phi = _aux_problem()
     theta = solve(phi.detach()).detach().requires_grad_()
@@ -192,6 +213,16 @@ def test_linear_combiner():
     assert (skip.weights >= 0).all() and skip.weights[0] == 1.0
     with pytest.raises(ValueError, match="shape \\(B, T\\) with T=3"):
         combiner(torch.rand(8, 4, dtype=D))
+    big = LinearCombiner(2, init=1000.0).double()  # log(e^1000 − 1) in a stable form
+    assert torch.allclose(big.weights, torch.full((2,), 1000.0, dtype=D), rtol=1e-14)
+    assert torch.allclose(LinearCombiner(2, init=1e-6).double().weights, torch.full((2,), 1e-6, dtype=D), rtol=1e-9)
+    for init in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="init must be a finite number > 0"):
+            LinearCombiner(3, init=init)
+    with pytest.raises(ValueError, match="num_tasks must be an int >= 1"):
+        LinearCombiner(0)
+    with pytest.raises(ValueError, match="num_tasks must be an int >= 2"):
+        LinearCombiner(1, main_skip=True)
 
 
 def _scrambled(combiner):
@@ -230,6 +261,8 @@ def test_conv_combiner_on_loss_maps():
     assert all(p.grad is not None for p in combiner.parameters())
     with pytest.raises(ValueError, match="\\(B, T, H, W\\)"):
         combiner(torch.rand(4, 2, dtype=D))
+    for size in (1, 2, 4):  # every kernel size keeps the map's shape (an even one pads unevenly)
+        assert ConvCombiner(2, kernel_size=size).double().net(torch.rand(2, 2, 7, 9, dtype=D)).shape == (2, 2, 7, 9)
 
 
 @pytest.mark.parametrize("mode", [None, "implicit-exact"])

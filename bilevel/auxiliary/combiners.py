@@ -14,7 +14,14 @@ from torch import Tensor, nn
 
 
 def _inverse_softplus(value: float) -> float:
-    return math.log(math.expm1(value))
+    """x with softplus(x) = value > 0: log(e^v − 1) = v + log(1 − e^−v), stable for every v."""
+    return value + math.log(-math.expm1(-value))
+
+
+def _check_num_tasks(num_tasks: int, least: int = 1) -> None:
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < least:
+        raise ValueError(f"num_tasks must be an int >= {least} (the main task and the auxiliary "
+                         f"ones), got {num_tasks!r}")
 
 
 def _check_losses(losses: Tensor, num_tasks: int, dims: int) -> None:
@@ -32,6 +39,10 @@ class LinearCombiner(nn.Module):
 
     def __init__(self, num_tasks: int, main_skip: bool = False, init: float = 1.0) -> None:
         super().__init__()
+        _check_num_tasks(num_tasks, 2 if main_skip else 1)  # main_skip: something left to learn
+        if isinstance(init, bool) or not isinstance(init, (int, float)) or not 0 < init < math.inf:
+            raise ValueError(f"init must be a finite number > 0 (the weights are softplus(raw), "
+                             f"positive), got {init!r}; a weight near 0 is e.g. init=1e-3")
         self.num_tasks, self.main_skip = num_tasks, main_skip
         learned = num_tasks - 1 if main_skip else num_tasks
         self.raw = nn.Parameter(torch.full((learned,), _inverse_softplus(init)))
@@ -64,6 +75,7 @@ class NonlinearCombiner(nn.Module):
 
     def __init__(self, num_tasks: int, hidden: tuple[int, ...] = (16,), monotone: bool = False) -> None:
         super().__init__()
+        _check_num_tasks(num_tasks)
         self.num_tasks = num_tasks
         layer = _MonotoneLinear if monotone else nn.Linear
         sizes = (num_tasks, *hidden, 1)
@@ -86,11 +98,12 @@ class ConvCombiner(nn.Module):
 
     def __init__(self, num_tasks: int, hidden_channels: int = 8, kernel_size: int = 3) -> None:
         super().__init__()
+        _check_num_tasks(num_tasks)
         self.num_tasks = num_tasks
-        padding = kernel_size // 2
+        # "same" padding keeps the map's size for every kernel size (an even one pads unevenly)
         self.net = nn.Sequential(
-            nn.Conv2d(num_tasks, hidden_channels, kernel_size, padding=padding), nn.Tanh(),
-            nn.Conv2d(hidden_channels, num_tasks, kernel_size, padding=padding))
+            nn.Conv2d(num_tasks, hidden_channels, kernel_size, padding="same"), nn.Tanh(),
+            nn.Conv2d(hidden_channels, num_tasks, kernel_size, padding="same"))
 
     def forward(self, losses: Tensor) -> Tensor:
         _check_losses(losses, self.num_tasks, 4)

@@ -30,8 +30,8 @@ class MetaOptimizer:
     **The true hypergradient:** pass an implicit mode, e.g. ``mode="implicit-cg"`` (its
     options as keywords, ``iters=20``), or ``"implicit-exact"`` for tiny models. This
     includes the direct term and solves ``H x = ∂g/∂θ`` properly; the meta learning rate
-    then usually needs retuning (the result is about α(K+1) times smaller than the default's
-    when H ≈ I/α). ``hpo_lr`` and ``truncate_iter`` are unused then. Unrolled modes need loss
+    then usually needs retuning: where H ≈ I/α the result is α times the default's (then
+    ``p = ∂g/∂θ``), and for small α, where ``p ≈ (K+1)·∂g/∂θ``, about ``H⁻¹/(K+1)`` times it. ``hpo_lr`` and ``truncate_iter`` are unused then. Unrolled modes need loss
     *functions*, not loss tensors: use :class:`~bilevel.auxiliary.AuxiliaryLearner`.
 
     Fixed failures of the original: ``parameters``/``aux_params`` may be generators (read
@@ -75,6 +75,10 @@ class MetaOptimizer:
                              "function, but MetaOptimizer.step receives loss tensors: use an implicit "
                              "mode here, or bilevel.auxiliary.AuxiliaryLearner, which takes loss "
                              "functions and runs any mode")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the auxiliary parameters' gradients (the wrapped optimizer's ``zero_grad``)."""
+        self.meta_optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, train_loss: Tensor, val_loss: Tensor, parameters: Iterable[Tensor],
              aux_params: Iterable[Tensor], return_grads: bool = False) -> list[Tensor] | None:

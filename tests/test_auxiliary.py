@@ -247,6 +247,7 @@ def test_monotone_nonlinear_combiner_never_rewards_a_larger_loss():
     assert (free_slopes[:, 1:] < -1e-6).any()  # without the constraint some slope is negative: the check bites
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch notes the extra copy
 def test_conv_combiner_on_loss_maps():
     torch.manual_seed(0)
     combiner = ConvCombiner(2).double()

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import functools
 import re
 import types
 import warnings
@@ -92,13 +93,24 @@ class BilevelProblem:
                 if t.dtype != reference.dtype:
                     raise ValueError(f"{where} has dtype {t.dtype} but hparams[0] has "
                                      f"{reference.dtype}; use one floating dtype for params and hparams")
+        for argument, tensors in (("params", self.theta0), ("hparams", self.phi0)):
+            first: dict[int, int] = {}
+            for j, t in enumerate(tensors):
+                i = first.setdefault(id(t), j)
+                if i != j:  # each entry would get its own copy: the tie between them would be lost
+                    raise ValueError(
+                        f"{argument}[{i}] and {argument}[{j}] are the same tensor (shape {tuple(t.shape)}); "
+                        f"pass each tensor once. Modules that share a weight: put them in one module "
+                        f"(an nn.ModuleList), whose parameters() lists the shared weight once")
         shared = {id(t) for t in self.theta0} & {id(t) for t in self.phi0}
         if shared:
             i = next(i for i, t in enumerate(self.theta0) if id(t) in shared)
             j = next(j for j, t in enumerate(self.phi0) if id(t) in shared)
             raise ValueError(f"params[{i}] and hparams[{j}] are the same tensor (shape "
                              f"{tuple(self.theta0[i].shape)}); a tensor is either trained by the inner "
-                             "problem or a hyperparameter, not both: pass it in only one of them")
+                             "problem or a hyperparameter, not both: pass it in only one of them (if "
+                             "hparams is a submodule of the params module, pass the model's other "
+                             "submodules as params)")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -149,8 +161,11 @@ class BilevelProblem:
             return loss
         loss = _check_loss(loss, name)
         if name == "inner_loss":  # screened once per closure code (or callable class)
-            code = _code(self.inner_loss)
-            key = code if isinstance(code, types.CodeType) else type(self.inner_loss)
+            function = self.inner_loss
+            while isinstance(function, functools.partial):  # a partial's code is its function's
+                function = function.func
+            code = _code(function)
+            key = code if isinstance(code, types.CodeType) else type(function)
             if key not in _SCREENED:
                 _SCREENED.add(key)
                 warn_once_differentiable(loss)
@@ -280,6 +295,25 @@ def _custom_functions(loss: Tensor) -> str:
     a missing double backward), as a clause for an error message."""
     names = sorted({type(node).__name__ for node in _function_nodes(loss)})
     return f" (custom autograd Functions in the graph: {', '.join(names)})" if names else ""
+
+
+def reached(loss: Tensor, tensors: Tensors) -> list[bool]:
+    """Whether the autograd graph of ``loss`` reaches each tensor (structurally, no backward)."""
+    nodes: dict[Any, list[int]] = {}
+    for i, t in enumerate(tensors):
+        nodes.setdefault(t.grad_fn if t.grad_fn is not None else id(t), []).append(i)
+    found = [False] * len(tensors)
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+        for i in nodes.get(node, []) + (nodes.get(id(variable), []) if variable is not None else []):
+            found[i] = True
+        stack.extend(n for n, _ in node.next_functions)
+    return found
 
 
 #: the code of every ``@once_differentiable`` backward (one wrapper, made per decorated function)

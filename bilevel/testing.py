@@ -229,7 +229,7 @@ def _direction_leaves(direction: Direction, hparams: Any, leaves: Tensors,
             raise ValueError(f"direction must be None, 'random' or a tensor structure like hparams, "
                              f"got {direction!r}")
         direction = random_direction(hparams, generator)
-    steps, _ = flatten(direction, "direction")
+    steps, _ = flatten(_aligned(direction, hparams), "direction")
     if [s.shape for s in steps] != [t.shape for t in leaves]:
         raise ValueError(f"direction: expected tensors of shapes {[tuple(t.shape) for t in leaves]} "
                          f"(those of hparams), got {[tuple(s.shape) for s in steps]}")
@@ -237,6 +237,22 @@ def _direction_leaves(direction: Direction, hparams: Any, leaves: Tensors,
     if not any(bool(s.any()) for s in steps):
         raise ValueError("direction is zero; pass a nonzero direction")
     return steps
+
+
+def _aligned(direction: Any, hparams: Any, path: str = "direction") -> Any:
+    """``direction`` in the structure of ``hparams``, dict entries matched by key (not by
+    position: a dict written in another key order is the same direction)."""
+    if isinstance(hparams, dict):
+        if not isinstance(direction, dict) or set(direction) != set(hparams):
+            got = f"keys {list(direction)}" if isinstance(direction, dict) else f"a {type(direction).__name__}"
+            raise ValueError(f"{path}: expected a dict with the keys of hparams, {list(hparams)}, got {got}")
+        return {k: _aligned(direction[k], hparams[k], f"{path}[{k!r}]") for k in hparams}
+    if isinstance(hparams, (tuple, list)):
+        if not isinstance(direction, (tuple, list)) or len(direction) != len(hparams):
+            got = f"length {len(direction)}" if isinstance(direction, (tuple, list)) else f"a {type(direction).__name__}"
+            raise ValueError(f"{path}: expected a tuple or list of {len(hparams)} entries, like hparams, got {got}")
+        return [_aligned(d, h, f"{path}[{i}]") for i, (d, h) in enumerate(zip(direction, hparams))]
+    return direction
 
 
 def _finite_difference(inner_solve: Callable[[Any], Any], outer_loss: Callable[[Any, Any], Tensor],

@@ -21,11 +21,16 @@ from .compiled import CompiledPath, compiled_path
 from .errors import check_finite, deferred_finite_checks, second_order_guard
 from .memory import SavedTensorMemory
 from .modes.base import Mode, check_flag, check_positive
-from .problem import BilevelProblem
+from .problem import BilevelProblem, reached
 from .solvers import Tensors, axpy
 from .stats import Stats
 
 BACKENDS = ("torchopt", "higher")
+_NO_PARAMS_REACHED = (
+    "inner_loss does not depend on params: the inner steps would leave them unchanged and the "
+    "hypergradient would be only the direct term. If the closures call an nn.Module, pass the "
+    "module itself as params (the library evaluates a module at the values it needs), not "
+    "list(module.parameters()); otherwise compute inner_loss from the params it receives")
 # torch optimizer options that higher's differentiable optimizers do not implement
 _HIGHER_IGNORES = ("maximize", "decoupled_weight_decay")
 DEFAULT_LR = 0.1  # for the default inner optimizer, torch.optim.SGD
@@ -595,6 +600,8 @@ class UnrolledMode(Mode):
                     theta = tuple(t.detach().requires_grad_() for t in theta)
                     state = stepper.detach_state(state)
                 loss = problem.inner(theta, phi if graph else phi_constant, *batches[step])
+                if step == 0 and not any(reached(loss, theta)):
+                    raise ValueError(_NO_PARAMS_REACHED)
                 check_finite((loss,), f"the value of inner_loss at unrolled step {step}")
                 with second_order_guard("differentiating through an inner optimizer step"):
                     theta, state = (stepper if graph else cheap).advance(loss, theta, state, graph, fresh_state)

@@ -167,6 +167,21 @@ def test_meta_optimizer_zero_grad_and_the_scale_of_the_true_hypergradient():
     assert torch.allclose(grads["implicit-exact"], alpha * grads[None], rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["implicit-exact", "implicit-cg"])
+def test_meta_optimizer_counts_a_tensor_listed_twice_once_in_implicit_modes(mode):
+    """An implicit mode solves for each tensor once (a repeat would make the system singular)
+    and writes every listed auxiliary tensor its full gradient. (AuxiLearn's formula, the
+    default, keeps AuxiLearn's own handling of a repeat.)"""
+    train_loss, val_loss, solve, phi = _aux_problem()
+    theta = solve(phi.detach()).detach().requires_grad_()
+    step = lambda params, aux: MetaOptimizer(torch.optim.SGD([phi], lr=0.0), hpo_lr=0.1, max_grad_norm=None,  # noqa: E731
+                                             mode=mode).step(train_loss(theta, phi), val_loss(theta, phi), params, aux,
+                                                             return_grads=True)
+    once = step([theta], [phi])
+    twice = step([theta, theta], [phi, phi])
+    assert len(twice) == 2 and all(torch.allclose(g, once[0], rtol=1e-12, atol=1e-15) for g in twice)
+
+
 def test_meta_optimizer_errors():
     train_loss, val_loss, solve, phi = _aux_problem()
     theta = solve(phi.detach()).detach().requires_grad_()

@@ -3,6 +3,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import bilevel
 import bilevel.problem
@@ -162,6 +163,65 @@ def test_once_differentiable_in_the_inner_loss_warns_once_per_closure():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         HyperGradient("implicit-cg").compute(exact, outer, w, phi)
+
+
+def test_once_differentiable_warning_screens_each_partial_by_its_function():
+    """functools.partial closures are screened by the function they wrap, so a harmless
+    partial screened first does not hide a later one that holds the Function."""
+    import functools
+
+    phi = torch.tensor([0.6], dtype=torch.float64, requires_grad=True)
+    w = (phi.detach() / 2).requires_grad_()
+    outer = lambda w, p: 0.5 * ((w - 1) ** 2).sum()  # noqa: E731
+
+    def plain(w, p, scale):
+        return scale * (w ** 2).sum() + 0.5 * ((w - p) ** 2).sum()
+
+    def silent(w, p, scale):
+        return scale * _Square.apply(w).sum() + 0.5 * ((w - p) ** 2).sum()
+
+    bilevel.problem._SCREENED.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HyperGradient("implicit-cg").compute(functools.partial(plain, scale=0.5), outer, w, phi)
+    with pytest.warns(HypergradientWarning, match="holds _Square"):
+        HyperGradient("implicit-cg").compute(functools.partial(silent, scale=0.5), outer, w, phi)
+
+
+@pytest.mark.parametrize("mode", ["implicit-cg", "unroll"])
+def test_a_tensor_passed_twice_is_refused(rp, mode):
+    """Each entry would get its own copy and the tie would be lost (a silent 0 here)."""
+    w = rp.params_star()
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] are the same tensor.*nn.ModuleList"):
+        call(rp, mode, inner=lambda p, lam: rp.inner_loss(p[0], lam), outer=lambda p, lam: rp.outer_loss(p[1], lam),
+             params=(w, w))
+    lam = rp.hparams
+    with pytest.raises(ValueError, match=r"hparams\[0\] and hparams\[1\] are the same tensor"):
+        call(rp, mode, inner=lambda p, h: rp.inner_loss(p, h[0]), outer=lambda p, h: rp.outer_loss(p, h[1]),
+             hparams=(lam, lam))
+    # two modules sharing a weight, passed as a tuple: the same advice
+    enc, dec = nn.Linear(3, 3, bias=False).double(), nn.Linear(3, 3, bias=False).double()
+    dec.weight = enc.weight
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="same tensor.*nn.ModuleList"):
+        call(rp, mode, inner=lambda m, h: (m[1](m[0](x)) ** 2).sum() + h.sum() * (m[0].weight ** 2).sum(),
+             outer=lambda m, h: (m[1](m[0](x)) ** 2).sum(), params=(enc, dec))
+
+
+@pytest.mark.parametrize("mode, options", [("unroll", {}), ("unroll", {"backend": "higher"}),
+                                           ("truncated-unroll", {"steps": 4, "truncate": 2})])
+def test_unrolled_modes_refuse_params_the_inner_loss_does_not_reach(mode, options):
+    """The closures call the module, but params is a list of its parameters: the steps would
+    not move them and the result would be a silent 0."""
+    torch.manual_seed(0)
+    x, y = torch.randn(30, 3, dtype=torch.float64), torch.randn(30, 1, dtype=torch.float64)
+    model = nn.Linear(3, 1).double()
+    lam = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    inner = lambda p, h: ((model(x) - y) ** 2).mean() + h.exp() * (model.weight ** 2).sum()  # noqa: E731
+    outer = lambda p, h: ((model(x) - y) ** 2).mean()  # noqa: E731
+    with pytest.raises(ValueError, match="does not depend on params.*pass the module itself"):
+        HyperGradient(mode, **options).compute(inner, outer, list(model.parameters()), lam)
+    assert HyperGradient(mode, **options).compute(inner, outer, model, lam).abs() > 1e-3  # the fix works
 
 
 def test_nan_in_loss_says_where(rp):

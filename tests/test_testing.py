@@ -87,6 +87,17 @@ def test_directional_derivatives():
     assert float(along) == pytest.approx(float((full["x"] * r["x"]).sum() + (full["y"] * r["y"]).sum()), rel=1e-8)
 
 
+def test_a_dict_direction_is_matched_to_hparams_by_key():
+    hp = {"a": torch.tensor(1.0, dtype=f64), "b": torch.tensor(2.0, dtype=f64)}
+    solve, outer = (lambda h: 3 * h["a"]), (lambda w, h: w + 10 * h["b"])  # dF/da = 3, dF/db = 10
+    along_b = {"b": torch.tensor(1.0, dtype=f64), "a": torch.tensor(0.0, dtype=f64)}  # another key order
+    assert float(finite_difference_hypergradient(solve, outer, hp, direction=along_b)) == pytest.approx(10.0, rel=1e-8)
+    with pytest.raises(ValueError, match=r"direction: expected a dict with the keys of hparams, \['a', 'b'\], got a tuple"):
+        finite_difference_hypergradient(solve, outer, hp, direction=(torch.tensor(1.0, dtype=f64),) * 2)
+    with pytest.raises(ValueError, match=r"got keys \['a', 'c'\]"):
+        finite_difference_hypergradient(solve, outer, hp, direction={"a": hp["a"], "c": hp["b"]})
+
+
 def test_inner_solve_may_use_autograd_and_hparams_are_never_touched():
     target = torch.tensor([1.0, -2.0, 0.5], dtype=f64)
     phi = torch.tensor([0.2, 0.4, -0.1], dtype=f64, requires_grad=True)

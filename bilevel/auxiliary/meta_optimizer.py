@@ -9,7 +9,7 @@ from torch import Tensor
 from ..errors import check_finite, second_order_guard
 from ..hypergradient import HyperGradient
 from ..operators import StationarityJacobian
-from ..problem import BilevelProblem, _custom_functions, warn_once_differentiable
+from ..problem import BilevelProblem, _custom_functions, reached, warn_once_differentiable
 from ..solvers import Tensors, neumann
 from ..unrolled import UnrolledMode
 
@@ -102,8 +102,13 @@ class MetaOptimizer:
             warn_once_differentiable(train_loss)
         if self.hypergradient is None:
             grads = self._auxilearn(train_loss.reshape(()), val_loss.reshape(()), theta, phi)
-        else:
-            grads = self._implicit(train_loss.reshape(()), val_loss.reshape(()), theta, phi, positions)
+        else:  # a tensor listed twice is one variable of the problem, and gets its full gradient
+            first = _first_positions(theta)
+            theta_once, phi_once = tuple(theta[i] for i in first), tuple(phi[i] for i in _first_positions(phi))
+            solved = self._implicit(train_loss.reshape(()), val_loss.reshape(()), theta_once, phi_once,
+                                    [positions[i] for i in first])
+            by_tensor = {id(t): g for t, g in zip(phi_once, solved)}
+            grads = tuple(by_tensor[id(t)] for t in phi)
         self.meta_optimizer.zero_grad()
         for p, g in zip(phi, grads):
             p.grad = g.detach().to(p.dtype).clone()
@@ -141,7 +146,7 @@ class MetaOptimizer:
         grads = torch.autograd.grad(val_loss, theta + phi, allow_unused=True, retain_graph=True)
         if all(g is None for g in grads):
             raise ValueError("val_loss depends on neither parameters nor aux_params; compute it with the models")
-        in_train = _reached(train_loss, theta)
+        in_train = reached(train_loss, theta)
         for i, (train_uses, g) in enumerate(zip(in_train, grads)):
             if g is not None and not train_uses:
                 raise ValueError(
@@ -207,20 +212,9 @@ def _trainable(tensors: Iterable[Tensor], name: str) -> tuple[Tensors, list[int]
     return tuple(items[i] for i in positions), positions
 
 
-def _reached(loss: Tensor, tensors: Tensors) -> list[bool]:
-    """Whether the autograd graph of ``loss`` reaches each tensor (structurally, no backward)."""
-    nodes: dict[Any, list[int]] = {}
+def _first_positions(tensors: Tensors) -> list[int]:
+    """The positions of each tensor's first occurrence (by identity), in order."""
+    first: dict[int, int] = {}
     for i, t in enumerate(tensors):
-        nodes.setdefault(t.grad_fn if t.grad_fn is not None else id(t), []).append(i)
-    found = [False] * len(tensors)
-    seen, stack = set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
-        for i in nodes.get(node, []) + (nodes.get(id(variable), []) if variable is not None else []):
-            found[i] = True
-        stack.extend(n for n, _ in node.next_functions)
-    return found
+        first.setdefault(id(t), i)
+    return list(first.values())

@@ -93,24 +93,22 @@ class BilevelProblem:
                 if t.dtype != reference.dtype:
                     raise ValueError(f"{where} has dtype {t.dtype} but hparams[0] has "
                                      f"{reference.dtype}; use one floating dtype for params and hparams")
+        seen: dict[int, tuple[str, int]] = {}  # each tensor's first place
         for argument, tensors in (("params", self.theta0), ("hparams", self.phi0)):
-            first: dict[int, int] = {}
             for j, t in enumerate(tensors):
-                i = first.setdefault(id(t), j)
-                if i != j:  # each entry would get its own copy: the tie between them would be lost
+                where, i = seen.setdefault(id(t), (argument, j))
+                if (where, i) == (argument, j):
+                    continue
+                if where == argument:  # each entry would get its own copy: the tie would be lost
                     raise ValueError(
                         f"{argument}[{i}] and {argument}[{j}] are the same tensor (shape {tuple(t.shape)}); "
                         f"pass each tensor once. Modules that share a weight: put them in one module "
                         f"(an nn.ModuleList), whose parameters() lists the shared weight once")
-        shared = {id(t) for t in self.theta0} & {id(t) for t in self.phi0}
-        if shared:
-            i = next(i for i, t in enumerate(self.theta0) if id(t) in shared)
-            j = next(j for j, t in enumerate(self.phi0) if id(t) in shared)
-            raise ValueError(f"params[{i}] and hparams[{j}] are the same tensor (shape "
-                             f"{tuple(self.theta0[i].shape)}); a tensor is either trained by the inner "
-                             "problem or a hyperparameter, not both: pass it in only one of them (if "
-                             "hparams is a submodule of the params module, pass the model's other "
-                             "submodules as params)")
+                raise ValueError(f"params[{i}] and hparams[{j}] are the same tensor (shape "
+                                 f"{tuple(t.shape)}); a tensor is either trained by the inner "
+                                 "problem or a hyperparameter, not both: pass it in only one of them (if "
+                                 "hparams is a submodule of the params module, pass the model's other "
+                                 "submodules as params)")
 
     @property
     def dtype(self) -> torch.dtype:

@@ -661,10 +661,5 @@ def _check_loaded_state(loaded: Any, stepper: Any, theta: Tensors) -> None:
         if isinstance(a, Tensor) or isinstance(b, Tensor):
             if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype):
                 raise ValueError("the loaded optimizer state holds tensors whose shapes or dtypes differ "
-                                 f"from the params' ({_shape_list(theta)}); load a checkpoint saved for "
-                                 "these params")
-
-
-def _shape_list(tensors: Tensors) -> str:
-    return ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tensors)
-
+                                 f"from the params' ({', '.join(f'{tuple(t.shape)} {t.dtype}' for t in theta)}); "
+                                 "load a checkpoint saved for these params")

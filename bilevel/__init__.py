@@ -1,14 +1,18 @@
 """bilevel: hypergradients for bilevel problems in PyTorch, unrolled and implicit, one interface."""
-from .errors import (HypergradientWarning, NoDoubleBackwardError, NonFiniteError,
-                     SolverBreakdownError)
-from .hypergradient import HyperGradient
-from .modes import Mode, available_modes, register_mode
-from .problem import BilevelProblem
-from .stats import Stats
 
-__version__ = "0.1.0"
+from ._src.errors import (
+    HypergradientWarning,
+    NoDoubleBackwardError,
+    NonFiniteError,
+    SolverBreakdownError,
+)
+from ._src.hypergradient import HyperGradient
+from ._src.problem import BilevelProblem
+from ._src.stats import Stats
+from ._version import __version__
+from .modes import Mode, available_modes, register_mode
 
 __all__ = [
     "BilevelProblem", "HyperGradient", "HypergradientWarning", "Mode", "NoDoubleBackwardError",
-    "NonFiniteError", "SolverBreakdownError", "Stats", "available_modes", "register_mode",
+    "NonFiniteError", "SolverBreakdownError", "Stats", "__version__", "available_modes", "register_mode",
 ]

@@ -36,8 +36,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._structure import Structure, Tensors, flatten, modules_of
-from .hypergradient import HyperGradient
+from ._src.structure import Structure, Tensors, flatten, modules_of
+from ._src.hypergradient import HyperGradient
 
 __all__ = ["assert_hypergradient_close", "default_eps", "finite_difference_hypergradient",
            "random_direction"]

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import bilevel
-import bilevel.problem
+import bilevel._src.problem
 from bilevel import HyperGradient, HypergradientWarning, NoDoubleBackwardError, NonFiniteError
-from bilevel.problem import BilevelProblem
+from bilevel._src.problem import BilevelProblem
 from problems import _Square, ridge
 
 
@@ -153,7 +153,7 @@ def test_once_differentiable_in_the_inner_loss_warns_once_per_closure():
     outer = lambda w, p: 0.5 * ((w - 1) ** 2).sum()  # noqa: E731
     silent = lambda w, p: 0.5 * _Square.apply(w).sum() + 0.5 * ((w - p) ** 2).sum()  # noqa: E731
     for mode in ("implicit-cg", "unroll"):
-        bilevel.problem._SCREENED.clear()
+        bilevel._src.problem._SCREENED.clear()
         with pytest.warns(HypergradientWarning, match="holds _Square.*@once_differentiable.*wrong hypergradient"):
             HyperGradient(mode).compute(silent, outer, w, phi)
         with warnings.catch_warnings():
@@ -180,7 +180,7 @@ def test_once_differentiable_warning_screens_each_partial_by_its_function():
     def silent(w, p, scale):
         return scale * _Square.apply(w).sum() + 0.5 * ((w - p) ** 2).sum()
 
-    bilevel.problem._SCREENED.clear()
+    bilevel._src.problem._SCREENED.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         HyperGradient("implicit-cg").compute(functools.partial(plain, scale=0.5), outer, w, phi)
@@ -414,7 +414,8 @@ def test_a_mode_is_one_small_registered_class(rp, monkeypatch):
 
     from bilevel.implicit import implicit_hypergradient
     from bilevel.modes import base
-    from bilevel.solvers import SolveResult, scale
+    from bilevel.solvers import SolveResult
+    from bilevel._src.solvers import scale
 
     monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # keep the registry as it was
 
@@ -453,7 +454,7 @@ def test_deferred_nan_checks_name_the_first_place(rp):
 
 
 def test_finite_checks_report_in_order_and_before_a_later_error():
-    from bilevel.errors import deferred_finite_checks, check_finite
+    from bilevel._src.errors import deferred_finite_checks, check_finite
 
     big, nan = torch.ones(50), torch.tensor(float("nan"))
     with pytest.raises(NonFiniteError, match="in second"):
@@ -473,7 +474,7 @@ def test_finite_checks_report_in_order_and_before_a_later_error():
 def test_finite_checks_do_not_mistake_an_overflowing_norm_for_a_nan():
     """The fused check reads one 2-norm per tensor; a finite float32 tensor whose norm
     overflows (entries of 1e30) must pass, and a NaN next to it must still be found."""
-    from bilevel.errors import deferred_finite_checks, check_finite
+    from bilevel._src.errors import deferred_finite_checks, check_finite
 
     huge = torch.full((10,), 1e30)
     assert not torch.isfinite(huge.norm())  # the case under test: the norm overflows

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from bilevel.operators import StationarityJacobian
-from bilevel.solvers import flat, unflat
+from bilevel._src.products import StationarityJacobian
+from bilevel._src.solvers import flat, unflat
 
 f64 = torch.float64
 

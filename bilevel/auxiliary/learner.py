@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..hypergradient import HyperGradient
+from .._src.hypergradient import HyperGradient
 
 
 class AuxiliaryLearner:

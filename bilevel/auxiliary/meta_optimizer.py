@@ -6,12 +6,12 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from ..errors import check_finite, second_order_guard
-from ..hypergradient import HyperGradient
-from ..operators import StationarityJacobian
-from ..problem import BilevelProblem, _custom_functions, reached, warn_once_differentiable
-from ..solvers import Tensors, neumann
-from ..unrolled import UnrolledMode
+from .._src.errors import check_finite, second_order_guard
+from .._src.hypergradient import HyperGradient
+from .._src.products import StationarityJacobian
+from .._src.problem import BilevelProblem, _custom_functions, reached, warn_once_differentiable
+from .._src.solvers import Tensors, neumann
+from ..modes._unrolled import UnrolledMode
 
 
 class MetaOptimizer:

@@ -15,10 +15,10 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ..errors import check_finite, second_order_guard
-from ..hypergradient import HyperGradient
-from ..problem import BilevelProblem
-from ..solvers import Tensors
+from .._src.errors import check_finite, second_order_guard
+from .._src.hypergradient import HyperGradient
+from .._src.problem import BilevelProblem
+from .._src.solvers import Tensors
 
 TaskLosses = Callable[[nn.Module], Tensor]  # model -> (1 + A,) losses: main first, then auxiliaries
 

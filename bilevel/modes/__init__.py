@@ -1,6 +1,21 @@
-"""The registered modes. Each file defines one mode; importing it registers it."""
-from .base import Mode, available_modes, get_mode, register_mode
-from . import implicit_cg, implicit_exact, implicit_gmres, implicit_identity, implicit_neumann, implicit_nystrom  # noqa: F401
-from . import truncated_unroll, unroll  # noqa: F401
+"""The modes: one small file each, one protocol (:class:`Mode`), registered by name.
 
-__all__ = ["Mode", "available_modes", "get_mode", "register_mode"]
+``HyperGradient("implicit-cg", iters=20)`` and ``HyperGradient(ImplicitCG(iters=20))`` are
+the same; :func:`register_mode` adds a mode of one's own.
+"""
+
+from .base import Mode, available_modes, get_mode, register_mode
+from .implicit_cg import ImplicitCG
+from .implicit_exact import ImplicitExact
+from .implicit_gmres import ImplicitGMRES
+from .implicit_identity import ImplicitIdentity
+from .implicit_neumann import ImplicitNeumann
+from .implicit_nystrom import ImplicitNystrom
+from .truncated_unroll import TruncatedUnroll
+from .unroll import Unroll
+
+__all__ = [
+    "ImplicitCG", "ImplicitExact", "ImplicitGMRES", "ImplicitIdentity", "ImplicitNeumann",
+    "ImplicitNystrom", "Mode", "TruncatedUnroll", "Unroll", "available_modes", "get_mode",
+    "register_mode",
+]

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, TypeVar
 
-from ..problem import BilevelProblem
-from ..solvers import Tensors
-from ..stats import Stats
+from .._src.problem import BilevelProblem
+from .._src.solvers import Tensors
+from .._src.stats import Stats
 
 _REGISTRY: dict[str, type["Mode"]] = {}
 

@@ -6,12 +6,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..compiled import CompiledPath, compiled_path, implicit_program
-from ..errors import check_finite, deferred_finite_checks
-from ..implicit import check_autocast, implicit_hypergradient
-from ..problem import BilevelProblem
-from ..solvers import Tensors, conjugate_gradient, conjugate_gradient_fixed
-from ..stats import Stats
+from .._src.compiled import CompiledPath, compiled_path, implicit_program
+from .._src.errors import check_finite, deferred_finite_checks
+from .._src.implicit import check_autocast, implicit_hypergradient
+from .._src.problem import BilevelProblem
+from .._src.solvers import Tensors, conjugate_gradient, conjugate_gradient_fixed
+from .._src.stats import Stats
 from .base import Mode, check_flag, check_positive, register_mode
 
 

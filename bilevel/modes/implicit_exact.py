@@ -6,10 +6,10 @@ from typing import ClassVar
 
 import torch
 
-from ..implicit import implicit_hypergradient
-from ..problem import BilevelProblem
-from ..solvers import Tensors, dense_solve
-from ..stats import Stats
+from .._src.implicit import implicit_hypergradient
+from .._src.problem import BilevelProblem
+from .._src.solvers import Tensors, dense_solve
+from .._src.stats import Stats
 from .base import Mode, check_positive, register_mode
 
 

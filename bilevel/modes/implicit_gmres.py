@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..implicit import implicit_hypergradient
-from ..problem import BilevelProblem
-from ..solvers import Tensors, gmres
-from ..stats import Stats
+from .._src.implicit import implicit_hypergradient
+from .._src.problem import BilevelProblem
+from .._src.solvers import Tensors, gmres
+from .._src.stats import Stats
 from .base import Mode, check_positive, register_mode
 
 

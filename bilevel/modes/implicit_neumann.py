@@ -7,13 +7,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..compiled import CompiledPath, compiled_path, implicit_program
-from ..errors import check_finite
-from ..implicit import check_autocast, implicit_hypergradient
-from ..problem import BilevelProblem
-from ..solvers import (MatVec, Tensors, neumann, neumann_report, neumann_series, power_iteration,
+from .._src.compiled import CompiledPath, compiled_path, implicit_program
+from .._src.errors import check_finite
+from .._src.implicit import check_autocast, implicit_hypergradient
+from .._src.problem import BilevelProblem
+from .._src.solvers import (MatVec, Tensors, neumann, neumann_report, neumann_series, power_iteration,
                        power_iteration_estimate, random_start)
-from ..stats import Stats
+from .._src.stats import Stats
 from .base import Mode, check_flag, check_positive, register_mode
 
 _ZERO_CURVATURE = ("alpha='auto': the inner Hessian is zero along the power iteration; set alpha "

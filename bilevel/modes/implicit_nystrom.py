@@ -6,10 +6,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..implicit import implicit_hypergradient
-from ..problem import BilevelProblem
-from ..solvers import Tensors, flat, nystrom
-from ..stats import Stats
+from .._src.implicit import implicit_hypergradient
+from .._src.problem import BilevelProblem
+from .._src.solvers import Tensors, flat, nystrom
+from .._src.stats import Stats
 from .base import Mode, check_positive, register_mode
 
 

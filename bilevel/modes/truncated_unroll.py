@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..unrolled import UnrolledMode
+from ._unrolled import UnrolledMode
 from .base import check_positive, register_mode
 
 

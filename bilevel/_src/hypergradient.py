@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .errors import HypergradientWarning, SolverBreakdownError
-from .modes import Mode, get_mode
+from ..modes.base import Mode, get_mode
 from .problem import BilevelProblem, Closure
 from .solvers import Tensors
 from .stats import Stats

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._structure import Tensors, flatten, modules_of
+from .structure import Tensors, flatten, modules_of
 from .errors import HypergradientWarning, check_finite, second_order_guard
 
 Closure = Callable[[Any, Any], Tensor]

@@ -17,13 +17,13 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 import torch
 from torch import Tensor
 
-from .compiled import CompiledPath, compiled_path
-from .errors import check_finite, deferred_finite_checks, second_order_guard
-from .memory import SavedTensorMemory
-from .modes.base import Mode, check_flag, check_positive
-from .problem import BilevelProblem, reached
-from .solvers import Tensors, axpy
-from .stats import Stats
+from .._src.compiled import CompiledPath, compiled_path
+from .._src.errors import check_finite, deferred_finite_checks, second_order_guard
+from .._src.memory import SavedTensorMemory
+from .base import Mode, check_flag, check_positive
+from .._src.problem import BilevelProblem, reached
+from .._src.solvers import Tensors, axpy
+from .._src.stats import Stats
 
 BACKENDS = ("torchopt", "higher")
 _NO_PARAMS_REACHED = (

@@ -1,0 +1,3 @@
+"""The implementation. Nothing here is public API: import from ``bilevel`` and its public
+modules (``bilevel.modes``, ``bilevel.solvers``, ``bilevel.implicit``, ``bilevel.errors``,
+``bilevel.memory``, ``bilevel.testing``, ``bilevel.auxiliary``), which re-export."""

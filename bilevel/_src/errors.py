@@ -1,0 +1,128 @@
+"""Errors and warnings that name what went wrong and how to fix it."""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import re
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+
+class NoDoubleBackwardError(TypeError):
+    """An op in a loss has no second derivative in PyTorch, which every mode needs."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or inf appeared while computing a hypergradient; the message says where."""
+
+
+class HypergradientWarning(UserWarning):
+    """A hypergradient was computed but may be inaccurate (see the message and ``stats``)."""
+
+
+class SolverBreakdownError(RuntimeError):
+    """Raised instead of a warning when ``strict=True`` and a solver diverged or broke down."""
+
+
+class FiniteChecks:
+    """NaN/inf checks of several places in a computation, read in one host synchronisation.
+
+    ``add`` records the tensors of a place; ``verify`` tests them all and raises
+    :class:`NonFiniteError` naming the first place that failed, in the order they were added
+    (a NaN propagates forward, so that is where it appeared). On a GPU each synchronisation
+    drains the launch queue: one read per call instead of one per place keeps the device busy.
+
+    The test is one fused reduction: the 2-norm of every tensor (``torch._foreach_norm``, one
+    launch on CUDA), read at once. A norm is finite when the tensor is, and NaN or inf when it
+    holds one; a finite tensor whose norm overflows (entries near 1e19 in float32) is then
+    tested exactly, so it never raises.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[list[Tensor], str]] = []
+
+    def add(self, tensors: Sequence[Tensor | None], where: str) -> None:
+        present = [t for t in tensors if t is not None and (t.is_floating_point() or t.is_complex())]
+        if present:
+            self._pending.append((present, where))
+
+    def verify(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        tensors = [t for place, _ in pending for t in place]
+        with torch.no_grad():
+            norms = torch._foreach_norm(tensors)
+            try:
+                values = torch.stack(norms).tolist()  # the one host synchronisation
+            except RuntimeError:  # tensors on several devices
+                values = [float(n) for n in norms]
+            finite = [math.isfinite(value) for value in values]
+            if all(finite):
+                return
+            suspect = iter(finite)
+            for place, where in pending:
+                if any(not next(suspect) and not bool(torch.isfinite(t).all()) for t in place):
+                    raise NonFiniteError(f"non-finite values (NaN or inf) in {where}; check the losses "
+                                         "and the hyperparameter values, or lower the solver step size")
+
+
+_DEFERRED: contextvars.ContextVar[FiniteChecks | None] = contextvars.ContextVar("bilevel_checks", default=None)
+
+
+def check_finite(tensors: Sequence[Tensor | None], where: str) -> None:
+    """Raise :class:`NonFiniteError` naming ``where`` if any tensor holds NaN or inf; inside
+    :func:`deferred_finite_checks`, when that block ends."""
+    active = _DEFERRED.get()
+    checks = FiniteChecks() if active is None else active
+    checks.add(tensors, where)
+    if active is None:
+        checks.verify()
+
+
+@contextlib.contextmanager
+def deferred_finite_checks() -> Iterator[FiniteChecks]:
+    """Queue the :func:`check_finite` calls made in the block and read them together, in one
+    host synchronisation, when it ends. If the block raises, the checks are read first: a
+    NaN that appeared earlier is the likelier cause, and its error names the place."""
+    checks = FiniteChecks()
+    token = _DEFERRED.set(checks)
+    try:
+        yield checks
+    finally:  # also when the block raised: a NonFiniteError from here then takes its place
+        _DEFERRED.reset(token)
+        checks.verify()
+
+
+_MISSING_DERIVATIVE = re.compile(r"derivative for '?([\w.:]+)'? is not implemented")
+
+
+class second_order_guard:  # noqa: N801 (used as a function: ``with second_order_guard(...)``)
+    """Turn autograd's errors about missing double backward into :class:`NoDoubleBackwardError`
+    (a plain class, not a generator-based context manager: it wraps every product)."""
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: object) -> bool:
+        if not isinstance(error, (RuntimeError, NotImplementedError)):
+            return False
+        message = str(error)
+        match = _MISSING_DERIVATIVE.search(message)
+        if match is None and "double backward" not in message and "twice" not in message:
+            return False
+        op = match.group(1) if match else "an op in the loss"
+        raise NoDoubleBackwardError(
+            f"{self.what} needs the second derivative of {op!r}, which PyTorch does not implement. "
+            "Every hypergradient mode differentiates the inner gradient, so replace that op by a "
+            "twice-differentiable equivalent (write it from elementary tensor ops); if it touches "
+            "only params and not hparams, mode='implicit-identity' avoids Hessian-vector "
+            f"products altogether. Original error: {message}") from error

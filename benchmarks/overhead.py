@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bench
-from bilevel._src import solvers
+from bilevel._src import tree_math as solvers
 
 #: Tensor methods that copy a value to the host (on a GPU: wait for the queue to drain)
 HOST_READS = {"tolist", "item", "__float__", "__int__", "__bool__", "__index__"}

@@ -36,7 +36,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._src.structure import Structure, Tensors, flatten, modules_of
+from ._src.structure import Structure, flatten, modules_of
+from ._src.typing import Tensors
 from ._src.hypergradient import HyperGradient
 
 __all__ = ["assert_hypergradient_close", "default_eps", "finite_difference_hypergradient",

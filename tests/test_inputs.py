@@ -415,7 +415,7 @@ def test_a_mode_is_one_small_registered_class(rp, monkeypatch):
     from bilevel.implicit import implicit_hypergradient
     from bilevel.modes import base
     from bilevel.solvers import SolveResult
-    from bilevel._src.solvers import scale
+    from bilevel._src.tree_math import scale
 
     monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # keep the registry as it was
 

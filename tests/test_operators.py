@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bilevel._src.products import StationarityJacobian
-from bilevel._src.solvers import flat, unflat
+from bilevel._src.tree_math import flat, unflat
 
 f64 = torch.float64
 

@@ -488,7 +488,7 @@ def test_plain_sgd_takes_one_fused_step_and_equals_torchopts_update(monkeypatch,
     given as a transformation) and higher's."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from bilevel._src import solvers
+    from bilevel._src import tree_math as solvers
 
     class FusedAdds(TorchDispatchMode):
         count = 0

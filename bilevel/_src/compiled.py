@@ -37,7 +37,7 @@ from torch import Tensor
 from .errors import HypergradientWarning
 from .implicit import low_precision, subtract_mixed
 from .problem import BilevelProblem
-from .solvers import MatVec, Tensors
+from .typing import MatVec, Tensors
 
 #: ``solve(matvec, v, *args) -> (x, info)``, pure and free of host synchronisation
 PureSolve = Callable[..., tuple[Tensors, dict[str, Tensor]]]

@@ -10,8 +10,8 @@ from torch import Tensor
 
 from .errors import HypergradientWarning, SolverBreakdownError
 from ..modes.base import Mode, get_mode
-from .problem import BilevelProblem, Closure
-from .solvers import Tensors
+from .problem import BilevelProblem
+from .typing import Closure, Tensors
 from .stats import Stats
 
 _BREAKDOWNS = {

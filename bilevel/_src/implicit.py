@@ -16,7 +16,9 @@ from torch import Tensor
 from .errors import check_finite, deferred_finite_checks
 from .products import StationarityJacobian
 from .problem import BilevelProblem
-from .solvers import SolveResult, Tensors, axpy, scale
+from .solvers import SolveResult
+from .tree_math import axpy, scale
+from .typing import Tensors
 from .stats import Stats
 
 Solve = Callable[[StationarityJacobian, Tensors], SolveResult]

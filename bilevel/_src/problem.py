@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .structure import Tensors, flatten, modules_of
+from .structure import flatten, modules_of
+from .typing import Closure, Tensors
 from .errors import HypergradientWarning, check_finite, second_order_guard
 
-Closure = Callable[[Any, Any], Tensor]
 
 # PyTorch's errors for an op whose inputs live on different devices
 _DEVICE_MIXTURE = re.compile(r"same device|expected device|on different devices")

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .errors import check_finite, second_order_guard
-from .solvers import Tensors, flat, unflat
+from .tree_math import flat, unflat
+from .typing import Tensors
 
 
 class StationarityJacobian:

@@ -10,7 +10,8 @@ from .._src.errors import check_finite, second_order_guard
 from .._src.hypergradient import HyperGradient
 from .._src.products import StationarityJacobian
 from .._src.problem import BilevelProblem, _custom_functions, reached, warn_once_differentiable
-from .._src.solvers import Tensors, neumann
+from .._src.solvers import neumann
+from .._src.typing import Tensors
 from ..modes._unrolled import UnrolledMode
 
 

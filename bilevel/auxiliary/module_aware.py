@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .._src.errors import check_finite, second_order_guard
 from .._src.hypergradient import HyperGradient
 from .._src.problem import BilevelProblem
-from .._src.solvers import Tensors
+from .._src.typing import Tensors
 
 TaskLosses = Callable[[nn.Module], Tensor]  # model -> (1 + A,) losses: main first, then auxiliaries
 

@@ -22,7 +22,8 @@ from .._src.errors import check_finite, deferred_finite_checks, second_order_gua
 from .._src.memory import SavedTensorMemory
 from .base import Mode, check_flag, check_positive
 from .._src.problem import BilevelProblem, reached
-from .._src.solvers import Tensors, axpy
+from .._src.tree_math import axpy
+from .._src.typing import Tensors
 from .._src.stats import Stats
 
 BACKENDS = ("torchopt", "higher")

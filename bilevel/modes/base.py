@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any, ClassVar, TypeVar
 
 from .._src.problem import BilevelProblem
-from .._src.solvers import Tensors
+from .._src.typing import Tensors
 from .._src.stats import Stats
 
 _REGISTRY: dict[str, type["Mode"]] = {}

@@ -10,7 +10,8 @@ from .._src.compiled import CompiledPath, compiled_path, implicit_program
 from .._src.errors import check_finite, deferred_finite_checks
 from .._src.implicit import check_autocast, implicit_hypergradient
 from .._src.problem import BilevelProblem
-from .._src.solvers import Tensors, conjugate_gradient, conjugate_gradient_fixed
+from .._src.solvers import conjugate_gradient, conjugate_gradient_fixed
+from .._src.typing import Tensors
 from .._src.stats import Stats
 from .base import Mode, check_flag, check_positive, register_mode
 

@@ -8,7 +8,8 @@ import torch
 
 from .._src.implicit import implicit_hypergradient
 from .._src.problem import BilevelProblem
-from .._src.solvers import Tensors, dense_solve
+from .._src.solvers import dense_solve
+from .._src.typing import Tensors
 from .._src.stats import Stats
 from .base import Mode, check_positive, register_mode
 

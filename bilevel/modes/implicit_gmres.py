@@ -6,7 +6,8 @@ from typing import ClassVar
 
 from .._src.implicit import implicit_hypergradient
 from .._src.problem import BilevelProblem
-from .._src.solvers import Tensors, gmres
+from .._src.solvers import gmres
+from .._src.typing import Tensors
 from .._src.stats import Stats
 from .base import Mode, check_positive, register_mode
 

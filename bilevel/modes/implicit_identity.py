@@ -6,7 +6,9 @@ from typing import ClassVar
 
 from .._src.implicit import implicit_hypergradient
 from .._src.problem import BilevelProblem
-from .._src.solvers import SolveResult, Tensors, scale
+from .._src.solvers import SolveResult
+from .._src.tree_math import scale
+from .._src.typing import Tensors
 from .._src.stats import Stats
 from .base import Mode, check_positive, register_mode
 

@@ -11,8 +11,9 @@ from .._src.compiled import CompiledPath, compiled_path, implicit_program
 from .._src.errors import check_finite
 from .._src.implicit import check_autocast, implicit_hypergradient
 from .._src.problem import BilevelProblem
-from .._src.solvers import (MatVec, Tensors, neumann, neumann_report, neumann_series, power_iteration,
-                       power_iteration_estimate, random_start)
+from .._src.solvers import (neumann, neumann_report, neumann_series, power_iteration,
+                            power_iteration_estimate, random_start)
+from .._src.typing import MatVec, Tensors
 from .._src.stats import Stats
 from .base import Mode, check_flag, check_positive, register_mode
 

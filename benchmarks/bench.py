@@ -21,6 +21,7 @@ of the whole call; CUDA graphs on CUDA), compiled during the untimed warm-up.
 
 Results and how to read them: benchmarks/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ import math
 import statistics
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import higher
 import torch
@@ -42,16 +43,28 @@ ITERS, STEPS, DAMPING, ALPHA, LR = 20, 20, 1.0, 0.05, 0.1
 
 
 # ----------------------------------------------------------------------------- problems
-def mlp_problem(params_target: float, device: str, batch: int = 2048, dtype: torch.dtype = torch.float32,
-                log_decay: float = -4.0):
+def mlp_problem(
+    params_target: float,
+    device: str,
+    batch: int = 2048,
+    dtype: torch.dtype = torch.float32,
+    log_decay: float = -4.0,
+):
     """Width chosen so the MLP 64 -> H -> H -> 10 has about ``params_target`` parameters."""
-    hidden = int((-(74) + (74 ** 2 + 4 * params_target) ** 0.5) / 2)
+    hidden = int((-(74) + (74**2 + 4 * params_target) ** 0.5) / 2)
     g = torch.Generator().manual_seed(0)
     shapes = [(hidden, 64), (hidden,), (hidden, hidden), (hidden,), (10, hidden), (10,)]
-    params = tuple((torch.randn(s, generator=g) / (s[-1] ** 0.5 if len(s) > 1 else 10)).to(device, dtype)
-                   for s in shapes)
-    x, y = torch.randn(batch, 64, generator=g).to(device, dtype), torch.randint(0, 10, (batch,), generator=g).to(device)
-    xv, yv = torch.randn(512, 64, generator=g).to(device, dtype), torch.randint(0, 10, (512,), generator=g).to(device)
+    params = tuple(
+        (torch.randn(s, generator=g) / (s[-1] ** 0.5 if len(s) > 1 else 10)).to(device, dtype) for s in shapes
+    )
+    x, y = (
+        torch.randn(batch, 64, generator=g).to(device, dtype),
+        torch.randint(0, 10, (batch,), generator=g).to(device),
+    )
+    xv, yv = (
+        torch.randn(512, 64, generator=g).to(device, dtype),
+        torch.randint(0, 10, (512,), generator=g).to(device),
+    )
 
     def forward(ps, inputs):
         h = torch.tanh(F.linear(inputs, ps[0], ps[1]))
@@ -65,8 +78,14 @@ def cnn_problem(device: str, batch: int = 512):
     g = torch.Generator().manual_seed(0)
     shapes = [(16, 1, 3, 3), (16,), (32, 16, 3, 3), (32,), (10, 32 * 4 * 4), (10,)]
     params = tuple((torch.randn(s, generator=g) * 0.1).to(device) for s in shapes)
-    x, y = torch.randn(batch, 1, 16, 16, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device)
-    xv, yv = torch.randn(256, 1, 16, 16, generator=g).to(device), torch.randint(0, 10, (256,), generator=g).to(device)
+    x, y = (
+        torch.randn(batch, 1, 16, 16, generator=g).to(device),
+        torch.randint(0, 10, (batch,), generator=g).to(device),
+    )
+    xv, yv = (
+        torch.randn(256, 1, 16, 16, generator=g).to(device),
+        torch.randint(0, 10, (256,), generator=g).to(device),
+    )
 
     def forward(ps, inputs):
         h = torch.tanh(F.conv2d(inputs, ps[0], ps[1], padding=1))
@@ -144,8 +163,11 @@ def floor_unroll(inner, outer, params, logs):
 
 # ----------------------------------------------------------------------------- peers
 def torchopt_implicit(solver: str):
-    solve = (torchopt.linear_solve.solve_cg(maxiter=ITERS, ridge=DAMPING, rtol=0.0) if solver == "cg"
-             else torchopt.linear_solve.solve_inv(ns=True, maxiter=ITERS - 1, alpha=ALPHA))
+    solve = (
+        torchopt.linear_solve.solve_cg(maxiter=ITERS, ridge=DAMPING, rtol=0.0)
+        if solver == "cg"
+        else torchopt.linear_solve.solve_inv(ns=True, maxiter=ITERS - 1, alpha=ALPHA)
+    )
     # torchopt's maxiter counts products after the first term: ITERS − 1 gives our ITERS terms
     # (ours spends one more product on the residual, which torchopt does not report, unless
     # residual=False: the row "ours (no residual)")
@@ -206,20 +228,33 @@ def ours(mode: str, **options):
     return run
 
 
-COMPILED = {"cg": ("implicit-cg", {"iters": ITERS, "tol": 0.0, "damping": DAMPING}),
-            "neumann": ("implicit-neumann", {"iters": ITERS, "alpha": ALPHA}),
-            "unroll": ("unroll", {"steps": STEPS, "lr": LR})}
+COMPILED = {
+    "cg": ("implicit-cg", {"iters": ITERS, "tol": 0.0, "damping": DAMPING}),
+    "neumann": ("implicit-neumann", {"iters": ITERS, "alpha": ALPHA}),
+    "unroll": ("unroll", {"steps": STEPS, "lr": LR}),
+}
 
 
 ALGORITHMS: dict[str, dict[str, Callable]] = {
-    "cg": {"ours": ours("implicit-cg", iters=ITERS, tol=0.0, damping=DAMPING),
-           "floor": floor_implicit("cg"), "torchopt": torchopt_implicit("cg")},
-    "neumann": {"ours": ours("implicit-neumann", iters=ITERS, alpha=ALPHA),
-                # torchopt's work: the same 20 terms with 19 products, no residual
-                "ours (no residual)": ours("implicit-neumann", iters=ITERS, alpha=ALPHA, residual=False),
-                "floor": floor_implicit("neumann"), "torchopt": torchopt_implicit("neumann")},
-    "unroll": {"ours": ours("unroll", steps=STEPS, lr=LR), "ours (higher)": ours("unroll", steps=STEPS, lr=LR, backend="higher"),
-               "floor": floor_unroll, "torchopt": torchopt_unroll, "higher": higher_unroll},
+    "cg": {
+        "ours": ours("implicit-cg", iters=ITERS, tol=0.0, damping=DAMPING),
+        "floor": floor_implicit("cg"),
+        "torchopt": torchopt_implicit("cg"),
+    },
+    "neumann": {
+        "ours": ours("implicit-neumann", iters=ITERS, alpha=ALPHA),
+        # torchopt's work: the same 20 terms with 19 products, no residual
+        "ours (no residual)": ours("implicit-neumann", iters=ITERS, alpha=ALPHA, residual=False),
+        "floor": floor_implicit("neumann"),
+        "torchopt": torchopt_implicit("neumann"),
+    },
+    "unroll": {
+        "ours": ours("unroll", steps=STEPS, lr=LR),
+        "ours (higher)": ours("unroll", steps=STEPS, lr=LR, backend="higher"),
+        "floor": floor_unroll,
+        "torchopt": torchopt_unroll,
+        "higher": higher_unroll,
+    },
 }
 PEERS = ("torchopt", "higher")
 
@@ -243,14 +278,16 @@ def measure(implementations: dict[str, Callable], problem, repeats: int, device:
         memory[name] = torch.cuda.max_memory_allocated() if cuda else None
     names = list(implementations)
     for round_ in range(repeats):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             fn = implementations[name]
             start = time.perf_counter()
             fn(inner, outer, params, logs)
             sync()
             times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(times[name]), memory[name], results[name], times[name])
-            for name in implementations}
+    return {
+        name: (statistics.median(times[name]), memory[name], results[name], times[name])
+        for name in implementations
+    }
 
 
 def paired_ratio(times: list[float], reference: list[float]) -> float:
@@ -265,23 +302,28 @@ def ratio_interval(times: list[float], reference: list[float]) -> tuple[float, f
     between them with probability ≥ 0.95 (binomial; below 6 rounds, the min and the max)."""
     ratios = sorted(t / r for t, r in zip(times, reference))
     n, k = len(ratios), 0
-    below = 1 / 2 ** n  # P(Binomial(n, ½) ≤ k): the median lies outside with twice that
-    while 1 - 2 * (below + math.comb(n, k + 1) / 2 ** n) >= 0.95:
+    below = 1 / 2**n  # P(Binomial(n, ½) ≤ k): the median lies outside with twice that
+    while 1 - 2 * (below + math.comb(n, k + 1) / 2**n) >= 0.95:
         k += 1
-        below += math.comb(n, k) / 2 ** n
+        below += math.comb(n, k) / 2**n
     return ratios[k], ratios[-1 - k]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", default=None, help="MLP parameter counts, e.g. 1e5,3e5,4e6")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-cnn", action="store_true")
     parser.add_argument("--algorithms", default="cg,neumann,unroll")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time our modes with compile=True (compiled once per problem, untimed)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time our modes with compile=True (compiled once per problem, untimed)",
+    )
     args = parser.parse_args(argv)
     default_sizes = "1e5,3e5,1e6,4e6,1e7" if args.device.startswith("cuda") else "1e5"
     sizes = [float(s) for s in (args.sizes or default_sizes).split(",")]
@@ -290,12 +332,18 @@ def main(argv=None):
         sizes, args.repeats, batch = [2e3], 1, 64
     problems = [mlp_problem(s, args.device, batch) for s in sizes]
     if not args.no_cnn:
-        problems.append(cnn_problem(args.device, batch=512 if args.device.startswith("cuda") else min(batch, 64)))
-    print(f"torch {torch.__version__}, torchopt {torchopt.__version__}, higher {importlib.metadata.version('higher')}, "
-          f"device {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}, "
-          f"threads {torch.get_num_threads()}, median of {args.repeats}")
-    print(f"{'problem':<12} {'algorithm':<8} {'implementation':<19} {'ms':>9} {'/floor':>7} {'95% CI':>12} "
-          f"{'/best peer':>10} {'MiB':>8} {'diff vs floor':>13}")
+        problems.append(
+            cnn_problem(args.device, batch=512 if args.device.startswith("cuda") else min(batch, 64))
+        )
+    print(
+        f"torch {torch.__version__}, torchopt {torchopt.__version__}, higher {importlib.metadata.version('higher')}, "
+        f"device {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}, "
+        f"threads {torch.get_num_threads()}, median of {args.repeats}"
+    )
+    print(
+        f"{'problem':<12} {'algorithm':<8} {'implementation':<19} {'ms':>9} {'/floor':>7} {'95% CI':>12} "
+        f"{'/best peer':>10} {'MiB':>8} {'diff vs floor':>13}"
+    )
     rows = []
     warnings.simplefilter("ignore")
     for problem in problems:
@@ -308,20 +356,34 @@ def main(argv=None):
             compiled = implementations.get("ours (compiled)")
             if compiled is not None and not compiled.hg.stats.extra.get("compiled"):
                 results["ours (NOT compiled)"] = results.pop("ours (compiled)")
-                print(f"{problem[0]:<12} {algorithm:<8} not compiled: {compiled.hg.mode._fast.failure}", flush=True)
+                print(
+                    f"{problem[0]:<12} {algorithm:<8} not compiled: {compiled.hg.mode._fast.failure}",
+                    flush=True,
+                )
             elif compiled is not None:
-                print(f"{problem[0]:<12} {algorithm:<8} compile took {compiled.compile_seconds:.0f} s", flush=True)
+                print(
+                    f"{problem[0]:<12} {algorithm:<8} compile took {compiled.compile_seconds:.0f} s",
+                    flush=True,
+                )
             _, _, floor_result, floor_rounds = results["floor"]
             peers = [p for p in PEERS if p in results]
             best = min(peers, key=lambda p: results[p][0]) if peers else None
             for name, (seconds, memory, result, rounds) in results.items():
                 diff = max(float((a - b).norm() / b.norm()) for a, b in zip(result, floor_result))
-                to_floor, (low, high) = paired_ratio(rounds, floor_rounds), ratio_interval(rounds, floor_rounds)
+                to_floor, (low, high) = (
+                    paired_ratio(rounds, floor_rounds),
+                    ratio_interval(rounds, floor_rounds),
+                )
                 to_peer = paired_ratio(rounds, results[best][3]) if best else float("nan")
-                mib = f"{memory / 2 ** 20:8.0f}" if memory is not None else f"{'n/a':>8}"
-                print(f"{problem[0]:<12} {algorithm:<8} {name:<19} {seconds * 1e3:9.1f} {to_floor:7.2f} "
-                      f"{f'{low:.2f}–{high:.2f}':>12} {to_peer:10.2f} {mib} {diff:13.1e}", flush=True)
-                rows.append((problem[0], algorithm, name, seconds, to_floor, to_peer, memory, diff, (low, high)))
+                mib = f"{memory / 2**20:8.0f}" if memory is not None else f"{'n/a':>8}"
+                print(
+                    f"{problem[0]:<12} {algorithm:<8} {name:<19} {seconds * 1e3:9.1f} {to_floor:7.2f} "
+                    f"{f'{low:.2f}–{high:.2f}':>12} {to_peer:10.2f} {mib} {diff:13.1e}",
+                    flush=True,
+                )
+                rows.append(
+                    (problem[0], algorithm, name, seconds, to_floor, to_peer, memory, diff, (low, high))
+                )
     return rows
 
 

@@ -20,17 +20,18 @@ pair; the CPU's is ``(x * y).sum()``), so the counts are those of a GPU run;
 
 Results and how to read them: benchmarks/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
 import collections
 import warnings
 
+import bench
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import bench
 from bilevel._src import tree_math as solvers
 
 #: Tensor methods that copy a value to the host (on a GPU: wait for the queue to drain)
@@ -73,11 +74,14 @@ def count(fn, problem) -> tuple[int, int]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--algorithms", default="cg,neumann,unroll")
-    parser.add_argument("--no-cuda-algebra", action="store_true",
-                        help="keep the CPU's form of the solvers' inner products")
+    parser.add_argument(
+        "--no-cuda-algebra", action="store_true", help="keep the CPU's form of the solvers' inner products"
+    )
     args = parser.parse_args(argv)
     blas_dot, threads = solvers._blas_dot, torch.get_num_threads()
     if not args.no_cuda_algebra:  # CUDA's inner products (torch.dot per pair), on the CPU
@@ -96,8 +100,10 @@ def _run(args: argparse.Namespace) -> list[tuple]:
     # weight decay e³: at this size and point the Hessian has curvature below −1, where our CG
     # (rightly) stops and the floor runs on; the decay makes every implementation run 20 iterations
     problem = bench.mlp_problem(2e3, "cpu", batch=8, log_decay=3.0)
-    print(f"torch {torch.__version__}, one thread, {problem[0]} batch 8, "
-          f"{'CPU' if args.no_cuda_algebra else 'CUDA'} tuple algebra, median of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, one thread, {problem[0]} batch 8, "
+        f"{'CPU' if args.no_cuda_algebra else 'CUDA'} tuple algebra, median of {args.repeats}"
+    )
     print(f"{'algorithm':<8} {'implementation':<19} {'ops':>6} {'reads':>6} {'us':>8} {'/floor':>7}")
     rows = []
     for algorithm in args.algorithms.split(","):
@@ -108,7 +114,9 @@ def _run(args: argparse.Namespace) -> list[tuple]:
             ops, reads = counts[name]
             seconds, rounds = timed[name][0], timed[name][3]
             ratio = bench.paired_ratio(rounds, timed["floor"][3])
-            print(f"{algorithm:<8} {name:<19} {ops:6d} {reads:6d} {seconds * 1e6:8.0f} {ratio:7.2f}", flush=True)
+            print(
+                f"{algorithm:<8} {name:<19} {ops:6d} {reads:6d} {seconds * 1e6:8.0f} {ratio:7.2f}", flush=True
+            )
             rows.append((algorithm, name, ops, reads, seconds, ratio))
     return rows
 

@@ -12,6 +12,7 @@ median time of a call.
 bf16 matmuls are fast on GPUs with tensor cores; on most CPUs they are emulated and slow, so
 the CPU timings here say nothing about the GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,14 @@ import statistics
 import time
 
 import torch
-
 from bench import ALPHA, DAMPING, ITERS, leaves, mlp_problem
+
 from bilevel import HyperGradient
 
-MODES = {"cg": ("implicit-cg", {"iters": ITERS, "tol": 0.0, "damping": DAMPING}),
-         "neumann": ("implicit-neumann", {"iters": ITERS, "alpha": ALPHA})}
+MODES = {
+    "cg": ("implicit-cg", {"iters": ITERS, "tol": 0.0, "damping": DAMPING}),
+    "neumann": ("implicit-neumann", {"iters": ITERS, "alpha": ALPHA}),
+}
 
 
 def flat(tensors) -> torch.Tensor:
@@ -44,26 +47,37 @@ def timed(hg: HyperGradient, args, repeats: int, device: str):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", default="2e4,1e5")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, device "
-          f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}, median of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, device "
+        f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}, median of {args.repeats}"
+    )
     print(f"{'problem':<12} {'mode':<8} {'precision':<9} {'rel. error':>10} {'cosine':>9} {'ms':>8}")
     rows = []
     for size in (float(s) for s in args.sizes.split(",")):
         name, inner, outer, params, logs = mlp_problem(size, args.device)
         _, inner64, outer64, params64, logs64 = mlp_problem(size, args.device, dtype=torch.float64)
         for key, (mode, options) in MODES.items():
-            reference = flat(HyperGradient(mode, **options).compute(inner64, outer64, leaves(params64), leaves(logs64)))
+            reference = flat(
+                HyperGradient(mode, **options).compute(inner64, outer64, leaves(params64), leaves(logs64))
+            )
             for precision, autocast in (("float32", None), ("bfloat16", torch.bfloat16)):
                 hg = HyperGradient(mode, autocast=autocast, **options)
-                result, seconds = timed(hg, (inner, outer, leaves(params), leaves(logs)), args.repeats, args.device)
+                result, seconds = timed(
+                    hg, (inner, outer, leaves(params), leaves(logs)), args.repeats, args.device
+                )
                 error = float((result - reference).norm() / reference.norm())
                 cosine = float(result @ reference / (result.norm() * reference.norm()))
-                print(f"{name:<12} {key:<8} {precision:<9} {error:10.1e} {cosine:9.5f} {seconds * 1e3:8.1f}", flush=True)
+                print(
+                    f"{name:<12} {key:<8} {precision:<9} {error:10.1e} {cosine:9.5f} {seconds * 1e3:8.1f}",
+                    flush=True,
+                )
                 rows.append((name, key, precision, error, cosine, seconds))
     return rows
 

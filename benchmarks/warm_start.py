@@ -8,6 +8,7 @@ how far apart the two runs' hyperparameters end up.
 
     python benchmarks/warm_start.py [--steps 200] [--tol 1e-6] [--device cpu]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ def online_run(warm_start: bool, steps: int, tol: float, device: str, seed: int 
     hg = HyperGradient("implicit-cg", iters=200, tol=tol, warm_start=warm_start)
 
     def train_loss(m, d):
-        penalty = (d.exp() * m.weight ** 2).sum()
+        penalty = (d.exp() * m.weight**2).sum()
         return nn.functional.cross_entropy(m(x_train), y_train) + 0.5 * penalty
 
     def val_loss(m, d):
@@ -58,7 +59,9 @@ def online_run(warm_start: bool, steps: int, tol: float, device: str, seed: int 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--tol", type=float, default=1e-6)
     parser.add_argument("--device", default="cpu")

@@ -31,14 +31,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._src.structure import Structure, flatten, modules_of
-from ._src.typing import Tensors
 from ._src.hypergradient import HyperGradient
+from ._src.pytree import Tree, flatten, leaf_paths
+from ._src.typing import Tensors
 
 __all__ = ["assert_hypergradient_close", "default_eps", "finite_difference_hypergradient",
            "random_direction"]
@@ -71,14 +72,17 @@ def random_direction(hparams: Any, generator: torch.Generator | int | None = Non
     if generator is None or isinstance(generator, int):
         generator = torch.Generator().manual_seed(0 if generator is None else generator)
     elif not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator: expected a torch.Generator or an int seed, got {type(generator).__name__}")
+        raise TypeError("generator: expected a torch.Generator or an int seed, "
+                        f"got {type(generator).__name__}")
     draws = [torch.randn(t.shape, generator=generator, dtype=torch.float64) for t in leaves]
     total = math.sqrt(sum(float((d * d).sum()) for d in draws))
-    return structure.unflatten([(d / total).to(dtype=t.dtype, device=t.device) for d, t in zip(draws, leaves)])
+    return structure.unflatten([(d / total).to(dtype=t.dtype, device=t.device)
+                                for d, t in zip(draws, leaves)])
 
 
-def finite_difference_hypergradient(inner_solve: Callable[[Any], Any], outer_loss: Callable[[Any, Any], Tensor],
-                                    hparams: Any, eps: float | None = None, scheme: str = "central",
+def finite_difference_hypergradient(inner_solve: Callable[[Any], Any],
+                                    outer_loss: Callable[[Any, Any], Tensor], hparams: Any,
+                                    eps: float | None = None, scheme: str = "central",
                                     direction: Direction = None,
                                     generator: torch.Generator | int | None = None) -> Any:
     """Finite-difference estimate of ``dF/dφ`` for ``F(φ) = outer_loss(inner_solve(φ), φ)``.
@@ -150,13 +154,7 @@ def assert_hypergradient_close(hg_or_mode: HyperGradient | str, inner_loss: Call
         assert_hypergradient_close("implicit-exact", inner_loss, outer_loss, inner_solve,
                                    hparams, direction="random")   # for large hparams
     """
-    if isinstance(hg_or_mode, str):
-        hg = HyperGradient(hg_or_mode)
-    elif isinstance(hg_or_mode, HyperGradient):
-        hg = hg_or_mode
-    else:
-        raise TypeError("hg_or_mode: expected a HyperGradient or a mode name such as 'implicit-cg', "
-                        f"got {type(hg_or_mode).__name__}")
+    hg = _hypergradient(hg_or_mode)
     leaves, structure = _tensor_leaves(hparams)
     dtype = leaves[0].dtype
     _warn_precision(dtype)
@@ -175,13 +173,7 @@ def assert_hypergradient_close(hg_or_mode: HyperGradient | str, inner_loss: Call
     computed = hg.compute(inner_loss, outer_loss, params, phi)
     fd = _finite_difference(inner_solve, outer_loss, leaves, structure, eps, scheme, step_dir)
 
-    got, _ = flatten(computed, "computed")
-    if step_dir is None:
-        a = torch.cat([t.detach().reshape(-1) for t in got]).double().cpu()
-        b = torch.cat([t.reshape(-1) for t in flatten(fd, "fd")[0]]).double().cpu()
-    else:
-        a = sum((g.detach().double() * d.double()).sum() for g, d in zip(got, step_dir)).reshape(1).cpu()
-        b = fd.double().reshape(1).cpu()
+    a, b = _compared(computed, fd, step_dir)
     error, fd_norm = float((a - b).norm()), float(b.norm())
     if error <= atol + rtol * fd_norm:
         return computed, fd
@@ -194,15 +186,36 @@ def assert_hypergradient_close(hg_or_mode: HyperGradient | str, inner_loss: Call
 
 
 # ------------------------------------------------------------------------------ internals
+def _hypergradient(hg_or_mode: HyperGradient | str) -> HyperGradient:
+    if isinstance(hg_or_mode, str):
+        return HyperGradient(hg_or_mode)
+    if isinstance(hg_or_mode, HyperGradient):
+        return hg_or_mode
+    raise TypeError("hg_or_mode: expected a HyperGradient or a mode name such as 'implicit-cg', "
+                    f"got {type(hg_or_mode).__name__}")
+
+
+def _compared(computed: Any, fd: Any, step_dir: Tensors | None) -> tuple[Tensor, Tensor]:
+    """The computed and FD hypergradients as float64 CPU vectors (all entries, or the one
+    directional derivative along ``step_dir``)."""
+    got, _ = flatten(computed, "computed")
+    if step_dir is None:
+        a = torch.cat([t.detach().reshape(-1) for t in got]).double().cpu()
+        b = torch.cat([t.reshape(-1) for t in flatten(fd, "fd")[0]]).double().cpu()
+        return a, b
+    along = sum((g.detach().double() * d.double()).sum() for g, d in zip(got, step_dir))
+    return torch.as_tensor(along).reshape(1).cpu(), fd.double().reshape(1).cpu()
+
+
 def _scheme(scheme: str) -> tuple[int, tuple[tuple[int, float], ...]]:
     if scheme not in _SCHEMES:
         raise ValueError(f"scheme must be one of {', '.join(map(repr, _SCHEMES))}, got {scheme!r}")
     return _SCHEMES[scheme]
 
 
-def _tensor_leaves(hparams: Any) -> tuple[Tensors, Structure]:
+def _tensor_leaves(hparams: Any) -> tuple[Tensors, Tree]:
     leaves, structure = flatten(hparams, "hparams")
-    if modules_of(structure):
+    if structure.modules:
         raise TypeError("hparams: finite differences need tensors, not an nn.Module; pass "
                         "dict(module.named_parameters()) and an inner_solve/outer_loss that take it")
     for i, t in enumerate(leaves):
@@ -245,19 +258,22 @@ def _aligned(direction: Any, hparams: Any, path: str = "direction") -> Any:
     position: a dict written in another key order is the same direction)."""
     if isinstance(hparams, dict):
         if not isinstance(direction, dict) or set(direction) != set(hparams):
-            got = f"keys {list(direction)}" if isinstance(direction, dict) else f"a {type(direction).__name__}"
+            got = (f"keys {list(direction)}" if isinstance(direction, dict)
+                   else f"a {type(direction).__name__}")
             raise ValueError(f"{path}: expected a dict with the keys of hparams, {list(hparams)}, got {got}")
         return {k: _aligned(direction[k], hparams[k], f"{path}[{k!r}]") for k in hparams}
     if isinstance(hparams, (tuple, list)):
         if not isinstance(direction, (tuple, list)) or len(direction) != len(hparams):
-            got = f"length {len(direction)}" if isinstance(direction, (tuple, list)) else f"a {type(direction).__name__}"
-            raise ValueError(f"{path}: expected a tuple or list of {len(hparams)} entries, like hparams, got {got}")
+            got = (f"length {len(direction)}" if isinstance(direction, (tuple, list))
+                   else f"a {type(direction).__name__}")
+            raise ValueError(f"{path}: expected a tuple or list of {len(hparams)} entries, like hparams, "
+                             f"got {got}")
         return [_aligned(d, h, f"{path}[{i}]") for i, (d, h) in enumerate(zip(direction, hparams))]
     return direction
 
 
 def _finite_difference(inner_solve: Callable[[Any], Any], outer_loss: Callable[[Any, Any], Tensor],
-                       leaves: Tensors, structure: Structure, eps: float | None, scheme: str,
+                       leaves: Tensors, structure: Tree, eps: float | None, scheme: str,
                        direction: Tensors | None) -> Any:
     _, stencil = _scheme(scheme)
     eps = default_eps(leaves[0].dtype, scheme) if eps is None else eps
@@ -275,11 +291,11 @@ def _finite_difference(inner_solve: Callable[[Any], Any], outer_loss: Callable[[
         if not isinstance(value, Tensor) or value.numel() != 1:
             raise ValueError("outer_loss must return a scalar tensor, got "
                              f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"outer_loss(inner_solve(hparams), hparams) is {value} at a perturbed "
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"outer_loss(inner_solve(hparams), hparams) is {number} at a perturbed "
                              f"hparams (finite-difference step {eps:g}); lower eps or check inner_solve")
-        return value
+        return number
 
     def derivative(move: Callable[[float], Tensors], step: float) -> float:
         total = 0.0
@@ -311,7 +327,7 @@ def _finite_difference(inner_solve: Callable[[Any], Any], outer_loss: Callable[[
                 raise ValueError(f"eps={eps:g} is below the resolution of {b.dtype} at hparams "
                                  f"entry {float(x):g}; use a larger eps")
 
-            def move(s: float, i: int = i, j: int = j) -> Tensors:
+            def move(s: float, i: int = i, j: int = j, flat_b: Tensor = flat_b, b: Tensor = b) -> Tensors:
                 shifted = flat_b.clone()
                 shifted[j] += s
                 return base[:i] + (shifted.reshape(b.shape),) + base[i + 1:]
@@ -321,21 +337,10 @@ def _finite_difference(inner_solve: Callable[[Any], Any], outer_loss: Callable[[
     return structure.unflatten(grads)
 
 
-def _entry_names(structure: Structure, leaves: Tensors) -> list[str]:
+def _entry_names(structure: Tree, leaves: Tensors) -> list[str]:
     """Readable names of every scalar entry, e.g. ``hparams['a'][1, 2]``, in flat order."""
-    paths: list[str] = []
-
-    def walk(s: Structure, path: str) -> None:
-        if s.kind == "tensor":
-            paths.append(path)
-        else:
-            labels = [repr(k) for k in s.keys] if s.kind == "dict" else [str(i) for i in range(len(s.children))]
-            for label, child in zip(labels, s.children):
-                walk(child, f"{path}[{label}]")
-
-    walk(structure, "hparams")
     names = []
-    for path, t in zip(paths, leaves):
+    for path, t in zip(leaf_paths(structure, "hparams"), leaves):
         for j in range(t.numel()):
             index = [int(i) for i in torch.unravel_index(torch.tensor(j), t.shape)] if t.dim() else []
             names.append(f"{path}[{', '.join(map(str, index))}]" if index else path)
@@ -353,7 +358,8 @@ def _report(hg: HyperGradient, a: Tensor, b: Tensor, error: float, fd_norm: floa
     else:
         norms = float(a.norm()) * fd_norm
         cosine = float(a @ b) / norms if norms > 0 else math.nan
-        lines.append(f"  cosine similarity {cosine:.6f}; ‖computed‖ {float(a.norm()):.4e}, ‖fd‖ {fd_norm:.4e}")
+        lines.append(f"  cosine similarity {cosine:.6f}; ‖computed‖ {float(a.norm()):.4e}, "
+                     f"‖fd‖ {fd_norm:.4e}")
         lines.append("  worst entries:")
         width = max(len(n) for n in names)
         for i in torch.argsort((a - b).abs(), descending=True)[:5].tolist():
@@ -362,6 +368,7 @@ def _report(hg: HyperGradient, a: Tensor, b: Tensor, error: float, fd_norm: floa
     lines.append(f"  finite differences: {scheme}, relative step eps={eps:.2e}")
     lines.append(f"  ‖∇θ inner_loss‖ at inner_solve(hparams): {stationarity:.2e} (implicit modes assume 0)")
     s = hg.stats
-    lines.append(f"  mode stats: hvps={s.hvps}, iters={s.iters}, residual={s.residual}, converged={s.converged}, "
-                 f"negative_curvature={s.negative_curvature}, diverged={s.diverged}, singular={s.singular}")
+    lines.append(f"  mode stats: hvps={s.hvps}, iters={s.iters}, residual={s.residual}, "
+                 f"converged={s.converged}, negative_curvature={s.negative_curvature}, "
+                 f"diverged={s.diverged}, singular={s.singular}")
     return "\n".join(lines)

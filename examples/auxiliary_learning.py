@@ -19,6 +19,7 @@ non-symmetric), which GMRES handles.
 
     python examples/auxiliary_learning.py [--seeds 5] [--steps 400] [--device cuda] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,9 @@ def per_sample_losses(model, batch):
     """(B, 4) cross-entropies, one column per task; the digit loss only where a digit label
     exists, scaled so that its batch mean is the mean over the labelled images."""
     x, labels, has_digit = batch
-    losses = torch.stack([F.cross_entropy(out, labels[:, t], reduction="none")
-                          for t, out in enumerate(model(x))], 1)
+    losses = torch.stack(
+        [F.cross_entropy(out, labels[:, t], reduction="none") for t, out in enumerate(model(x))], 1
+    )
     main = losses[:, 0] * has_digit * (len(has_digit) / has_digit.sum())
     return torch.cat([main[:, None], losses[:, 1:]], 1)
 
@@ -102,12 +104,15 @@ def train_fixed(model, train, weights, steps):
 def train_learned_linear(model, train, aux, steps):
     combiner = LinearCombiner(4, main_skip=True, init=1.0).to(train[0].device)
     learner = AuxiliaryLearner(
-        model, combiner,
+        model,
+        combiner,
         train_loss=lambda m, c, batch: c(per_sample_losses(m, batch)),
         main_loss=main_loss,
         primary_optimizer=primary_optimizer(model),
         auxiliary_optimizer=torch.optim.Adam(combiner.parameters(), lr=META_LR),
-        hypergradient=HyperGradient("implicit-gmres", iters=20), update_every=UPDATE_EVERY)
+        hypergradient=HyperGradient("implicit-gmres", iters=20),
+        update_every=UPDATE_EVERY,
+    )
     for _ in range(steps):
         learner.step(train, aux)
     return combiner.weights.detach().cpu()
@@ -115,8 +120,9 @@ def train_learned_linear(model, train, aux, steps):
 
 def train_module_aware(model, train, aux, steps):
     # scale=1: w[a, m] = relu(raw[a, m]) starts at 1, the equal weights
-    weights = ModuleAwareWeights.from_model(model, num_aux=3, by="child", exclude=("heads",),
-                                            scale=1.0).to(train[0].device)
+    weights = ModuleAwareWeights.from_model(model, num_aux=3, by="child", exclude=("heads",), scale=1.0).to(
+        train[0].device
+    )
     opt = primary_optimizer(model)
     meta = torch.optim.Adam(weights.parameters(), lr=META_LR)
     hypergradient = HyperGradient("implicit-gmres", iters=20)
@@ -154,7 +160,9 @@ def _mean_std(values):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--labelled", type=int, default=50, help="digit labels among the 800 training images")
@@ -178,18 +186,24 @@ def main(argv=None):
                 weights[method] = learned
         print(f"seed {seed}: " + ", ".join(f"{m} {results[m][-1]:.4f}" for m in METHODS), flush=True)
 
-    print(f"\nmain-task test accuracy on 937 test images: {args.labelled} digit labels, "
-          f"{args.seeds} seed(s), {args.steps} steps, {args.device}")
+    print(
+        f"\nmain-task test accuracy on 937 test images: {args.labelled} digit labels, "
+        f"{args.seeds} seed(s), {args.steps} steps, {args.device}"
+    )
     print(f"| {'method':<15} | {'accuracy':>15} | {'gain over single-task':>21} | {'s/seed':>6} |")
     print(f"|{'-' * 17}|{'-' * 17}|{'-' * 23}|{'-' * 8}|")
     for method, accs in results.items():
         mean, std = _mean_std(accs)
         gain = _mean_std([a - b for a, b in zip(accs, results["single-task"])])
-        print(f"| {method:<15} | {mean:.4f} ± {std:.4f} | {gain[0]:+.4f} ± {gain[1]:.4f}{'':>5} | "
-              f"{seconds[method] / args.seeds:6.1f} |")
+        print(
+            f"| {method:<15} | {mean:.4f} ± {std:.4f} | {gain[0]:+.4f} ± {gain[1]:.4f}{'':>5} | "
+            f"{seconds[method] / args.seeds:6.1f} |"
+        )
     if "learned linear" in weights:
-        print("\nlearned linear weights (last seed): " +
-              ", ".join(f"{t} {w:.3f}" for t, w in zip(TASKS, weights["learned linear"].tolist())))
+        print(
+            "\nlearned linear weights (last seed): "
+            + ", ".join(f"{t} {w:.3f}" for t, w in zip(TASKS, weights["learned linear"].tolist()))
+        )
     if "module-aware" in weights:
         print("module-aware weights (last seed), rows = auxiliary tasks, columns = layer1, layer2:")
         for task, row in zip(TASKS[1:], weights["module-aware"].tolist()):

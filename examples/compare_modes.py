@@ -14,6 +14,7 @@ Inner: training cross-entropy + ½ Σⱼ exp(φⱼ) ‖W[:, j]‖². Outer: vali
 
     python examples/compare_modes.py [--device cuda] [--quick] [--out compare_modes.png]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,7 +65,7 @@ def make_losses(train, val):
 
     def inner_loss(params, log_decay):
         weight, bias = params
-        penalty = (log_decay.exp() * (weight ** 2).sum(1)).sum()  # weight is (64 pixels, 10 classes)
+        penalty = (log_decay.exp() * (weight**2).sum(1)).sum()  # weight is (64 pixels, 10 classes)
         return F.cross_entropy(x_train @ weight + bias, y_train) + 0.5 * penalty
 
     def outer_loss(params, log_decay):
@@ -76,11 +77,20 @@ def make_losses(train, val):
 
 def solve_inner(inner_loss, log_decay, start=None, iters=500):
     """Minimise the (strongly convex) inner loss with L-BFGS, warm-started from ``start``."""
-    weight = torch.zeros(64, 10, dtype=log_decay.dtype, device=log_decay.device) if start is None else start[0]
+    weight = (
+        torch.zeros(64, 10, dtype=log_decay.dtype, device=log_decay.device) if start is None else start[0]
+    )
     bias = torch.zeros(10, dtype=log_decay.dtype, device=log_decay.device) if start is None else start[1]
     params = [weight.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()]
-    opt = torch.optim.LBFGS(params, lr=1, max_iter=iters, tolerance_grad=1e-12, tolerance_change=1e-15,
-                            history_size=50, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1,
+        max_iter=iters,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -111,7 +121,9 @@ def time_mode(hg, args, repeats):
 
 
 def compare(args, inner_loss, outer_loss, params, log_decay):
-    exact = HyperGradient("implicit-exact", max_params=1000).compute(inner_loss, outer_loss, params, log_decay)
+    exact = HyperGradient("implicit-exact", max_params=1000).compute(
+        inner_loss, outer_loss, params, log_decay
+    )
     sweeps = QUICK_SWEEPS if args.quick else SWEEPS
     jobs = []
     for mode in bilevel.available_modes():
@@ -129,8 +141,9 @@ def compare(args, inner_loss, outer_loss, params, log_decay):
     for mode, option, value, options in tqdm(jobs, desc="modes x budgets", leave=False, disable=None):
         hg = HyperGradient(mode, **options)
         with bilevel_quiet():
-            grad, seconds, graph_bytes = time_mode(hg, (inner_loss, outer_loss, params, log_decay),
-                                                   1 if args.quick else 3)
+            grad, seconds, graph_bytes = time_mode(
+                hg, (inner_loss, outer_loss, params, log_decay), 1 if args.quick else 3
+            )
         error = float((grad - exact).norm() / exact.norm())
         cosine = float(F.cosine_similarity(grad.flatten(), exact.flatten(), dim=0))
         budget = f"{option}={value}" if option else "defaults"
@@ -153,10 +166,14 @@ class bilevel_quiet:
 
 
 def print_table(rows):
-    print(f"\n{'mode':<18} {'budget':<14} {'rel. error':>10} {'cosine':>8} {'HVPs':>6} {'time ms':>8} {'graph MiB':>9}")
+    print(
+        f"\n{'mode':<18} {'budget':<14} {'rel. error':>10} {'cosine':>8} {'HVPs':>6} {'time ms':>8} {'graph MiB':>9}"
+    )
     for mode, budget, error, cosine, hvps, seconds, graph_bytes in rows:
-        print(f"{mode:<18} {budget:<14} {error:10.2e} {cosine:8.4f} {hvps:6d} {seconds * 1e3:8.1f} "
-              f"{graph_bytes / 2 ** 20:9.2f}")
+        print(
+            f"{mode:<18} {budget:<14} {error:10.2e} {cosine:8.4f} {hvps:6d} {seconds * 1e3:8.1f} "
+            f"{graph_bytes / 2**20:9.2f}"
+        )
 
 
 def plot(rows, path):
@@ -169,8 +186,13 @@ def plot(rows, path):
     for mode in dict.fromkeys(r[0] for r in rows):
         points = [(r[5] * 1e3, max(r[2], 1e-17)) for r in rows if r[0] == mode]  # budget order
         ax.plot(*zip(*points), marker="o", label=mode)
-    ax.set(xscale="log", yscale="log", xlabel="wall time per hypergradient (ms)",
-           ylabel="relative error vs exact", title="Hypergradient accuracy vs cost (digits, 64 log decays)")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="wall time per hypergradient (ms)",
+        ylabel="relative error vs exact",
+        title="Hypergradient accuracy vs cost (digits, 64 log decays)",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -184,8 +206,9 @@ def tune(args, modes, inner_loss, outer_loss, data):
     print(f"\nhyperparameter optimisation: {args.outer_steps} outer steps of Adam(lr={args.outer_lr})")
     print(f"{'mode':<18} {'val loss':>17} {'val acc':>15} {'test loss':>17} {'test acc':>15} {'time s':>7}")
     for mode in modes:
-        log_decay = torch.full((64,), args.init_log_decay, dtype=torch.float64, device=args.device,
-                               requires_grad=True)
+        log_decay = torch.full(
+            (64,), args.init_log_decay, dtype=torch.float64, device=args.device, requires_grad=True
+        )
         outer_opt = torch.optim.Adam([log_decay], lr=args.outer_lr)
         hg = HyperGradient(mode, **FIXED.get(mode, {}), **({"lr": args.inner_lr} if "unroll" in mode else {}))
         params = solve_inner(inner_loss, log_decay)
@@ -198,13 +221,17 @@ def tune(args, modes, inner_loss, outer_loss, data):
             outer_opt.step()
             params = solve_inner(inner_loss, log_decay, start=params, iters=50)
         after = evaluate(params, val) + evaluate(params, test)
-        print(f"{mode:<18} {before[0]:7.4f} -> {after[0]:.4f} {before[1]:6.3f} -> {after[1]:.3f} "
-              f"{before[2]:7.4f} -> {after[2]:.4f} {before[3]:6.3f} -> {after[3]:.3f} "
-              f"{time.perf_counter() - start:7.1f}")
+        print(
+            f"{mode:<18} {before[0]:7.4f} -> {after[0]:.4f} {before[1]:6.3f} -> {after[1]:.3f} "
+            f"{before[2]:7.4f} -> {after[2]:.4f} {before[3]:6.3f} -> {after[3]:.3f} "
+            f"{time.perf_counter() - start:7.1f}"
+        )
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny budgets (smoke test)")
     parser.add_argument("--out", default="compare_modes.png", help="where to save the plot")
@@ -220,11 +247,14 @@ def main(argv=None):
 
     data = load_data(args.device)
     inner_loss, outer_loss = make_losses(data[0], data[1])
-    log_decay = torch.full((64,), args.init_log_decay, dtype=torch.float64, device=args.device,
-                           requires_grad=True)
+    log_decay = torch.full(
+        (64,), args.init_log_decay, dtype=torch.float64, device=args.device, requires_grad=True
+    )
     params = solve_inner(inner_loss, log_decay)
-    print(f"digits: 600 train / 600 val / 597 test; P = {sum(p.numel() for p in params)} parameters, "
-          f"64 hyperparameters; torch {torch.__version__} on {args.device}")
+    print(
+        f"digits: 600 train / 600 val / 597 test; P = {sum(p.numel() for p in params)} parameters, "
+        f"64 hyperparameters; torch {torch.__version__} on {args.device}"
+    )
     rows = compare(args, inner_loss, outer_loss, params, log_decay)
     print_table(rows)
     plot(rows, args.out)

@@ -12,6 +12,7 @@ on the reweighted set, and on the clean examples only (an oracle).
 
     python examples/data_hypercleaning.py [--outer-steps 60] [--device cuda] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,9 @@ def make_data(noise: float, device: str, seed: int = 0):
     x, y = x[order], y[order]
     y_train = y[:800].clone()
     corrupted = torch.rand(800, generator=g) < noise
-    y_train[corrupted] = (y_train[corrupted] + torch.randint(1, 10, (int(corrupted.sum()),), generator=g)) % 10
+    y_train[corrupted] = (
+        y_train[corrupted] + torch.randint(1, 10, (int(corrupted.sum()),), generator=g)
+    ) % 10
     to = lambda *ts: tuple(t.to(device) for t in ts)
     return to(x[:800], y_train), to(x[800:1100], y[800:1100]), to(x[1100:], y[1100:]), corrupted
 
@@ -45,7 +48,7 @@ def make_losses(train, val, decay: float = 1e-3):
     def inner_loss(params, logits):
         weight, bias = params
         per_example = F.cross_entropy(x @ weight + bias, y, reduction="none")
-        return (torch.sigmoid(logits) * per_example).mean() + 0.5 * decay * (weight ** 2).sum()
+        return (torch.sigmoid(logits) * per_example).mean() + 0.5 * decay * (weight**2).sum()
 
     def outer_loss(params, logits):
         weight, bias = params
@@ -57,10 +60,20 @@ def make_losses(train, val, decay: float = 1e-3):
 def solve_inner(inner_loss, logits, start=None, iters=300):
     """L-BFGS on the (strongly convex) weighted training loss, warm-started from ``start``."""
     shape = dict(dtype=logits.dtype, device=logits.device)
-    params = [torch.zeros(64, 10, **shape), torch.zeros(10, **shape)] if start is None else [p.detach().clone() for p in start]
+    params = (
+        [torch.zeros(64, 10, **shape), torch.zeros(10, **shape)]
+        if start is None
+        else [p.detach().clone() for p in start]
+    )
     params = [p.requires_grad_() for p in params]
-    opt = torch.optim.LBFGS(params, max_iter=iters, tolerance_grad=1e-10, tolerance_change=1e-14,
-                            history_size=30, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        params,
+        max_iter=iters,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+        history_size=30,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -78,7 +91,9 @@ def test_accuracy(params, test):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--noise", type=float, default=0.4, help="fraction of corrupted training labels")
     parser.add_argument("--outer-steps", type=int, default=60)
     parser.add_argument("--outer-lr", type=float, default=1.0)
@@ -109,16 +124,31 @@ def main(argv=None):
     oracle_logits = torch.where(corrupted, -30.0, 30.0).double().to(args.device)
     oracle = solve_inner(inner_loss, oracle_logits)
 
-    print(f"\n{int(corrupted.sum())} of 800 training labels corrupted; {args.outer_steps} outer steps "
-          f"(implicit-cg, last residual {hg.stats.residual:.1e})")
-    print(f"learned weights: ROC AUC clean vs corrupted {auc:.3f}; precision of the top "
-          f"{int(clean.sum())} examples {precision:.3f} (chance {clean.mean().item():.3f})")
-    print(f"mean weight: clean {weights[~corrupted].mean().item():.3f}, corrupted {weights[corrupted].mean().item():.3f}")
+    print(
+        f"\n{int(corrupted.sum())} of 800 training labels corrupted; {args.outer_steps} outer steps "
+        f"(implicit-cg, last residual {hg.stats.residual:.1e})"
+    )
+    print(
+        f"learned weights: ROC AUC clean vs corrupted {auc:.3f}; precision of the top "
+        f"{int(clean.sum())} examples {precision:.3f} (chance {clean.mean().item():.3f})"
+    )
+    print(
+        f"mean weight: clean {weights[~corrupted].mean().item():.3f}, corrupted {weights[corrupted].mean().item():.3f}"
+    )
     print(f"{'training set':<26} {'test accuracy':>13}")
-    for name, p in (("noisy, uniform weights", noisy), ("noisy, learned weights", params), ("clean only (oracle)", oracle)):
+    for name, p in (
+        ("noisy, uniform weights", noisy),
+        ("noisy, learned weights", params),
+        ("clean only (oracle)", oracle),
+    ):
         print(f"{name:<26} {test_accuracy(p, test):13.4f}")
-    return {"auc": auc, "precision": precision, "noisy": test_accuracy(noisy, test),
-            "learned": test_accuracy(params, test), "oracle": test_accuracy(oracle, test)}
+    return {
+        "auc": auc,
+        "precision": precision,
+        "noisy": test_accuracy(noisy, test),
+        "learned": test_accuracy(params, test),
+        "oracle": test_accuracy(oracle, test),
+    }
 
 
 if __name__ == "__main__":

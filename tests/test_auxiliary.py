@@ -1,4 +1,5 @@
 """The AuxiLearn drop-in ``MetaOptimizer`` and the loss combiners."""
+
 import inspect
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from bilevel import HyperGradient, HypergradientWarning, NoDoubleBackwardError
 from bilevel.auxiliary import ConvCombiner, LinearCombiner, MetaOptimizer, NonlinearCombiner
 from bilevel.testing import assert_hypergradient_close
+
 from problems import _Square
 
 D = torch.float64
@@ -25,10 +27,10 @@ def _aux_problem(seed=0, direct=0.0):
 
     def train_loss(theta, phi):
         residuals = ((x @ theta)[:, None] - targets) ** 2  # (B, 3)
-        return residuals[:, 0].mean() + (phi * residuals[:, 1:].mean(0)).sum() + 0.05 * (theta ** 2).sum()
+        return residuals[:, 0].mean() + (phi * residuals[:, 1:].mean(0)).sum() + 0.05 * (theta**2).sum()
 
     def val_loss(theta, phi):
-        return ((xv @ theta - yv) ** 2).mean() + direct * (phi ** 2).sum()
+        return ((xv @ theta - yv) ** 2).mean() + direct * (phi**2).sum()
 
     def solve(phi):
         zero = torch.zeros(4, dtype=D)
@@ -44,7 +46,9 @@ def _auxilearn_reference(train_loss, val_loss, theta, phi, alpha, k):
     theta, phi = theta.detach(), phi.detach()
     hess = torch.autograd.functional.hessian(lambda t: train_loss(t, phi), theta)
     mixed = torch.autograd.functional.jacobian(
-        lambda p: torch.autograd.functional.jacobian(lambda t: train_loss(t, p), theta, create_graph=True), phi)
+        lambda p: torch.autograd.functional.jacobian(lambda t: train_loss(t, p), theta, create_graph=True),
+        phi,
+    )
     v = torch.autograd.functional.jacobian(lambda t: val_loss(t, phi), theta)
     step = torch.eye(len(theta), dtype=D) - alpha * hess
     p = sum(torch.linalg.matrix_power(step, j) @ v for j in range(k + 1))
@@ -68,10 +72,14 @@ def test_meta_optimizer_reproduces_auxilearn_formula(k, direct, monkeypatch):
     monkeypatch.setattr(torch.autograd, "grad", lambda *a, **kw: calls.append(1) or grad(*a, **kw))
     aux = phi.detach().clone().requires_grad_()
     optimizer = torch.optim.SGD([aux], lr=0.5)
-    meta = (MetaOptimizer(optimizer, alpha) if k == 3 else
-            MetaOptimizer(optimizer, hpo_lr=alpha, truncate_iter=k, max_grad_norm=None))
-    (got,) = meta.step(train_loss(theta, aux), val_loss(theta, aux), (t for t in [theta]), iter([aux]),
-                       return_grads=True)
+    meta = (
+        MetaOptimizer(optimizer, alpha)
+        if k == 3
+        else MetaOptimizer(optimizer, hpo_lr=alpha, truncate_iter=k, max_grad_norm=None)
+    )
+    (got,) = meta.step(
+        train_loss(theta, aux), val_loss(theta, aux), (t for t in [theta]), iter([aux]), return_grads=True
+    )
     assert len(calls) == 3 + k  # ∇θf, ∂g/∂θ, K Hessian products, one mixed product: nothing wasted
     assert torch.allclose(got, expected, rtol=1e-10, atol=1e-14)
     assert torch.allclose(aux.grad, expected, rtol=1e-10, atol=1e-14)
@@ -84,11 +92,19 @@ def test_meta_optimizer_with_implicit_modes_gives_the_ift_hypergradient():
     exact = torch.autograd.grad(val_loss(solve(phi), phi), phi)[0]
     theta = solve(phi.detach()).detach().requires_grad_()
     aux = phi.detach().clone().requires_grad_()
-    for mode, options in [("implicit-exact", {}), ("implicit-cg", {"tol": 1e-12}), ("implicit-gmres", {"tol": 1e-12})]:
-        meta = MetaOptimizer(torch.optim.SGD([aux], lr=0.0), hpo_lr=0.1, max_grad_norm=None, mode=mode, **options)
+    for mode, options in [
+        ("implicit-exact", {}),
+        ("implicit-cg", {"tol": 1e-12}),
+        ("implicit-gmres", {"tol": 1e-12}),
+    ]:
+        meta = MetaOptimizer(
+            torch.optim.SGD([aux], lr=0.0), hpo_lr=0.1, max_grad_norm=None, mode=mode, **options
+        )
         (grad,) = meta.step(train_loss(theta, aux), val_loss(theta, aux), [theta], [aux], return_grads=True)
         assert torch.allclose(grad, exact, rtol=1e-9, atol=1e-13), mode
-    clipped = MetaOptimizer(torch.optim.SGD([aux], lr=0.0), hpo_lr=0.1, max_grad_norm=1e-3, mode="implicit-exact")
+    clipped = MetaOptimizer(
+        torch.optim.SGD([aux], lr=0.0), hpo_lr=0.1, max_grad_norm=1e-3, mode="implicit-exact"
+    )
     (grad,) = clipped.step(train_loss(theta, aux), val_loss(theta, aux), [theta], [aux], return_grads=True)
     expected = exact * 1e-3 / (exact.norm() + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
     assert torch.allclose(aux.grad, expected, rtol=1e-9) and torch.equal(grad, aux.grad)
@@ -103,19 +119,35 @@ def test_meta_optimizer_handles_unused_and_frozen_parameters():
 
     reference = _auxilearn_reference(train_loss, val_loss, theta, phi, 0.1, 3)
     meta = MetaOptimizer(torch.optim.SGD([phi, spare_aux], lr=0.0), hpo_lr=0.1, max_grad_norm=None)
-    grads = meta.step(train_loss(theta, phi), val_loss(theta, phi) + (spare_aux ** 2).sum(),
-                      [frozen, theta, spare], [phi, spare_aux], return_grads=True)
+    grads = meta.step(
+        train_loss(theta, phi),
+        val_loss(theta, phi) + (spare_aux**2).sum(),
+        [frozen, theta, spare],
+        [phi, spare_aux],
+        return_grads=True,
+    )
     assert torch.allclose(grads[0], reference, rtol=1e-10) and torch.equal(grads[1], torch.zeros(3, dtype=D))
 
     exact = torch.autograd.grad(val_loss(solve(phi), phi), phi)[0]
-    meta = MetaOptimizer(torch.optim.SGD([phi, spare_aux], lr=0.0), hpo_lr=0.1, max_grad_norm=None,
-                         mode="implicit-exact")
-    grads = meta.step(train_loss(theta, phi), val_loss(theta, phi) + (spare_aux ** 2).sum(),
-                      [frozen, theta, spare], [phi, spare_aux], return_grads=True)
+    meta = MetaOptimizer(
+        torch.optim.SGD([phi, spare_aux], lr=0.0), hpo_lr=0.1, max_grad_norm=None, mode="implicit-exact"
+    )
+    grads = meta.step(
+        train_loss(theta, phi),
+        val_loss(theta, phi) + (spare_aux**2).sum(),
+        [frozen, theta, spare],
+        [phi, spare_aux],
+        return_grads=True,
+    )
     assert torch.allclose(grads[0], exact, rtol=1e-9)
     assert torch.allclose(grads[1], 2 * spare_aux.detach(), rtol=1e-12)  # the direct term only
     with pytest.raises(ValueError, match=r"parameters\[2\].*affects val_loss but not train_loss"):
-        meta.step(train_loss(theta, phi), val_loss(theta, phi) + spare.sum(), [frozen, theta, spare], [phi, spare_aux])
+        meta.step(
+            train_loss(theta, phi),
+            val_loss(theta, phi) + spare.sum(),
+            [frozen, theta, spare],
+            [phi, spare_aux],
+        )
     assert spare.grad is None and theta.grad is None
 
 
@@ -140,8 +172,13 @@ def test_meta_optimizer_has_auxilearns_signature():
     positional = MetaOptimizer(torch.optim.SGD([phi], lr=0.0), 0.1, 2, None)
     keywords = MetaOptimizer(torch.optim.SGD([phi], lr=0.0), hpo_lr=0.1, truncate_iter=2, max_grad_norm=None)
     a = positional.step(train_loss(theta, phi), val_loss(theta, phi), [theta], [phi], True)
-    b = keywords.step(train_loss=train_loss(theta, phi), val_loss=val_loss(theta, phi), parameters=[theta],
-                      aux_params=[phi], return_grads=True)
+    b = keywords.step(
+        train_loss=train_loss(theta, phi),
+        val_loss=val_loss(theta, phi),
+        parameters=[theta],
+        aux_params=[phi],
+        return_grads=True,
+    )
     assert torch.equal(a[0], b[0])
     assert positional.step(train_loss(theta, phi), val_loss(theta, phi), [theta], [phi]) is None
 
@@ -156,10 +193,11 @@ def test_meta_optimizer_zero_grad_and_the_scale_of_the_true_hypergradient():
     target = torch.randn(5, generator=g, dtype=D)
     grads = {}
     for mode in (None, "implicit-exact"):
-        train = 0.5 * (theta ** 2).sum() / alpha - (phi * theta).sum()
+        train = 0.5 * (theta**2).sum() / alpha - (phi * theta).sum()
         val = 0.5 * ((theta - target) ** 2).sum()
-        meta = MetaOptimizer(torch.optim.SGD([phi], lr=0.0), hpo_lr=alpha, truncate_iter=3, max_grad_norm=None,
-                             mode=mode)
+        meta = MetaOptimizer(
+            torch.optim.SGD([phi], lr=0.0), hpo_lr=alpha, truncate_iter=3, max_grad_norm=None, mode=mode
+        )
         grads[mode] = meta.step(train, val, [theta], [phi], return_grads=True)[0]
         assert phi.grad is not None
         meta.zero_grad()
@@ -174,9 +212,9 @@ def test_meta_optimizer_counts_a_tensor_listed_twice_once_in_implicit_modes(mode
     default, keeps AuxiLearn's own handling of a repeat.)"""
     train_loss, val_loss, solve, phi = _aux_problem()
     theta = solve(phi.detach()).detach().requires_grad_()
-    step = lambda params, aux: MetaOptimizer(torch.optim.SGD([phi], lr=0.0), hpo_lr=0.1, max_grad_norm=None,  # noqa: E731
-                                             mode=mode).step(train_loss(theta, phi), val_loss(theta, phi), params, aux,
-                                                             return_grads=True)
+    step = lambda params, aux: MetaOptimizer(
+        torch.optim.SGD([phi], lr=0.0), hpo_lr=0.1, max_grad_norm=None, mode=mode
+    ).step(train_loss(theta, phi), val_loss(theta, phi), params, aux, return_grads=True)
     once = step([theta], [phi])
     twice = step([theta, theta], [phi, phi])
     assert len(twice) == 2 and all(torch.allclose(g, once[0], rtol=1e-12, atol=1e-15) for g in twice)
@@ -194,7 +232,8 @@ def test_meta_optimizer_errors():
         bad_train = train_loss(theta, phi) + phi.sum() * torch.cdist(points, theta.view(1, 1, 4)).sum()
         with pytest.raises(NoDoubleBackwardError, match="_cdist_backward"):
             MetaOptimizer(torch.optim.SGD([phi], lr=0.1), hpo_lr=0.1, mode=mode).step(
-                bad_train, val_loss(theta, phi), [theta], [phi])
+                bad_train, val_loss(theta, phi), [theta], [phi]
+            )
     with pytest.raises(ValueError, match="depends on none of aux_params"):
         meta.step(train_loss(theta, phi.detach()), val_loss(theta, phi), [theta], [phi])
     with pytest.raises(ValueError, match="val_loss must be a scalar"):
@@ -230,7 +269,9 @@ def test_linear_combiner():
         combiner(torch.rand(8, 4, dtype=D))
     big = LinearCombiner(2, init=1000.0).double()  # log(e^1000 − 1) in a stable form
     assert torch.allclose(big.weights, torch.full((2,), 1000.0, dtype=D), rtol=1e-14)
-    assert torch.allclose(LinearCombiner(2, init=1e-6).double().weights, torch.full((2,), 1e-6, dtype=D), rtol=1e-9)
+    assert torch.allclose(
+        LinearCombiner(2, init=1e-6).double().weights, torch.full((2,), 1e-6, dtype=D), rtol=1e-9
+    )
     for init in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="init must be a finite number > 0"):
             LinearCombiner(3, init=init)
@@ -259,7 +300,9 @@ def test_monotone_nonlinear_combiner_never_rewards_a_larger_loss():
     free = _scrambled(NonlinearCombiner(3, hidden=(8, 8)).double())
     assert free(losses).shape == () and free(losses) >= losses[:, 0].mean()
     (free_slopes,) = torch.autograd.grad(free(losses), losses)
-    assert (free_slopes[:, 1:] < -1e-6).any()  # without the constraint some slope is negative: the check bites
+    assert (
+        free_slopes[:, 1:] < -1e-6
+    ).any()  # without the constraint some slope is negative: the check bites
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch notes the extra copy
@@ -278,7 +321,12 @@ def test_conv_combiner_on_loss_maps():
     with pytest.raises(ValueError, match="\\(B, T, H, W\\)"):
         combiner(torch.rand(4, 2, dtype=D))
     for size in (1, 2, 4):  # every kernel size keeps the map's shape (an even one pads unevenly)
-        assert ConvCombiner(2, kernel_size=size).double().net(torch.rand(2, 2, 7, 9, dtype=D)).shape == (2, 2, 7, 9)
+        assert ConvCombiner(2, kernel_size=size).double().net(torch.rand(2, 2, 7, 9, dtype=D)).shape == (
+            2,
+            2,
+            7,
+            9,
+        )
 
 
 @pytest.mark.parametrize("mode", [None, "implicit-exact"])
@@ -290,13 +338,16 @@ def test_meta_optimizer_accepts_losses_from_one_shared_forward_pass(mode):
     x = torch.randn(10, 3, dtype=D)
 
     def losses(h):
-        return (h ** 2).mean() + phi[0] * (h ** 3).mean() + (w ** 2).sum(), (h.sum(1) ** 2).mean()
+        return (h**2).mean() + phi[0] * (h**3).mean() + (w**2).sum(), (h.sum(1) ** 2).mean()
 
     h = torch.tanh(x @ w)
     train, val = losses(h)
-    shared = MetaOptimizer(torch.optim.SGD([phi], lr=0.0), hpo_lr=0.1, mode=mode).step(train, val, [w], [phi], True)
+    shared = MetaOptimizer(torch.optim.SGD([phi], lr=0.0), hpo_lr=0.1, mode=mode).step(
+        train, val, [w], [phi], True
+    )
     separate = MetaOptimizer(torch.optim.SGD([phi], lr=0.0), hpo_lr=0.1, mode=mode).step(
-        losses(torch.tanh(x @ w))[0], losses(torch.tanh(x @ w))[1], [w], [phi], True)
+        losses(torch.tanh(x @ w))[0], losses(torch.tanh(x @ w))[1], [w], [phi], True
+    )
     assert torch.allclose(shared[0], separate[0], rtol=1e-14) and shared[0].abs() > 1e-3
 
 
@@ -309,8 +360,14 @@ def _combiner_problem(combiner, maps: bool):
     shape = (12, 4, 3, 3) if maps else (24, 4)
     x, xv = torch.randn(*shape, generator=g, dtype=D), torch.randn(*shape, generator=g, dtype=D)
     w = torch.randn(3, 4, generator=g, dtype=D) * torch.tensor([[1.0], [0.8], [-0.5]], dtype=D)
-    predict = (lambda inputs, theta: torch.einsum("bchw,c->bhw", inputs, theta)) if maps else (lambda inputs, theta: inputs @ theta)
-    truth = (lambda inputs: torch.einsum("bchw,tc->bthw", inputs, w)) if maps else (lambda inputs: inputs @ w.T)
+    predict = (
+        (lambda inputs, theta: torch.einsum("bchw,c->bhw", inputs, theta))
+        if maps
+        else (lambda inputs, theta: inputs @ theta)
+    )
+    truth = (
+        (lambda inputs: torch.einsum("bchw,tc->bthw", inputs, w)) if maps else (lambda inputs: inputs @ w.T)
+    )
     y, yv = truth(x) + 0.1 * torch.randn(truth(x).shape, generator=g, dtype=D), truth(xv)
     task_axis = 1
 
@@ -318,7 +375,7 @@ def _combiner_problem(combiner, maps: bool):
         return (predict(x, theta).unsqueeze(task_axis) - y) ** 2
 
     def inner_loss(theta, phi):
-        return torch.func.functional_call(combiner, phi, (losses(theta),)) + 1e-2 * (theta ** 2).sum()
+        return torch.func.functional_call(combiner, phi, (losses(theta),)) + 1e-2 * (theta**2).sum()
 
     def outer_loss(theta, phi):
         return ((predict(xv, theta) - yv.select(task_axis, 0)) ** 2).mean()
@@ -335,17 +392,28 @@ def _combiner_problem(combiner, maps: bool):
     return inner_loss, outer_loss, inner_solve, hparams
 
 
-@pytest.mark.parametrize("make, maps", [
-    (lambda: NonlinearCombiner(3, hidden=(6,), monotone=True), False),
-    (lambda: NonlinearCombiner(3, hidden=(6,)), False),
-    (lambda: ConvCombiner(3, hidden_channels=4), True),
-], ids=["nonlinear-monotone", "nonlinear", "conv"])
+@pytest.mark.parametrize(
+    "make, maps",
+    [
+        (lambda: NonlinearCombiner(3, hidden=(6,), monotone=True), False),
+        (lambda: NonlinearCombiner(3, hidden=(6,)), False),
+        (lambda: ConvCombiner(3, hidden_channels=4), True),
+    ],
+    ids=["nonlinear-monotone", "nonlinear", "conv"],
+)
 @pytest.mark.parametrize("mode, options", [("implicit-exact", {}), ("implicit-cg", {"tol": 1e-12})])
 def test_learned_combiners_get_the_finite_difference_hypergradient(make, maps, mode, options):
     torch.manual_seed(0)
     combiner = make().double()
     inner_loss, outer_loss, inner_solve, hparams = _combiner_problem(combiner, maps)
     for seed in range(3):  # directional derivatives along random directions: two solves each
-        computed, fd = assert_hypergradient_close(HyperGradient(mode, **options), inner_loss, outer_loss,
-                                                  inner_solve, hparams, direction="random", generator=seed)
+        computed, fd = assert_hypergradient_close(
+            HyperGradient(mode, **options),
+            inner_loss,
+            outer_loss,
+            inner_solve,
+            hparams,
+            direction="random",
+            generator=seed,
+        )
         assert abs(float(fd)) > 1e-6  # the combiner's weights matter here

@@ -1,4 +1,5 @@
 """``AuxiliaryLearner``: every registered mode at its defaults, exact resume, the wiring."""
+
 import copy
 
 import pytest
@@ -17,8 +18,14 @@ def _per_task_losses(model, batch):
     xb, yb, ab = batch
     logits = model(xb)
     ce = nn.functional.cross_entropy
-    return torch.stack([ce(logits[:, 0:2], yb, reduction="none"), ce(logits[:, 2:4], ab[:, 0], reduction="none"),
-                        ce(logits[:, 4:6], ab[:, 1], reduction="none")], 1)
+    return torch.stack(
+        [
+            ce(logits[:, 0:2], yb, reduction="none"),
+            ce(logits[:, 2:4], ab[:, 0], reduction="none"),
+            ce(logits[:, 4:6], ab[:, 1], reduction="none"),
+        ],
+        1,
+    )
 
 
 def _learner(mode, device="cpu", seed=0, **options):
@@ -30,13 +37,20 @@ def _learner(mode, device="cpu", seed=0, **options):
     primary = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 6)).to(device, D)  # 50 parameters
     combiner = LinearCombiner(3, main_skip=True).to(device, D)
     learner = AuxiliaryLearner(
-        primary, combiner,
-        train_loss=lambda p, a, batch: a(_per_task_losses(p, batch)) + 1e-2 * sum((w ** 2).sum() for w in p.parameters()),
+        primary,
+        combiner,
+        train_loss=lambda p, a, batch: (
+            a(_per_task_losses(p, batch)) + 1e-2 * sum((w**2).sum() for w in p.parameters())
+        ),
         main_loss=lambda p, batch: nn.functional.cross_entropy(p(batch[0])[:, 0:2], batch[1]),
         primary_optimizer=torch.optim.SGD(primary.parameters(), lr=0.3, momentum=0.9),
         auxiliary_optimizer=torch.optim.Adam(combiner.parameters(), lr=0.05),
-        hypergradient=HyperGradient(mode, **options), update_every=2)
-    batches = [tuple(t.to(device) for t in (x[a:b], y[a:b], aux_targets[a:b])) for a, b in ((0, 30), (30, 40))]
+        hypergradient=HyperGradient(mode, **options),
+        update_every=2,
+    )
+    batches = [
+        tuple(t.to(device) for t in (x[a:b], y[a:b], aux_targets[a:b])) for a, b in ((0, 30), (30, 40))
+    ]
     return learner, batches[0], batches[1]
 
 
@@ -78,8 +92,11 @@ def test_learner_hypergradient_is_the_modes_on_the_right_batches():
     def record_auxiliary(*args, **kwargs):
         seen["written"] = learner.auxiliary.raw.grad.clone()
         seen["expected"] = HyperGradient("implicit-exact").compute(
-            lambda p, a: learner.train_loss(p, a, train), lambda p, a: learner.main_loss(p, aux),
-            learner.primary, learner.auxiliary)["raw"]
+            lambda p, a: learner.train_loss(p, a, train),
+            lambda p, a: learner.main_loss(p, aux),
+            learner.primary,
+            learner.auxiliary,
+        )["raw"]
         return auxiliary_step(*args, **kwargs)
 
     learner.primary_optimizer.step, learner.auxiliary_optimizer.step = record_primary, record_auxiliary
@@ -104,8 +121,14 @@ def test_learner_feeds_inner_batches_to_unrolled_modes():
 
 def test_learner_validates_arguments():
     learner, _, _ = _learner("implicit-cg")
-    args = (learner.primary, learner.auxiliary, learner.train_loss, learner.main_loss,
-            learner.primary_optimizer, learner.auxiliary_optimizer)
+    args = (
+        learner.primary,
+        learner.auxiliary,
+        learner.train_loss,
+        learner.main_loss,
+        learner.primary_optimizer,
+        learner.auxiliary_optimizer,
+    )
     with pytest.raises(ValueError, match="update_every"):
         AuxiliaryLearner(*args, update_every=0)
     with pytest.raises(TypeError, match="hypergradient must be a bilevel.HyperGradient"):
@@ -117,8 +140,13 @@ def test_learner_validates_arguments():
 
 
 @pytest.mark.filterwarnings("ignore::bilevel.HypergradientWarning")
-@pytest.mark.parametrize("mode, options", [("implicit-cg", {"warm_start": True, "damping": 0.5}),
-                                           ("unroll", {"steps": 3, "momentum": 0.9, "update_params": True})])
+@pytest.mark.parametrize(
+    "mode, options",
+    [
+        ("implicit-cg", {"warm_start": True, "damping": 0.5}),
+        ("unroll", {"steps": 3, "momentum": 0.9, "update_params": True}),
+    ],
+)
 def test_learner_resumes_the_modes_own_state(mode, options):
     """A mode with state (CG's warm start, an online unroll's optimizer state): the state is part
     of state_dict(), and a resumed run needs it to continue bit for bit."""
@@ -169,10 +197,12 @@ def test_learner_holds_primary_parameters_the_training_loss_does_not_use_fixed(m
         primary.spare.requires_grad_(not frozen)
         learner.primary = primary
         learner.primary_optimizer = torch.optim.SGD(primary.parameters(), lr=0.3)
-        learner.train_loss = lambda p, a, batch: (a(_per_task_losses(p, batch))
-                                                  + 1e-2 * sum((w ** 2).sum() for w in p.body.parameters()))
-        learner.main_loss = lambda p, batch: (nn.functional.cross_entropy(p(batch[0])[:, 0:2], batch[1])
-                                              + p.spare(batch[0]).pow(2).mean())
+        learner.train_loss = lambda p, a, batch: (
+            a(_per_task_losses(p, batch)) + 1e-2 * sum((w**2).sum() for w in p.body.parameters())
+        )
+        learner.main_loss = lambda p, batch: (
+            nn.functional.cross_entropy(p(batch[0])[:, 0:2], batch[1]) + p.spare(batch[0]).pow(2).mean()
+        )
         for _ in range(2):
             info = learner.step(train, aux)
         learners.append((learner, info))
@@ -196,9 +226,16 @@ def _sometimes_unused_head(hypergradient):
         loss = ((p["a"](x)[:, 0] - y[:, 0]) ** 2).mean() * w.weight.exp().sum()
         return loss + ((p["b"](x)[:, 0] - y[:, 1]) ** 2).mean() if labelled else loss
 
-    learner = AuxiliaryLearner(primary, weight, train_loss, lambda p, b: ((p["a"](b[0])[:, 0] - b[1][:, 0]) ** 2).mean(),
-                               torch.optim.SGD(primary.parameters(), lr=0.1), torch.optim.SGD(weight.parameters(), lr=0.1),
-                               hypergradient, update_every=1)
+    learner = AuxiliaryLearner(
+        primary,
+        weight,
+        train_loss,
+        lambda p, b: ((p["a"](b[0])[:, 0] - b[1][:, 0]) ** 2).mean(),
+        torch.optim.SGD(primary.parameters(), lr=0.1),
+        torch.optim.SGD(weight.parameters(), lr=0.1),
+        hypergradient,
+        update_every=1,
+    )
     return learner, (x, y, True), (x, y, False), (x, y)
 
 
@@ -220,12 +257,14 @@ def test_learner_refuses_a_changing_set_of_unused_parameters_only_when_the_mode_
 
 
 def test_learner_load_refused_leaves_the_learner_as_it_was():
-    saver, labelled, _, aux = _sometimes_unused_head(HyperGradient("unroll", steps=2, update_params=True, lr=0.05,
-                                                                   momentum=0.9))
+    saver, labelled, _, aux = _sometimes_unused_head(
+        HyperGradient("unroll", steps=2, update_params=True, lr=0.05, momentum=0.9)
+    )
     saver.step(labelled, aux)
     checkpoint = copy.deepcopy(saver.state_dict())
-    loader, labelled, _, aux = _sometimes_unused_head(HyperGradient("unroll", steps=2, update_params=True, lr=0.05,
-                                                                    inner_optimizer=torch.optim.Adam))
+    loader, labelled, _, aux = _sometimes_unused_head(
+        HyperGradient("unroll", steps=2, update_params=True, lr=0.05, inner_optimizer=torch.optim.Adam)
+    )
     torch.manual_seed(3)
     for p in loader.primary.parameters():
         p.data.normal_()
@@ -237,8 +276,9 @@ def test_learner_load_refused_leaves_the_learner_as_it_was():
     assert all(torch.equal(after["primary"][k], v) for k, v in before["primary"].items())
     assert not torch.equal(after["primary"]["a.weight"], checkpoint["primary"]["a.weight"])
     # a part refused after the mode's state was loaded: that state is rolled back too
-    same, labelled, _, aux = _sometimes_unused_head(HyperGradient("unroll", steps=2, update_params=True, lr=0.05,
-                                                                  momentum=0.9))
+    same, labelled, _, aux = _sometimes_unused_head(
+        HyperGradient("unroll", steps=2, update_params=True, lr=0.05, momentum=0.9)
+    )
     broken = copy.deepcopy(checkpoint)
     del broken["primary"]["b.bias"]
     with pytest.raises(RuntimeError, match="b.bias"):

@@ -1,5 +1,6 @@
 """Module-aware auxiliary weighting (MAOAL): the non-symmetric implicit system, checked densely and
 against a finite difference of the fixed point; modes for symmetric systems must refuse."""
+
 import pytest
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ class _Setup:
 
     def task_losses(self, model):
         out = model(self.x)
-        return ((out - self.targets) ** 2).mean(0) + REG * sum((p ** 2).sum() for p in model.parameters())
+        return ((out - self.targets) ** 2).mean(0) + REG * sum((p**2).sum() for p in model.parameters())
 
     def dev_loss(self, model):
         return ((model(self.xd)[:, 0] - self.yd) ** 2).mean()
@@ -70,13 +71,17 @@ class _Setup:
         w = 0.5 * torch.relu(raw)
         sizes = [s.numel() for s in self.shapes]
         module_of = torch.repeat_interleave(torch.tensor([0, 1, -1, -1]), torch.tensor(sizes))
-        coef = [torch.where(module_of == 0, w[a, 0], torch.where(module_of == 1, w[a, 1], torch.ones((), dtype=D)))
-                for a in range(2)]
+        coef = [
+            torch.where(
+                module_of == 0, w[a, 0], torch.where(module_of == 1, w[a, 1], torch.ones((), dtype=D))
+            )
+            for a in range(2)
+        ]
         return per_task[0] + coef[0] * per_task[1] + coef[1] * per_task[2]
 
     def _losses(self, params):
         out = torch.func.functional_call(self.model, params, (self.x,))
-        return ((out - self.targets) ** 2).mean(0) + REG * sum((p ** 2).sum() for p in params.values())
+        return ((out - self.targets) ** 2).mean(0) + REG * sum((p**2).sum() for p in params.values())
 
     def fixed_point(self, raw):
         """θ*(raw) with G(θ*, raw) = 0: Newton from zero. G is affine in θ, so J = ∂G/∂θ does not
@@ -101,8 +106,9 @@ def setup():
     assert float(s.field(theta, raw).detach().abs().max()) < 1e-13
     jac = torch.autograd.functional.jacobian(lambda t: s.field(t, raw), theta, vectorize=True)  # J = ∂G/∂θ
     assert float((jac - jac.T).abs().max()) > 0.1  # really non-symmetric
-    d_raw = torch.autograd.functional.jacobian(lambda r: s.field(theta, r), raw,
-                                               vectorize=True).reshape(len(theta), -1)
+    d_raw = torch.autograd.functional.jacobian(lambda r: s.field(theta, r), raw, vectorize=True).reshape(
+        len(theta), -1
+    )
     v = torch.autograd.grad(s.dev_loss(s.model), list(s.model.parameters()))
     v = torch.cat([t.reshape(-1) for t in v])
     s.dense = -(d_raw.T @ torch.linalg.solve(jac.T, v)).reshape(raw.shape)  # transposed system
@@ -131,9 +137,12 @@ def test_dense_transposed_solve_matches_a_finite_difference_of_the_fixed_point(s
 
 @pytest.mark.parametrize("mode", bilevel.available_modes())
 def test_every_mode_matches_the_dense_solve_or_refuses(setup, mode):
-    options = {"implicit-exact": {}, "implicit-gmres": {"tol": 1e-13},
-               "implicit-neumann": {"iters": 200, "alpha": 1 / setup.lambda_max},
-               "implicit-identity": {"alpha": 0.2}}
+    options = {
+        "implicit-exact": {},
+        "implicit-gmres": {"tol": 1e-13},
+        "implicit-neumann": {"iters": 200, "alpha": 1 / setup.lambda_max},
+        "implicit-identity": {"alpha": 0.2},
+    }
     if not get_mode(mode).supports_nonsymmetric:
         with pytest.raises(ValueError, match="symmetric inner Hessian.*implicit-"):
             setup.weights.backward(HyperGradient(mode), setup.model, setup.task_losses, setup.dev_loss)
@@ -166,7 +175,12 @@ def test_lower_level_writes_the_module_weighted_gradient(setup):
 def test_module_groups_and_weights():
     model = _TwoModules()
     assert module_groups(model, exclude=("head",)) == {"enc1": ["enc1.weight"], "enc2": ["enc2.weight"]}
-    assert list(module_groups(model, by="tensor")) == ["enc1.weight", "enc2.weight", "head.weight", "head.bias"]
+    assert list(module_groups(model, by="tensor")) == [
+        "enc1.weight",
+        "enc2.weight",
+        "head.weight",
+        "head.bias",
+    ]
     weights = ModuleAwareWeights(3, {"a": ["enc1.weight"], "b": ["enc2.weight", "head.bias"]})
     assert weights.raw.shape == (3, 2) and torch.allclose(weights.weights(), torch.full((3, 2), 1 / 3))
     with torch.no_grad():
@@ -190,9 +204,10 @@ def test_module_groups_and_weights():
 @pytest.mark.parametrize("scale", [1e-12, 1.0, 1e12])
 def test_gmres_solves_nonsymmetric_systems_at_any_scale(scale):
     from bilevel.solvers import gmres
+
     g = torch.Generator().manual_seed(1)
     n = 12
-    a = scale * (3 * torch.eye(n, dtype=D) + torch.randn(n, n, generator=g, dtype=D) / n ** 0.5)
+    a = scale * (3 * torch.eye(n, dtype=D) + torch.randn(n, n, generator=g, dtype=D) / n**0.5)
     assert float((a - a.T).abs().max()) > 0.1 * scale
     v = tuple(torch.split(torch.randn(n, generator=g, dtype=D), [5, 7]))  # a tuple of two tensors
     result = gmres(lambda x: tuple(torch.split(a @ torch.cat(x), [5, 7])), v, iters=n + 3, tol=1e-14)
@@ -208,17 +223,22 @@ def test_an_op_without_double_backward_is_named():
 
     def task_losses(m):
         distances = torch.cdist(points, m[0].weight[None]).sum()
-        return torch.stack([distances + (m[0].bias ** 2).sum(), (m[0].weight ** 2).sum() + m[0].bias.sum() ** 2])
+        return torch.stack(
+            [distances + (m[0].bias ** 2).sum(), (m[0].weight ** 2).sum() + m[0].bias.sum() ** 2]
+        )
 
     with pytest.raises(bilevel.NoDoubleBackwardError, match="_cdist_backward"):
         weights.backward(HyperGradient("implicit-gmres"), model, task_losses, lambda m: m[0].weight.sum())
     assert weights.raw.grad is None
 
 
-@pytest.mark.parametrize("groups", [
-    {"a": ["enc1.weight", "head.bias"], "b": ["enc2.weight"]},  # groups by name, one spanning two layers
-    "tensor",  # one module per parameter tensor
-])
+@pytest.mark.parametrize(
+    "groups",
+    [
+        {"a": ["enc1.weight", "head.bias"], "b": ["enc2.weight"]},  # groups by name, one spanning two layers
+        "tensor",  # one module per parameter tensor
+    ],
+)
 def test_lower_level_follows_the_groups(groups):
     """G_p = ∇_p L_main + Σ_a w[a, m(p)] ∇_p L_a for a parameter p of module m(p); parameters in
     no group get ∇_p (L_main + Σ_a L_a). Checked against per-task gradients, entry by entry."""

@@ -1,17 +1,18 @@
 """The benchmark script runs, and every implementation in it computes the same hypergradient
 as the hand-written floor (so the timings compare the same algorithm)."""
-import importlib.util
-import sys
+
 from pathlib import Path
+
+import pytest
+
+from problems import load_script
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "bench.py"
 
 
+@pytest.mark.slow
 def test_benchmark_quick_run_agrees_with_the_floor(capsys):
-    spec = importlib.util.spec_from_file_location("bench", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = bench
-    spec.loader.exec_module(bench)
+    bench = load_script(SCRIPT)
     rows = bench.main(["--quick"])
     implementations = {(problem, algorithm, name) for problem, algorithm, name, *_ in rows}
     assert len(implementations) == len(rows) == 2 * (3 + 4 + 5)  # MLP and CNN; cg, neumann, unroll
@@ -27,10 +28,7 @@ def test_overhead_counts_no_more_launches_or_reads_than_needed():
     hand-written floor, and reads the device back only where it must: Neumann once for its
     norms and once for the NaN checks, unrolled SGD once, CG once per iteration plus two."""
     for name in ("bench", "overhead"):
-        spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+        module = load_script(SCRIPT.parent / f"{name}.py")
     import torch
 
     threads = torch.get_num_threads()
@@ -50,9 +48,7 @@ def test_ratio_interval_is_the_binomial_order_statistic_interval():
     """For 11 rounds the ≥95% interval of the median is the 2nd to the 10th smallest ratio
     (coverage 1 − 2·12/2¹¹ = 0.988; the 3rd to the 9th would cover only 0.935); for 15 the
     4th to the 12th; below 6 rounds, the min and the max."""
-    spec = importlib.util.spec_from_file_location("bench", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script(SCRIPT)
     for n, expected in [(5, (1, 5)), (11, (2, 10)), (15, (4, 12))]:
         times = [float(i) for i in range(n, 0, -1)]  # unsorted on purpose
         assert bench.ratio_interval(times, [1.0] * n) == expected

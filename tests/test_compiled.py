@@ -4,13 +4,15 @@ Most tests compile with the ``aot_eager`` backend: it traces the whole call exac
 default backend does (Dynamo, ``torch.func``, AOTAutograd), so it exercises everything of
 ours in the compiled path, in seconds. One test compiles with the default backend (inductor).
 """
+
 import warnings
 
 import pytest
 import torch
-from problems import logistic, ridge
 
 from bilevel import HyperGradient, HypergradientWarning, NonFiniteError, SolverBreakdownError
+
+from problems import logistic, ridge
 
 TRACE = {"backend": "aot_eager"}
 
@@ -28,18 +30,22 @@ def mlp_problem(seed: int = 0, width: int = 8, dtype: torch.dtype = torch.float6
     g = torch.Generator().manual_seed(seed)
     x, xv = torch.randn(64, 4, generator=g, dtype=dtype), torch.randn(32, 4, generator=g, dtype=dtype)
     y, yv = torch.randn(64, 1, generator=g, dtype=dtype), torch.randn(32, 1, generator=g, dtype=dtype)
-    model = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.Tanh(), torch.nn.Linear(width, 1)).to(dtype)
+    model = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.Tanh(), torch.nn.Linear(width, 1)).to(
+        dtype
+    )
     decay = {n: torch.full((), 0.0, dtype=dtype, requires_grad=True) for n, _ in model.named_parameters()}
 
     def inner(m, h):
         fit = ((m(x) - y) ** 2).mean()
-        return fit + sum(h[n].exp() * (p ** 2).sum() for n, p in m.named_parameters())
+        return fit + sum(h[n].exp() * (p**2).sum() for n, p in m.named_parameters())
 
     def outer(m, h):
         return ((m(xv) - yv) ** 2).mean()
 
     with torch.no_grad():  # near the inner minimum, where the Hessian is positive definite
-        opt = torch.optim.LBFGS(model.parameters(), max_iter=200, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(
+            model.parameters(), max_iter=200, tolerance_grad=1e-12, line_search_fn="strong_wolfe"
+        )
 
         def closure():
             opt.zero_grad()
@@ -47,6 +53,7 @@ def mlp_problem(seed: int = 0, width: int = 8, dtype: torch.dtype = torch.float6
                 loss = inner(model, {n: t.detach() for n, t in decay.items()})
                 loss.backward()
             return loss
+
         opt.step(closure)
     return inner, outer, model, decay
 
@@ -67,12 +74,16 @@ def run_both(mode, args, calls=3, **options):
 
 
 # ------------------------------------------------------------------------------- implicit
-@pytest.mark.parametrize("mode, options", [
-    ("implicit-cg", {"iters": 5}),
-    ("implicit-cg", {"iters": 5, "tol": 0.1, "damping": 0.1}),  # converges early: frozen iterations
-    ("implicit-neumann", {"iters": 4, "power_iters": 2}),  # a fixed alpha: the divergence test
-    ("implicit-neumann", {"iters": 4, "power_iters": 2, "residual": False}),
-])
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mode, options",
+    [
+        ("implicit-cg", {"iters": 5}),
+        ("implicit-cg", {"iters": 5, "tol": 0.1, "damping": 0.1}),  # converges early: frozen iterations
+        ("implicit-neumann", {"iters": 4, "power_iters": 2}),  # a fixed alpha: the divergence test
+        ("implicit-neumann", {"iters": 4, "power_iters": 2, "residual": False}),
+    ],
+)
 def test_implicit_matches_eager_on_an_mlp(mode, options):
     args = mlp_problem()
     pairs = run_both(mode, args, **options)
@@ -93,6 +104,7 @@ def test_implicit_matches_eager_on_an_mlp(mode, options):
             assert fast_stats.hvps == eager_stats.hvps
 
 
+@pytest.mark.slow
 def test_compiled_cg_is_the_exact_ridge_hypergradient():
     problem = ridge()
     hg = HyperGradient("implicit-cg", iters=20, tol=1e-13, compile=TRACE)
@@ -109,8 +121,8 @@ def test_compiled_cg_stops_at_negative_curvature_like_eager():
     # a saddle: f = ½ wᵀ diag(1, −1, 2) w + λ·w; CG's second direction has negative curvature
     diagonal = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
     target = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
-    inner = lambda w, lam: 0.5 * (diagonal * w ** 2).sum() + (lam * w).sum()  # noqa: E731
-    outer = lambda w, lam: ((w - target) ** 2).sum()  # noqa: E731
+    inner = lambda w, lam: 0.5 * (diagonal * w**2).sum() + (lam * w).sum()
+    outer = lambda w, lam: ((w - target) ** 2).sum()
     w = torch.tensor([0.3, 0.2, 0.1], dtype=torch.float64, requires_grad=True)
     lam = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     with warnings.catch_warnings():
@@ -122,6 +134,7 @@ def test_compiled_cg_stops_at_negative_curvature_like_eager():
     assert max_difference(fast, eager) < 1e-15
 
 
+@pytest.mark.slow
 def test_compiled_warm_start_follows_the_eager_sequence():
     problem = ridge()
     eager = HyperGradient("implicit-cg", iters=30, tol=1e-10, warm_start=True)
@@ -134,7 +147,10 @@ def test_compiled_warm_start_follows_the_eager_sequence():
         assert max_difference(a, b) < 1e-13
         if step >= 2:  # warm: the eager solve needs one product, the compiled one spends 1 + iters
             assert eager.stats.hvps < 30 and fast.stats.hvps == 31
-    assert max_difference(eager.state_dict()["state"]["previous"][0], fast.state_dict()["state"]["previous"][0]) < 1e-13
+    assert (
+        max_difference(eager.state_dict()["state"]["previous"][0], fast.state_dict()["state"]["previous"][0])
+        < 1e-13
+    )
 
 
 def test_compiled_neumann_with_a_fixed_alpha_reports_divergence_like_eager():
@@ -155,13 +171,19 @@ def test_compiled_neumann_with_a_fixed_alpha_reports_divergence_like_eager():
 def test_new_data_reuses_the_program_and_new_shapes_recheck():
     torch.manual_seed(0)
     x, y = torch.randn(30, 3, dtype=torch.float64), torch.randn(30, dtype=torch.float64)
-    inner = lambda w, lam: ((x @ w - y) ** 2).mean() + (lam.exp() * w ** 2).sum()  # noqa: E731
-    outer = lambda w, lam: ((x @ w - 1.0) ** 2).mean()  # noqa: E731
+    inner = lambda w, lam: ((x @ w - y) ** 2).mean() + (lam.exp() * w**2).sum()
+    outer = lambda w, lam: ((x @ w - 1.0) ** 2).mean()
     lam = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    fast, eager = HyperGradient("implicit-cg", iters=10, compile=TRACE), HyperGradient("implicit-cg", iters=10)
+    fast, eager = (
+        HyperGradient("implicit-cg", iters=10, compile=TRACE),
+        HyperGradient("implicit-cg", iters=10),
+    )
     for shape in [(3,), (3,), (3,), (5,)]:
         if shape == (5,):
-            x, lam = torch.randn(30, 5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64, requires_grad=True)
+            x, lam = (
+                torch.randn(30, 5, dtype=torch.float64),
+                torch.zeros(5, dtype=torch.float64, requires_grad=True),
+            )
         x.copy_(torch.randn_like(x))  # new values in the same tensor: the program reads them
         w = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
         assert max_difference(fast.compute(inner, outer, w, lam), eager.compute(inner, outer, w, lam)) < 1e-14
@@ -171,7 +193,7 @@ def test_new_data_reuses_the_program_and_new_shapes_recheck():
 def test_nan_in_a_compiled_call_is_named():
     problem = ridge()
     x = torch.randn(10, 6, dtype=torch.float64)
-    inner = lambda w, lam: ((x @ w) ** 2).mean() + (lam.exp() * w ** 2).sum()  # noqa: E731
+    inner = lambda w, lam: ((x @ w) ** 2).mean() + (lam.exp() * w**2).sum()
     hg = HyperGradient("implicit-cg", iters=5, compile=TRACE)
     w = problem.params_star()
     hg.compute(inner, problem.outer_loss, w, problem.hparams)
@@ -206,6 +228,7 @@ def test_compile_option_is_checked():
         HyperGradient("implicit-cg", compile="yes")
 
 
+@pytest.mark.slow
 def test_default_backend_matches_eager():
     """The default backend (inductor, C++ on CPU) on a tiny problem: generated kernels give the
     eager numbers to float64 rounding."""
@@ -222,25 +245,37 @@ def test_default_backend_matches_eager():
 # ------------------------------------------------------------------------------- unrolled
 def sgd_problem():
     g = torch.Generator().manual_seed(3)
-    x, y = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randn(40, generator=g, dtype=torch.float64)
-    xv, yv = torch.randn(20, 5, generator=g, dtype=torch.float64), torch.randn(20, generator=g, dtype=torch.float64)
-    hparams = {"decay": torch.full((5,), -1.0, dtype=torch.float64, requires_grad=True),
-               "log_lr": torch.tensor(-2.0, dtype=torch.float64, requires_grad=True),
-               "momentum": torch.tensor(0.5, dtype=torch.float64, requires_grad=True)}
-    inner = lambda w, h: ((x @ w - y) ** 2).mean() + (h["decay"].exp() * w ** 2).sum()  # noqa: E731
-    outer = lambda w, h: ((xv @ w - yv) ** 2).mean() + 0.1 * h["decay"].sum()  # noqa: E731
+    x, y = (
+        torch.randn(40, 5, generator=g, dtype=torch.float64),
+        torch.randn(40, generator=g, dtype=torch.float64),
+    )
+    xv, yv = (
+        torch.randn(20, 5, generator=g, dtype=torch.float64),
+        torch.randn(20, generator=g, dtype=torch.float64),
+    )
+    hparams = {
+        "decay": torch.full((5,), -1.0, dtype=torch.float64, requires_grad=True),
+        "log_lr": torch.tensor(-2.0, dtype=torch.float64, requires_grad=True),
+        "momentum": torch.tensor(0.5, dtype=torch.float64, requires_grad=True),
+    }
+    inner = lambda w, h: ((x @ w - y) ** 2).mean() + (h["decay"].exp() * w**2).sum()
+    outer = lambda w, h: ((xv @ w - yv) ** 2).mean() + 0.1 * h["decay"].sum()
     w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
     return inner, outer, w, hparams
 
 
-@pytest.mark.parametrize("mode, options", [
-    ("unroll", {"steps": 6}),
-    ("unroll", {"steps": 6, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
-    ("unroll", {"steps": 6, "momentum": 0.9, "dampening": 0.3, "maximize": False}),
-    ("unroll", {"steps": 6, "backend": "higher", "momentum": 0.9}),
-    ("truncated-unroll", {"steps": 6, "truncate": 2, "momentum": 0.5}),
-    ("unroll", {"steps": 6, "lr": lambda h: h["log_lr"].exp(), "momentum": "hparam"}),
-])
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mode, options",
+    [
+        ("unroll", {"steps": 6}),
+        ("unroll", {"steps": 6, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+        ("unroll", {"steps": 6, "momentum": 0.9, "dampening": 0.3, "maximize": False}),
+        ("unroll", {"steps": 6, "backend": "higher", "momentum": 0.9}),
+        ("truncated-unroll", {"steps": 6, "truncate": 2, "momentum": 0.5}),
+        ("unroll", {"steps": 6, "lr": lambda h: h["log_lr"].exp(), "momentum": "hparam"}),
+    ],
+)
 def test_unrolled_sgd_matches_eager(mode, options):
     inner, outer, w, hparams = sgd_problem()
     if options.get("momentum") == "hparam":
@@ -256,9 +291,14 @@ def test_unrolled_sgd_matches_eager(mode, options):
 def test_unrolled_sgd_with_batches_and_update_params_matches_eager():
     inner, outer, _, hparams = sgd_problem()
     g = torch.Generator().manual_seed(4)
-    batches = [(torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64))
-               for _ in range(5)]
-    batch_inner = lambda w, h, b: ((b[0] @ w - b[1]) ** 2).mean() + (h["decay"].exp() * w ** 2).sum()  # noqa: E731
+    batches = [
+        (
+            torch.randn(8, 5, generator=g, dtype=torch.float64),
+            torch.randn(8, generator=g, dtype=torch.float64),
+        )
+        for _ in range(5)
+    ]
+    batch_inner = lambda w, h, b: ((b[0] @ w - b[1]) ** 2).mean() + (h["decay"].exp() * w**2).sum()
     w_eager, w_fast = (torch.zeros(5, dtype=torch.float64, requires_grad=True) for _ in range(2))
     options = {"steps": 3, "inner_batches": batches, "update_params": True, "lr": 0.1}
     eager, fast = HyperGradient("unroll", **options), HyperGradient("unroll", compile=TRACE, **options)
@@ -269,11 +309,14 @@ def test_unrolled_sgd_with_batches_and_update_params_matches_eager():
     assert fast.stats.extra["compiled"]
 
 
-@pytest.mark.parametrize("options, reason", [
-    ({"inner_optimizer": torch.optim.Adam}, "torch.optim.SGD only"),
-    ({"measure_memory": True}, "measure_memory"),
-    ({"update_params": True, "momentum": 0.9}, "update_params=True with momentum"),
-])
+@pytest.mark.parametrize(
+    "options, reason",
+    [
+        ({"inner_optimizer": torch.optim.Adam}, "torch.optim.SGD only"),
+        ({"measure_memory": True}, "measure_memory"),
+        ({"update_params": True, "momentum": 0.9}, "update_params=True with momentum"),
+    ],
+)
 def test_unsupported_unrolled_configurations_run_eagerly_with_a_warning(options, reason):
     with pytest.warns(HypergradientWarning, match=f"compile=True: unroll runs eagerly because .*{reason}"):
         hg = HyperGradient("unroll", steps=3, compile=TRACE, **options)
@@ -283,15 +326,20 @@ def test_unsupported_unrolled_configurations_run_eagerly_with_a_warning(options,
     assert "compiled" not in hg.stats.extra
 
 
+@pytest.mark.slow
 def test_layouts_keep_their_programs_up_to_the_recompile_limit():
     torch.manual_seed(0)
 
     def layout(p):
         x = torch.randn(20, p, dtype=torch.float64)
-        inner = lambda w, lam: ((x @ w - 1.0) ** 2).mean() + (lam.exp() * w ** 2).sum()  # noqa: E731
-        outer = lambda w, lam: ((x @ w) ** 2).mean()  # noqa: E731
-        return (inner, outer, torch.zeros(p, dtype=torch.float64, requires_grad=True),
-                torch.zeros(p, dtype=torch.float64, requires_grad=True))
+        inner = lambda w, lam: ((x @ w - 1.0) ** 2).mean() + (lam.exp() * w**2).sum()
+        outer = lambda w, lam: ((x @ w) ** 2).mean()
+        return (
+            inner,
+            outer,
+            torch.zeros(p, dtype=torch.float64, requires_grad=True),
+            torch.zeros(p, dtype=torch.float64, requires_grad=True),
+        )
 
     a, b, c = layout(2), layout(3), layout(4)
     hg = HyperGradient("implicit-cg", iters=2, compile=TRACE)
@@ -310,7 +358,10 @@ def test_layouts_keep_their_programs_up_to_the_recompile_limit():
 
 
 # ------------------------------------------------------------------------ mixed precision
-@pytest.mark.parametrize("mode", ["implicit-cg", "implicit-neumann"])
+@pytest.mark.parametrize(
+    "mode",
+    [pytest.param("implicit-cg", marks=pytest.mark.slow), "implicit-neumann"],  # the cg case compiles
+)
 def test_bfloat16_products_cost_a_bounded_accuracy(mode):
     inner, outer, model, decay = mlp_problem(width=32, dtype=torch.float32)
     options = {"iters": 10, "tol": 0.0} if mode == "implicit-cg" else {"iters": 10}
@@ -335,7 +386,8 @@ def test_autocast_option_is_checked():
     problem = ridge()  # float64
     with pytest.raises(ValueError, match="float32 products, but params are torch.float64"):
         HyperGradient("implicit-cg", autocast=torch.bfloat16).compute(
-            problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+            problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams
+        )
 
 
 def test_problems_with_their_own_stationarity_map_run_eagerly():
@@ -359,34 +411,48 @@ def test_problems_with_their_own_stationarity_map_run_eagerly():
             result = fast.solve(Doubled(*args))
     assert "compiled" not in fast.stats.extra
     assert max_difference(result[0], expected[0]) == 0.0
-    assert float((result[0] - problem.exact_hypergradient()).norm() / problem.exact_hypergradient().norm()) < 1e-6
+    assert (
+        float((result[0] - problem.exact_hypergradient()).norm() / problem.exact_hypergradient().norm())
+        < 1e-6
+    )
 
 
-@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("training", [pytest.param(False, marks=pytest.mark.slow), True])  # False compiles
 def test_modules_with_buffers(training):
     """Eval-mode BatchNorm (buffers read) compiles, with a module as hparams; train mode
     (buffers updated in place inside a torch.func transform) falls back to eager with a warning.
     The user's modules are left as they were either way."""
     torch.manual_seed(0)
     x, y = torch.randn(64, 4, dtype=torch.float64), torch.randn(64, 1, dtype=torch.float64)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
-                                torch.nn.Linear(8, 1)).double().train(training)
+    model = (
+        torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+        )
+        .double()
+        .train(training)
+    )
     weigher = torch.nn.Linear(1, 1).double()
     one = torch.ones(1, dtype=torch.float64)
-    inner = lambda m, a: ((m(x) - y) ** 2).mean() + a(one).exp().sum() * sum((p ** 2).sum() for p in m.parameters())  # noqa: E731
-    outer = lambda m, a: ((m(x) - y) ** 2).mean()  # noqa: E731
+    inner = lambda m, a: (
+        ((m(x) - y) ** 2).mean() + a(one).exp().sum() * sum((p**2).sum() for p in m.parameters())
+    )
+    outer = lambda m, a: ((m(x) - y) ** 2).mean()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fast, eager = HyperGradient("unroll", steps=3, compile=TRACE), HyperGradient("unroll", steps=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
-            result, expected = fast.compute(inner, outer, model, weigher), eager.compute(inner, outer, model, weigher)
+            result, expected = (
+                fast.compute(inner, outer, model, weigher),
+                eager.compute(inner, outer, model, weigher),
+            )
     assert max_difference(result, expected) < 1e-14
     assert bool(fast.stats.extra.get("compiled")) is not training
     assert any("could not capture" in str(w.message) for w in caught) is training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, options", [("implicit-cg", {"iters": 4}), ("unroll", {"steps": 2})])
 def test_closures_made_each_step_share_one_program_and_read_their_own_batch(mode, options):
     """The pattern of a training loop (and of AuxiliaryLearner): new closures every step that
@@ -404,12 +470,15 @@ def test_closures_made_each_step_share_one_program_and_read_their_own_batch(mode
         x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
 
         def inner(m, w):
-            return ((m(x) - y) ** 2).mean() + w(one).exp().sum() * sum((p ** 2).sum() for p in m.parameters())
+            return ((m(x) - y) ** 2).mean() + w(one).exp().sum() * sum((p**2).sum() for p in m.parameters())
 
         def outer(m, w):
             return ((m(x) - 2 * y) ** 2).mean()
 
-        result, expected = fast.compute(inner, outer, model, weights), eager.compute(inner, outer, model, weights)
+        result, expected = (
+            fast.compute(inner, outer, model, weights),
+            eager.compute(inner, outer, model, weights),
+        )
         assert max_difference(result, expected) < 1e-13 * max(float(t.abs().max()) for t in expected.values())
         assert bool(fast.stats.extra.get("compiled")) is (step > 0)
     assert counters["stats"]["unique_graphs"] == 1
@@ -417,11 +486,15 @@ def test_closures_made_each_step_share_one_program_and_read_their_own_batch(mode
 
 # ---------------------------------------------------------------------------------- CUDA
 @pytest.mark.cuda
-@pytest.mark.parametrize("mode, options", [
-    ("implicit-cg", {"iters": 6, "tol": 0.0, "damping": 0.5}),
-    ("implicit-neumann", {"iters": 6, "alpha": 0.05}),
-    ("unroll", {"steps": 4, "lr": 0.1, "momentum": 0.5}),
-])
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mode, options",
+    [
+        ("implicit-cg", {"iters": 6, "tol": 0.0, "damping": 0.5}),
+        ("implicit-neumann", {"iters": 6, "alpha": 0.05}),
+        ("unroll", {"steps": 4, "lr": 0.1, "momentum": 0.5}),
+    ],
+)
 def test_cuda_graph_replays_read_each_batch_and_keep_earlier_results(mode, options):
     """compile=True on CUDA: inductor kernels replayed as a CUDA graph (mode="reduce-overhead").
     Each step's closures capture a new batch; every replay must read its own batch, match the
@@ -441,7 +514,7 @@ def test_cuda_graph_replays_read_each_batch_and_keep_earlier_results(mode, optio
         x, y = torch.randn(128, 8, device="cuda"), torch.randint(0, 3, (128,), device="cuda")
 
         def inner(m, h):
-            decay_term = sum((h[n].exp() * p ** 2).sum() for n, p in m.named_parameters())
+            decay_term = sum((h[n].exp() * p**2).sum() for n, p in m.named_parameters())
             return torch.nn.functional.cross_entropy(m(x), y) + 0.5 * decay_term
 
         def outer(m, h):

@@ -1,25 +1,19 @@
 """Smoke tests: every example runs top to bottom with a tiny budget."""
-import importlib.util
-import sys
+
 from pathlib import Path
 
 import pytest
 
 import bilevel
 
+from problems import load_script
+
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
+@pytest.mark.slow
 def test_compare_modes_quick(tmp_path, capsys):
-    rows = load("compare_modes").main(["--quick", "--out", str(tmp_path / "plot.png")])
+    rows = load_script(EXAMPLES / "compare_modes.py").main(["--quick", "--out", str(tmp_path / "plot.png")])
     assert {row[0] for row in rows} == set(bilevel.available_modes())
     errors = {row[0]: row[2] for row in rows}
     assert errors["implicit-exact"] < 1e-12
@@ -29,8 +23,9 @@ def test_compare_modes_quick(tmp_path, capsys):
     assert "hyperparameter optimisation" in out and "implicit-cg" in out
 
 
+@pytest.mark.slow
 def test_data_hypercleaning_quick(capsys):
-    result = load("data_hypercleaning").main(["--quick"])
+    result = load_script(EXAMPLES / "data_hypercleaning.py").main(["--quick"])
     assert result["auc"] > 0.6  # even three outer steps start to separate clean from corrupted
     assert result["learned"] >= result["noisy"] - 0.01
     assert "ROC AUC" in capsys.readouterr().out

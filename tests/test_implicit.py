@@ -1,4 +1,5 @@
 """Implicit modes against exact hypergradients (closed-form ridge, Newton-solved logistic)."""
+
 import warnings
 
 import pytest
@@ -6,13 +7,10 @@ import torch
 
 import bilevel
 from bilevel import HyperGradient, HypergradientWarning, SolverBreakdownError
-from problems import logistic, ridge
+
+from problems import logistic, rel_error, ridge, saddle, singular
 
 IMPLICIT = ["implicit-exact", "implicit-cg", "implicit-neumann", "implicit-nystrom"]
-
-
-def rel_error(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def test_registry_lists_the_implicit_modes():
@@ -29,8 +27,9 @@ def test_exact_matches_closed_form_ridge(device):
 
 def test_exact_includes_the_direct_term(device):
     problem = ridge(device=device, outer_uses_hparams=True)
-    grad = HyperGradient("implicit-exact").compute(problem.inner_loss, problem.outer_loss,
-                                                   problem.params_star(), problem.hparams)
+    grad = HyperGradient("implicit-exact").compute(
+        problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams
+    )
     assert rel_error(grad, problem.exact_hypergradient()) < 1e-10
 
 
@@ -57,7 +56,8 @@ def test_nystrom_rank_is_capped_and_low_rank_is_an_approximation():
     hg.compute(problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
     assert hg.stats.hvps == 8
     low = HyperGradient("implicit-nystrom", rank=3, rho=0.1).compute(
-        problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+        problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams
+    )
     assert rel_error(low, exact) > 1e-3 and bool(torch.isfinite(low).all())
 
 
@@ -65,10 +65,12 @@ def test_errors_shrink_with_budget():
     problem = ridge(p=10, n=25)
     exact = problem.exact_hypergradient()
     args = (problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
-    neumann = [rel_error(HyperGradient("implicit-neumann", iters=k).compute(*args), exact)
-               for k in (2, 8, 32, 128)]
-    cg = [rel_error(HyperGradient("implicit-cg", iters=k, tol=0.0).compute(*args), exact)
-          for k in (1, 3, 6, 9)]
+    neumann = [
+        rel_error(HyperGradient("implicit-neumann", iters=k).compute(*args), exact) for k in (2, 8, 32, 128)
+    ]
+    cg = [
+        rel_error(HyperGradient("implicit-cg", iters=k, tol=0.0).compute(*args), exact) for k in (1, 3, 6, 9)
+    ]
     assert all(a > b for a, b in zip(neumann, neumann[1:])), neumann
     assert all(a > b for a, b in zip(cg, cg[1:])), cg
     assert neumann[-1] < 1e-6 and cg[-1] < 1e-3
@@ -87,8 +89,8 @@ def test_neumann_with_explicit_alpha_is_the_truncated_series(residual):
     step = torch.eye(5, dtype=hess.dtype) - alpha * hess
     x = alpha * sum(torch.linalg.matrix_power(step, j) @ v for j in range(k))
     mixed = torch.autograd.functional.jacobian(
-        lambda l: torch.autograd.grad(problem.inner_loss(theta, l), theta, create_graph=True)[0],
-        lam.detach())
+        lambda l: torch.autograd.grad(problem.inner_loss(theta, l), theta, create_graph=True)[0], lam.detach()
+    )
     expected = -(mixed.T @ x)
     hg = HyperGradient("implicit-neumann", iters=k, alpha=alpha, residual=residual)
     grad = hg.compute(problem.inner_loss, problem.outer_loss, theta, lam)
@@ -140,7 +142,9 @@ def test_backward_through_a_computed_hparam_reaches_its_leaf():
     expected = problem.exact_hypergradient()
     raw = (problem.hparams.detach() / 2).requires_grad_()
     lam = 2 * raw
-    HyperGradient("implicit-exact").backward(problem.inner_loss, problem.outer_loss, problem.params_star(), lam)
+    HyperGradient("implicit-exact").backward(
+        problem.inner_loss, problem.outer_loss, problem.params_star(), lam
+    )
     assert raw.grad is not None and rel_error(raw.grad, 2 * expected) < 1e-10
 
 
@@ -148,8 +152,9 @@ def test_result_is_detached_and_inputs_untouched():
     problem = ridge()
     theta = problem.params_star()
     before = (theta.detach().clone(), problem.hparams.detach().clone())
-    grad = HyperGradient("implicit-cg").compute(problem.inner_loss, problem.outer_loss, theta,
-                                                 problem.hparams)
+    grad = HyperGradient("implicit-cg").compute(
+        problem.inner_loss, problem.outer_loss, theta, problem.hparams
+    )
     assert not grad.requires_grad
     assert torch.equal(theta, before[0]) and torch.equal(problem.hparams, before[1])
     assert theta.grad is None and problem.hparams.grad is None
@@ -164,22 +169,18 @@ def test_stats_report_what_the_call_did():
     assert (stats.mode, stats.hvps, stats.iters) == ("implicit-cg", 3, 3)
     assert stats.residual > 1e-6 and stats.converged is False
     assert stats.wall_time > 0 and not stats.negative_curvature
-    assert set(stats.as_dict()) >= {"mode", "hvps", "residual", "converged", "negative_curvature",
-                                    "wall_time"}
-
-
-def _saddle():
-    """f(w, φ) = ½ wᵀ diag(1, −1) w − φᵀw at the stationary point w = (φ₀, −φ₁): indefinite H."""
-    phi = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
-    theta = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
-    signs = torch.tensor([1.0, -1.0], dtype=torch.float64)
-    inner = lambda w, p: 0.5 * (signs * w * w).sum() - (p * w).sum()
-    outer = lambda w, p: (w ** 2).sum()
-    return inner, outer, theta, phi
+    assert set(stats.as_dict()) >= {
+        "mode",
+        "hvps",
+        "residual",
+        "converged",
+        "negative_curvature",
+        "wall_time",
+    }
 
 
 def test_cg_negative_curvature_is_reported_and_warned_once():
-    inner, outer, theta, phi = _saddle()
+    inner, outer, theta, phi = saddle()  # f = ½ wᵀ diag(1, −1) w − φᵀw at w = (φ₀, −φ₁)
     hg = HyperGradient("implicit-cg")
     with pytest.warns(HypergradientWarning, match="negative curvature"):
         hg.compute(inner, outer, theta, phi)
@@ -211,10 +212,10 @@ def test_exact_flags_a_numerically_singular_hessian_and_solves_an_ill_conditione
     q = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
     b, c = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     phi = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    outer = lambda w, p: 0.5 * ((w - c) ** 2).sum()  # noqa: E731
+    outer = lambda w, p: 0.5 * ((w - c) ** 2).sum()
     for smallest in (0.0, 1e-10):
         hess = q @ torch.diag(torch.tensor([smallest, 1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)) @ q.T
-        inner = lambda w, p: 0.5 * w @ hess @ w - w @ (b @ p)  # noqa: E731
+        inner = lambda w, p: 0.5 * w @ hess @ w - w @ (b @ p)
         w = torch.randn(6, dtype=torch.float64, requires_grad=True)
         hg = HyperGradient("implicit-exact")
         if smallest == 0.0:
@@ -234,8 +235,8 @@ def test_neumann_on_an_indefinite_hessian_names_the_cause_alpha_cannot_fix():
     """H = diag(2, −1): alpha='auto' takes 1/λmax = 0.5, and the −1 direction grows by 1.5
     per term; the warning must not only blame alpha, which is already automatic."""
     hess = torch.diag(torch.tensor([2.0, -1.0], dtype=torch.float64))
-    inner = lambda w, p: 0.5 * w @ hess @ w - w @ p  # noqa: E731
-    outer = lambda w, p: ((w - 1) ** 2).sum()  # noqa: E731
+    inner = lambda w, p: 0.5 * w @ hess @ w - w @ p
+    outer = lambda w, p: ((w - 1) ** 2).sum()
     w = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     phi = torch.ones(2, dtype=torch.float64, requires_grad=True)
     hg = HyperGradient("implicit-neumann")
@@ -246,10 +247,7 @@ def test_neumann_on_an_indefinite_hessian_names_the_cause_alpha_cannot_fix():
 
 def test_singular_hessian_is_reported():
     """f = ½(w₀ + w₁)² + φ·w₀: H = [[1, 1], [1, 1]] is singular."""
-    inner = lambda w, p: 0.5 * (w[0] + w[1]) ** 2 + p[0] * w[0]
-    outer = lambda w, p: (w ** 2).sum()
-    theta = torch.tensor([-1.0, 0.0], dtype=torch.float64, requires_grad=True)
-    phi = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    inner, outer, theta, phi = singular()
     for mode, options in [("implicit-exact", {}), ("implicit-nystrom", {"rank": 2, "rho": 1e-3})]:
         hg = HyperGradient(mode, **options)
         with pytest.warns(HypergradientWarning, match="singular"):
@@ -262,8 +260,9 @@ def test_hparam_unused_by_inner_gets_only_its_direct_term():
     extra = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     inner = lambda w, h: problem.inner_loss(w, h["lam"])
     outer = lambda w, h: problem.outer_loss(w, h["lam"]) + h["extra"] ** 2
-    grads = HyperGradient("implicit-exact").compute(inner, outer, problem.params_star(),
-                                                    {"lam": problem.hparams, "extra": extra})
+    grads = HyperGradient("implicit-exact").compute(
+        inner, outer, problem.params_star(), {"lam": problem.hparams, "extra": extra}
+    )
     assert rel_error(grads["lam"], problem.exact_hypergradient()) < 1e-10
     assert float(grads["extra"]) == pytest.approx(1.4)
 
@@ -271,11 +270,12 @@ def test_hparam_unused_by_inner_gets_only_its_direct_term():
 def test_no_hparam_in_inner_warns_direct_term_only():
     problem = ridge(p=4)
     phi = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
-    outer = lambda w, h: problem.outer_loss(w, None) + h ** 2
+    outer = lambda w, h: problem.outer_loss(w, None) + h**2
     hg = HyperGradient("implicit-cg")
     with pytest.warns(HypergradientWarning, match="only the direct term"):
-        grad = hg.compute(lambda w, h: problem.inner_loss(w, problem.hparams.detach()), outer,
-                          problem.params_star(), phi)
+        grad = hg.compute(
+            lambda w, h: problem.inner_loss(w, problem.hparams.detach()), outer, problem.params_star(), phi
+        )
     assert float(grad) == pytest.approx(1.0)
 
 
@@ -284,8 +284,9 @@ def test_param_unused_by_outer_loss_gives_zero_contribution():
     spare = torch.tensor([0.0], dtype=torch.float64, requires_grad=True)
     inner = lambda ps, lam: problem.inner_loss(ps[0], lam) + 0.5 * (ps[1] ** 2).sum()
     outer = lambda ps, lam: problem.outer_loss(ps[0], lam)
-    grad = HyperGradient("implicit-cg", tol=1e-12).compute(inner, outer, (problem.params_star(), spare),
-                                                           problem.hparams)
+    grad = HyperGradient("implicit-cg", tol=1e-12).compute(
+        inner, outer, (problem.params_star(), spare), problem.hparams
+    )
     assert rel_error(grad, problem.exact_hypergradient()) < 1e-9
 
 
@@ -311,7 +312,10 @@ def test_warm_start_reaches_the_answer_with_fewer_products():
 def test_nystrom_generator_makes_runs_reproducible_and_resumable():
     problem = ridge(p=10)
     args = (problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
-    a, b = HyperGradient("implicit-nystrom", rank=4, generator=3), HyperGradient("implicit-nystrom", rank=4, generator=3)
+    a, b = (
+        HyperGradient("implicit-nystrom", rank=4, generator=3),
+        HyperGradient("implicit-nystrom", rank=4, generator=3),
+    )
     assert torch.equal(a.compute(*args), b.compute(*args))
     state = a.state_dict()
     next_a = a.compute(*args)
@@ -323,10 +327,17 @@ def test_nystrom_generator_makes_runs_reproducible_and_resumable():
 
 def test_gmres_solves_random_nonsymmetric_systems():
     from bilevel.solvers import gmres
+
     g = torch.Generator().manual_seed(0)
     for n in (3, 10, 25):
-        a = torch.eye(n, dtype=torch.float64) * 3 + torch.randn(n, n, generator=g, dtype=torch.float64) / n ** 0.5
-        v = (torch.randn(n, generator=g, dtype=torch.float64), torch.randn(2, generator=g, dtype=torch.float64))
+        a = (
+            torch.eye(n, dtype=torch.float64) * 3
+            + torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
+        )
+        v = (
+            torch.randn(n, generator=g, dtype=torch.float64),
+            torch.randn(2, generator=g, dtype=torch.float64),
+        )
         big = torch.block_diag(a, torch.tensor([[2.0, 1.0], [-1.0, 2.0]], dtype=torch.float64))
         matvec = lambda x: tuple(t for t in torch.split(big @ torch.cat(x), [n, 2]))
         result = gmres(matvec, v, iters=n + 2, tol=1e-13)

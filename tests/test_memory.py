@@ -1,4 +1,5 @@
 """SavedTensorMemory: counts what autograd graphs hold, changes no derivative, leaks nothing."""
+
 import gc
 import weakref
 

@@ -1,4 +1,5 @@
 """nn.Module style: closures call the modules directly; the modules are left exactly as found."""
+
 import copy
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 from bilevel import HyperGradient
+
 from problems import ridge
 
 
@@ -14,12 +16,17 @@ class PerWeightDecay(nn.Module):
 
     def __init__(self, target: nn.Module):
         super().__init__()
-        self.logs = nn.ParameterDict({n.replace(".", "_"): nn.Parameter(torch.full_like(p, -2.0))
-                                      for n, p in target.named_parameters()})
+        self.logs = nn.ParameterDict(
+            {
+                n.replace(".", "_"): nn.Parameter(torch.full_like(p, -2.0))
+                for n, p in target.named_parameters()
+            }
+        )
 
     def penalty(self, target: nn.Module) -> torch.Tensor:
-        return sum(0.5 * (self.logs[n.replace(".", "_")].exp() * p ** 2).sum()
-                   for n, p in target.named_parameters())
+        return sum(
+            0.5 * (self.logs[n.replace(".", "_")].exp() * p**2).sum() for n, p in target.named_parameters()
+        )
 
 
 def _data(seed=0):
@@ -32,8 +39,15 @@ def _data(seed=0):
 
 def _fit(model, decay, x, y, steps=60):
     """Full-batch L-BFGS to a tight stationary point of the inner loss."""
-    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=steps, tolerance_grad=1e-13,
-                            tolerance_change=1e-15, history_size=50, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        model.parameters(),
+        lr=1,
+        max_iter=steps,
+        tolerance_grad=1e-13,
+        tolerance_change=1e-15,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -69,7 +83,7 @@ def test_module_params_and_hparams_match_the_functional_form():
     def f_inner(ps, logs):
         m = dict(zip(names, ps))
         out = functional_call(model, m, (x,))
-        pen = sum(0.5 * (l.exp() * p ** 2).sum() for l, p in zip(logs, ps))
+        pen = sum(0.5 * (l.exp() * p**2).sum() for l, p in zip(logs, ps))
         return ((out - y) ** 2).mean() + pen
 
     def f_outer(ps, logs):
@@ -110,7 +124,7 @@ def test_batchnorm_buffers_are_not_touched():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).double()
     model.train()
     lam = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
-    inner = lambda m, l: ((m(x) - y) ** 2).mean() + l.exp() * sum((p ** 2).sum() for p in m.parameters())
+    inner = lambda m, l: ((m(x) - y) ** 2).mean() + l.exp() * sum((p**2).sum() for p in m.parameters())
     outer = lambda m, l: ((m(xv) - yv) ** 2).mean()
     before = copy.deepcopy(model.state_dict())
     HyperGradient("implicit-cg", iters=5).compute(inner, outer, model, lam)
@@ -124,7 +138,7 @@ def test_frozen_parameters_are_constants():
     model = nn.Linear(3, 1).double()
     model.bias.requires_grad_(False)
     lam = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
-    inner = lambda m, l: ((m(x) - y) ** 2).mean() + l.exp() * (m.weight ** 2).sum()
+    inner = lambda m, l: ((m(x) - y) ** 2).mean() + l.exp() * (m.weight**2).sum()
     outer = lambda m, l: ((m(xv) - yv) ** 2).mean()
     with torch.no_grad():  # put the weight at the inner optimum for the frozen bias
         a = x.T @ x / 64 + torch.eye(3, dtype=torch.float64) * lam.exp()
@@ -146,8 +160,9 @@ def test_tensor_params_with_module_hparams_mixed_in_a_tuple():
     with torch.no_grad():
         scale.weight.fill_(1.0)
     inner = lambda w, h: problem.inner_loss(w, h[0] * h[1].weight.squeeze())
-    grads = HyperGradient("implicit-exact").compute(inner, problem.outer_loss, problem.params_star(),
-                                                    (problem.hparams, scale))
+    grads = HyperGradient("implicit-exact").compute(
+        inner, problem.outer_loss, problem.params_star(), (problem.hparams, scale)
+    )
     assert isinstance(grads, tuple) and set(grads[1]) == {"weight"}
     assert torch.allclose(grads[0], problem.exact_hypergradient(), rtol=1e-10)
     # d/ds of g(w*(s·λ)) at s = 1 is ⟨∇λ g, λ⟩

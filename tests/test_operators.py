@@ -21,7 +21,7 @@ def _operator():
     field = torch.autograd.grad(f(w, b, decay), (w, b), create_graph=True)
     dense = torch.autograd.functional.hessian(lambda wf, bf: f(wf.reshape(3, 4), bf, decay), (w.detach().flatten(), b.detach()))
     hessian = torch.cat([torch.cat(row, dim=1) for row in dense], dim=0)
-    return StationarityJacobian(field, (w, b), (decay,)), hessian
+    return StationarityJacobian.from_field(field, (w, b), (decay,)), hessian
 
 
 @pytest.mark.parametrize("batched", [False, True])

@@ -13,6 +13,7 @@ solves x = (H + λI)⁻¹v, the Neumann series x = α Σ_{j<K} (I − αH)ʲ v, 
 x = (H + ρI)⁻¹v, the identity x = αv. Unrolled SGD (step α) started at θ* stays there, and
 its K graph-carrying steps give the K-term Neumann series.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,12 @@ from bilevel import HyperGradient, available_modes
 f64 = torch.float64
 LAMBDA_MAX = 5.0  # below 2/0.1, so the unrolled modes' default SGD step (lr=0.1) is stable
 
-SETTINGS = dict(deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SETTINGS = dict(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 # --------------------------------------------------------------------------- pytrees
@@ -45,10 +50,13 @@ def pytrees(max_leaves: int) -> st.SearchStrategy:
     """Specs of a tensor or nested tuple/list/dict structure, with Leaf(shape) at the leaves."""
     return st.recursive(
         _shapes.map(Leaf),
-        lambda children: st.one_of(st.lists(children, min_size=1, max_size=3).map(tuple),
-                                   st.lists(children, min_size=1, max_size=3),
-                                   st.dictionaries(st.sampled_from("abcd"), children, min_size=1, max_size=3)),
-        max_leaves=max_leaves)
+        lambda children: st.one_of(
+            st.lists(children, min_size=1, max_size=3).map(tuple),
+            st.lists(children, min_size=1, max_size=3),
+            st.dictionaries(st.sampled_from("abcd"), children, min_size=1, max_size=3),
+        ),
+        max_leaves=max_leaves,
+    )
 
 
 def leaves_of(spec) -> list[Leaf]:
@@ -119,8 +127,10 @@ class Quadratic:
     kappa: float
 
     def __repr__(self) -> str:
-        return (f"Quadratic(params={self.params_spec}, hparams={self.hparams_spec}, P={len(self.c)}, "
-                f"Q={len(self.phi)}, kappa={self.kappa:g})")
+        return (
+            f"Quadratic(params={self.params_spec}, hparams={self.hparams_spec}, P={len(self.c)}, "
+            f"Q={len(self.phi)}, kappa={self.kappa:g})"
+        )
 
     def _repr_pretty_(self, printer, cycle) -> None:  # what hypothesis prints for a failing example
         printer.text(repr(self))
@@ -165,8 +175,10 @@ class Quadratic:
 
     def arguments(self, dtype=f64, device="cpu"):
         """(params at θ*, hparams at φ) in their structures."""
-        return (build(self.params_spec, self.theta_star.to(dtype=dtype, device=device)),
-                build(self.hparams_spec, self.phi.to(dtype=dtype, device=device)))
+        return (
+            build(self.params_spec, self.theta_star.to(dtype=dtype, device=device)),
+            build(self.hparams_spec, self.phi.to(dtype=dtype, device=device)),
+        )
 
     def compute(self, mode: str, **options) -> torch.Tensor:
         """The mode's hypergradient (float64, CPU), flattened after checking its structure."""
@@ -191,9 +203,19 @@ def make_quadratic(params_spec, hparams_spec, kappa: float, seed: int) -> Quadra
     def randn(*shape, scale=1.0):
         return scale * torch.randn(*shape, generator=g, dtype=f64)
 
-    return Quadratic(params_spec, hparams_spec, H=0.5 * (H + H.T), B=randn(p, q), c=randn(p),
-                     R=randn(p + 2, p, scale=p ** -0.5), t=randn(p + 2), E=randn(p, q, scale=0.5),
-                     s=randn(q), phi=randn(q), kappa=kappa)
+    return Quadratic(
+        params_spec,
+        hparams_spec,
+        H=0.5 * (H + H.T),
+        B=randn(p, q),
+        c=randn(p),
+        R=randn(p + 2, p, scale=p**-0.5),
+        t=randn(p + 2),
+        E=randn(p, q, scale=0.5),
+        s=randn(q),
+        phi=randn(q),
+        kappa=kappa,
+    )
 
 
 @st.composite
@@ -201,15 +223,20 @@ def quadratics(draw, max_kappa: float = 1e3) -> Quadratic:
     params_spec, hparams_spec = draw(pytrees(5)), draw(pytrees(3))
     # the hardest condition number first: hypothesis shrinks towards it
     kappa = draw(st.sampled_from([k for k in (1e3, 1e2, 10.0, 3.0, 1.0) if k <= max_kappa]))
-    return make_quadratic(params_spec, hparams_spec, kappa, draw(st.integers(0, 2 ** 31 - 1)))
+    return make_quadratic(params_spec, hparams_spec, kappa, draw(st.integers(0, 2**31 - 1)))
 
 
 # a larger, ill-conditioned, nested case that every property also runs on (P = 37, 6 hparams)
-LARGE = make_quadratic({"w": Leaf((4, 3, 2)), "rest": (Leaf((3, 4)), [Leaf(())])}, (Leaf((2, 2)), {"b": Leaf((2,))}),
-                       kappa=1e3, seed=0)
+LARGE = make_quadratic(
+    {"w": Leaf((4, 3, 2)), "rest": (Leaf((3, 4)), [Leaf(())])},
+    (Leaf((2, 2)), {"b": Leaf((2,))}),
+    kappa=1e3,
+    seed=0,
+)
 
 
 # -------------------------------------------------------------------------- properties
+@pytest.mark.slow
 @settings(max_examples=25, **SETTINGS)
 @given(problem=quadratics(), damping=st.sampled_from([0.0, 0.0, 1e-3, 0.5]))
 @example(problem=LARGE, damping=0.0)
@@ -259,6 +286,7 @@ def test_neumann_is_the_truncated_series_for_any_convergent_step(problem, iters,
     assert problem.error(got, problem.neumann(iters, alpha)) < 1e-9
 
 
+@pytest.mark.slow
 @settings(max_examples=10, **SETTINGS)
 @given(problem=quadratics(max_kappa=10.0), fraction=st.floats(0.5, 1.5))
 @example(problem=make_quadratic(LARGE.params_spec, LARGE.hparams_spec, kappa=10.0, seed=1), fraction=1.5)
@@ -271,7 +299,7 @@ def test_neumann_error_shrinks_with_iters_and_converges(problem, fraction):
     errors = []
     for iters in (2, 8, 32, 128, 512):
         errors.append(problem.error(problem.compute("implicit-neumann", iters=iters, alpha=alpha), exact))
-        assert errors[-1] * problem.scale <= bound * rho ** iters * (1 + 1e-6) + 1e-12 * problem.scale
+        assert errors[-1] * problem.scale <= bound * rho**iters * (1 + 1e-6) + 1e-12 * problem.scale
     assert errors[-1] < 1e-9
     got = problem.compute("implicit-neumann", iters=512)  # alpha="auto" converges too
     assert problem.error(got, exact) < 1e-8
@@ -291,7 +319,10 @@ def test_cg_error_shrinks_at_its_convergence_rate_and_converges(problem):
     bound = float(torch.linalg.matrix_norm(problem.B, 2)) * 2 * h_norm / math.sqrt(LAMBDA_MAX / problem.kappa)
     for iters in (1, 2, 4, 8, 16):
         got = problem.compute("implicit-cg", iters=iters, tol=0.0)
-        assert problem.error(got, exact) * problem.scale <= bound * rho ** iters * (1 + 1e-6) + 1e-12 * problem.scale
+        assert (
+            problem.error(got, exact) * problem.scale
+            <= bound * rho**iters * (1 + 1e-6) + 1e-12 * problem.scale
+        )
     got = problem.compute("implicit-cg", iters=4 * len(problem.c), tol=1e-14)
     assert problem.error(got, exact) < 1e-9
 
@@ -319,8 +350,11 @@ def test_every_registered_mode_returns_the_structure_dtype_and_device_of_hparams
         assert_like(out, problem.hparams_spec, dtype, tensors_of(hparams)[0].device)
         for tree, value in zip((params, hparams), before):
             assert torch.equal(flat_of(tree).detach(), value)
-        assert all(leaf.grad is None and leaf.requires_grad for tree in (params, hparams)
-                   for leaf in tensors_of(tree))
+        assert all(
+            leaf.grad is None and leaf.requires_grad
+            for tree in (params, hparams)
+            for leaf in tensors_of(tree)
+        )
 
 
 def test_strategies_cover_every_kind_of_structure():

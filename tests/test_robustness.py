@@ -1,7 +1,7 @@
 """State safety and long runs, for every registered mode."""
+
 import copy
 import gc
-import io
 import os
 import re
 import warnings
@@ -9,39 +9,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import bilevel
 from bilevel import HyperGradient
-from problems import ridge
+
+from problems import batchnorm_regression, ridge, roundtrip, saddle, shrinkage, singular, split_ridge
 
 ALL_MODES = bilevel.available_modes()
 
 
-def _module_problem(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(32, 3, generator=g, dtype=torch.float64)
-    y = torch.randn(32, 1, generator=g, dtype=torch.float64)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).double()
-    model[0].bias.requires_grad_(False)  # a frozen parameter must stay frozen
-    decay = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
-
-    def inner(m, d):
-        return ((m(x) - y) ** 2).mean() + d.exp() * sum((p ** 2).sum() for p in m.parameters())
-
-    def outer(m, d):
-        return ((m(x[:16]) - y[:16]) ** 2).mean()
-
-    return model, decay, inner, outer
-
-
 def _snapshot(model, decay):
-    return (copy.deepcopy(model.state_dict()),
-            {n: (None if p.grad is None else p.grad.clone(), p.requires_grad)
-             for n, p in model.named_parameters()},
-            (decay.detach().clone(), None if decay.grad is None else decay.grad.clone(), decay.requires_grad),
-            model.training)
+    return (
+        copy.deepcopy(model.state_dict()),
+        {
+            n: (None if p.grad is None else p.grad.clone(), p.requires_grad)
+            for n, p in model.named_parameters()
+        },
+        (decay.detach().clone(), None if decay.grad is None else decay.grad.clone(), decay.requires_grad),
+        model.training,
+    )
 
 
 def _same(a, b):
@@ -57,7 +43,8 @@ def _same(a, b):
 @pytest.mark.filterwarnings("ignore::bilevel.HypergradientWarning")
 @pytest.mark.parametrize("mode", ALL_MODES)
 def test_a_call_leaves_parameters_buffers_and_grads_as_they_were(mode):
-    model, decay, inner, outer = _module_problem()
+    # a frozen parameter (the first bias) must stay frozen
+    model, decay, inner, outer, _, _ = batchnorm_regression(val_rows=16, freeze_first_bias=True)
     for p in model.parameters():  # pre-existing .grad must survive untouched
         p.grad = torch.full_like(p, 0.5)
     before = _snapshot(model, decay)
@@ -68,7 +55,7 @@ def test_a_call_leaves_parameters_buffers_and_grads_as_they_were(mode):
 
 @pytest.mark.parametrize("mode", ALL_MODES)
 def test_a_call_that_raises_midway_leaves_everything_as_it_was(mode):
-    model, decay, inner, outer = _module_problem(1)
+    model, decay, inner, outer, _, _ = batchnorm_regression(1, val_rows=16, freeze_first_bias=True)
     before = _snapshot(model, decay)
     calls = {"n": 0}
 
@@ -85,17 +72,13 @@ def test_a_call_that_raises_midway_leaves_everything_as_it_was(mode):
 LONG_RUN_STEPS = int(os.environ.get("BILEVEL_LONG_RUN_STEPS", "2000"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ALL_MODES)
 def test_online_loop_has_flat_memory_and_no_nan(mode):
     """An online bilevel loop: a few inner SGD steps, then one hypergradient step. Live tensors
     are counted with gc; a graph or tensor leaking between calls would grow the count.
     BILEVEL_LONG_RUN_STEPS sets the number of outer steps (default 2,000)."""
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(20, 4, generator=g, dtype=torch.float64), torch.randn(20, generator=g, dtype=torch.float64)
-    w = torch.zeros(4, dtype=torch.float64, requires_grad=True)
-    lam = torch.full((4,), -1.0, dtype=torch.float64, requires_grad=True)
-    inner = lambda w, lam: 0.5 * ((x @ w - y) ** 2).mean() + 0.5 * (lam.exp() * w ** 2).sum()
-    outer = lambda w, lam: 0.5 * ((x[:10] @ w - y[:10]) ** 2).mean()
+    x, _, w, lam, inner, outer = split_ridge(20, 4, val_rows=10)
     hg = HyperGradient(mode)
     outer_opt = torch.optim.SGD([lam], lr=0.05)
 
@@ -129,13 +112,7 @@ def test_online_loop_on_cuda_has_flat_allocated_memory(mode):
     """torch.cuda.memory_allocated counts every tensor, graphs' saved tensors included."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 16, generator=g, dtype=torch.float64).cuda()
-    y = torch.randn(64, generator=g, dtype=torch.float64).cuda()
-    w = torch.zeros(16, dtype=torch.float64, device="cuda", requires_grad=True)
-    lam = torch.full((16,), -1.0, dtype=torch.float64, device="cuda", requires_grad=True)
-    inner = lambda w, lam: 0.5 * ((x @ w - y) ** 2).mean() + 0.5 * (lam.exp() * w ** 2).sum()
-    outer = lambda w, lam: 0.5 * ((x[:32] @ w - y[:32]) ** 2).mean()
+    _, _, w, lam, inner, outer = split_ridge(64, 16, val_rows=32, device="cuda")
     hg, allocated = HyperGradient(mode), []
     for step in range(60):
         (grad_w,) = torch.autograd.grad(inner(w, lam.detach()), w)
@@ -166,21 +143,6 @@ def _ridge_args(p=6):
     return problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams
 
 
-def _saddle_args():
-    """f = ½ wᵀ diag(1, −1) w − φᵀw at its stationary point w = (φ₀, −φ₁): indefinite H."""
-    signs = torch.tensor([1.0, -1.0], dtype=torch.float64)
-    return (lambda w, p: 0.5 * (signs * w * w).sum() - (p * w).sum(), lambda w, p: (w ** 2).sum(),
-            torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True),
-            torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True))
-
-
-def _singular_args():
-    """f = ½(w₀ + w₁)² + φ·w₀: H = [[1, 1], [1, 1]] is singular (so is any Nyström core)."""
-    return (lambda w, p: 0.5 * (w[0] + w[1]) ** 2 + p[0] * w[0], lambda w, p: (w ** 2).sum(),
-            torch.tensor([-1.0, 0.0], dtype=torch.float64, requires_grad=True),
-            torch.tensor([1.0], dtype=torch.float64, requires_grad=True))
-
-
 def _slow_divergence_args():
     """f = ½ Σ dᵢwᵢ² − φᵀw with d = (1, 1, 1, 10) and ∂g/∂θ = (1, 1, 1, 10⁻³): with α = 0.21 >
     2/λmax the λmax component grows by 1.1 per term, but after 40 terms the residual (~0.03)
@@ -188,24 +150,42 @@ def _slow_divergence_args():
     d = torch.tensor([1.0, 1.0, 1.0, 10.0], dtype=torch.float64)
     c = torch.tensor([1.0, 1.0, 1.0, 1e-3], dtype=torch.float64)
     phi = torch.tensor([0.5, -1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
-    return (lambda w, p: 0.5 * (d * w * w).sum() - (p * w).sum(), lambda w, p: (c * w).sum(),
-            (phi.detach() / d).requires_grad_(), phi)
+    return (
+        lambda w, p: 0.5 * (d * w * w).sum() - (p * w).sum(),
+        lambda w, p: (c * w).sum(),
+        (phi.detach() / d).requires_grad_(),
+        phi,
+    )
 
 
 BREAKDOWNS = [  # (mode, options, problem, stats flag, warning text)
     ("implicit-neumann", {"iters": 30, "alpha": 10.0}, _ridge_args, "diverged", "diverged"),
     ("implicit-neumann", {"iters": 40, "alpha": 0.21}, _slow_divergence_args, "diverged", "diverged"),
-    ("implicit-neumann", {"iters": 30, "alpha": 10.0, "residual": False}, _ridge_args, "diverged", "diverged"),
-    ("implicit-neumann", {"iters": 40, "alpha": 0.21, "residual": False}, _slow_divergence_args, "diverged",
-     "diverged"),
-    ("implicit-cg", {}, _saddle_args, "negative_curvature", "negative curvature"),
-    ("implicit-nystrom", {"rank": 2, "rho": 1e-3}, _singular_args, "singular", "singular"),
-    ("implicit-exact", {}, _singular_args, "singular", "singular"),
+    (
+        "implicit-neumann",
+        {"iters": 30, "alpha": 10.0, "residual": False},
+        _ridge_args,
+        "diverged",
+        "diverged",
+    ),
+    (
+        "implicit-neumann",
+        {"iters": 40, "alpha": 0.21, "residual": False},
+        _slow_divergence_args,
+        "diverged",
+        "diverged",
+    ),
+    ("implicit-cg", {}, saddle, "negative_curvature", "negative curvature"),  # problems.py: indefinite H
+    ("implicit-nystrom", {"rank": 2, "rho": 1e-3}, singular, "singular", "singular"),  # singular H
+    ("implicit-exact", {}, singular, "singular", "singular"),
 ]
 
 
-@pytest.mark.parametrize("mode, options, make, flag, text", BREAKDOWNS,
-                         ids=[f"{b[0]}-{b[3]}-{i}" for i, b in enumerate(BREAKDOWNS)])
+@pytest.mark.parametrize(
+    "mode, options, make, flag, text",
+    BREAKDOWNS,
+    ids=[f"{b[0]}-{b[3]}-{i}" for i, b in enumerate(BREAKDOWNS)],
+)
 def test_breakdown_is_flagged_warned_once_and_raised_when_strict(mode, options, make, flag, text):
     args = make()
     hg = HyperGradient(mode, **options)
@@ -239,14 +219,6 @@ def test_convergent_neumann_is_not_flagged(residual):
 
 
 # ------------------------------------------------------------------ checkpoint / resume
-def _roundtrip(state, weights_only=True):
-    """``state`` through ``torch.save``/``torch.load``, as a checkpoint on disk would go."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=weights_only)
-
-
 def _online_ridge(step):
     """The ridge problem of an online loop at outer step ``step``: hparams drift slowly and
     params sit at the inner optimum for them."""
@@ -256,15 +228,18 @@ def _online_ridge(step):
     return problem.inner_loss, problem.outer_loss, params, lam
 
 
-@pytest.mark.parametrize("mode, options", [
-    ("implicit-cg", {"warm_start": True, "tol": 1e-10}),
-    ("implicit-nystrom", {"rank": 3, "generator": 7}),
-])
+@pytest.mark.parametrize(
+    "mode, options",
+    [
+        ("implicit-cg", {"warm_start": True, "tol": 1e-10}),
+        ("implicit-nystrom", {"rank": 3, "generator": 7}),
+    ],
+)
 def test_stateful_implicit_modes_resume_bit_exactly_from_a_checkpoint(mode, options):
     hg = HyperGradient(mode, **options)
     for step in range(2):
         hg.compute(*_online_ridge(step))
-    checkpoint = _roundtrip(hg.state_dict())
+    checkpoint = roundtrip(hg.state_dict())
     expected = [(hg.compute(*_online_ridge(step)), hg.stats.hvps) for step in (2, 3)]
 
     other = dict(options, generator=11) if mode == "implicit-nystrom" else options
@@ -278,8 +253,9 @@ def test_stateful_implicit_modes_resume_bit_exactly_from_a_checkpoint(mode, opti
     assert not torch.equal(fresh.compute(*_online_ridge(2)), expected[0][0])
 
 
-@pytest.mark.parametrize("mode, options", [
-    ("unroll", {"steps": 3}), ("truncated-unroll", {"steps": 4, "truncate": 2})])
+@pytest.mark.parametrize(
+    "mode, options", [("unroll", {"steps": 3}), ("truncated-unroll", {"steps": 4, "truncate": 2})]
+)
 def test_unrolled_optimizer_state_resumes_bit_exactly_from_a_checkpoint(mode, options):
     problem = ridge(p=4)
     make = lambda: HyperGradient(mode, update_params=True, momentum=0.9, **options)
@@ -287,7 +263,7 @@ def test_unrolled_optimizer_state_resumes_bit_exactly_from_a_checkpoint(mode, op
     hg = make()
     hg.compute(problem.inner_loss, problem.outer_loss, theta, problem.hparams)
     # torchopt's state holds namedtuples, which torch.load refuses with weights_only=True
-    checkpoint = _roundtrip({"hg": hg.state_dict(), "theta": theta.detach()}, weights_only=False)
+    checkpoint = roundtrip({"hg": hg.state_dict(), "theta": theta.detach()}, weights_only=False)
     expected = [hg.compute(problem.inner_loss, problem.outer_loss, theta, problem.hparams) for _ in range(2)]
 
     resumed = make()
@@ -298,97 +274,113 @@ def test_unrolled_optimizer_state_resumes_bit_exactly_from_a_checkpoint(mode, op
     # the check can fail: restarting the momentum from zero gives other numbers
     cold = make()
     theta3 = checkpoint["theta"].clone().requires_grad_()
-    assert not torch.equal(cold.compute(problem.inner_loss, problem.outer_loss, theta3, problem.hparams),
-                           expected[0])
-
-
-def _quadratic(p, dtype=torch.float64):
-    w = torch.zeros(p, dtype=dtype, requires_grad=True)
-    lam = torch.tensor(0.1, dtype=dtype, requires_grad=True)
-    return (lambda w, h: ((w - 1) ** 2).sum() + h * (w ** 2).sum()), (lambda w, h: (w ** 2).sum()), w, lam
+    assert not torch.equal(
+        cold.compute(problem.inner_loss, problem.outer_loss, theta3, problem.hparams), expected[0]
+    )
 
 
 def _saved(make, p=3, **load):
     hg = make()
-    hg.compute(*_quadratic(p))
-    buffer = io.BytesIO()
-    torch.save(hg.state_dict(), buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False, **load)
+    hg.compute(*shrinkage(p))
+    return roundtrip(hg.state_dict(), weights_only=False, **load)
 
 
 def test_a_checkpoint_loads_only_into_the_configuration_it_was_saved_by():
-    adam = _saved(lambda: HyperGradient("unroll", steps=2, update_params=True, inner_optimizer=torch.optim.Adam))
+    adam = _saved(
+        lambda: HyperGradient("unroll", steps=2, update_params=True, inner_optimizer=torch.optim.Adam)
+    )
     assert adam["signature"] == {"inner_optimizer": "Adam", "backend": "torchopt"}
     with pytest.raises(ValueError, match="inner_optimizer 'Adam' there, 'RMSprop' here"):
         HyperGradient("unroll", update_params=True, inner_optimizer=torch.optim.RMSprop).load_state_dict(adam)
     with pytest.raises(ValueError, match="backend 'torchopt' there, 'higher' here"):
-        HyperGradient("unroll", update_params=True, inner_optimizer=torch.optim.Adam,
-                      backend="higher").load_state_dict(adam)
+        HyperGradient(
+            "unroll", update_params=True, inner_optimizer=torch.optim.Adam, backend="higher"
+        ).load_state_dict(adam)
     # the same class with other options: the state's form differs, found at the first call
     momentum = _saved(lambda: HyperGradient("unroll", steps=2, update_params=True, momentum=0.9))
     plain = HyperGradient("unroll", steps=2, update_params=True)
     plain.load_state_dict(momentum)
     with pytest.raises(ValueError, match="does not fit this HyperGradient's inner optimizer.*TraceState"):
-        plain.compute(*_quadratic(3))
+        plain.compute(*shrinkage(3))
     same = HyperGradient("unroll", steps=2, update_params=True, momentum=0.9)
     same.load_state_dict(momentum)
-    same.compute(*_quadratic(3))  # the matching configuration runs
+    same.compute(*shrinkage(3))  # the matching configuration runs
     # higher's optimizers create their state at the first step: the same check
-    adam = _saved(lambda: HyperGradient("unroll", steps=2, update_params=True, backend="higher",
-                                        inner_optimizer=torch.optim.Adam))
-    amsgrad = HyperGradient("unroll", steps=2, update_params=True, backend="higher",
-                            inner_optimizer=torch.optim.Adam, amsgrad=True)
+    adam = _saved(
+        lambda: HyperGradient(
+            "unroll", steps=2, update_params=True, backend="higher", inner_optimizer=torch.optim.Adam
+        )
+    )
+    amsgrad = HyperGradient(
+        "unroll",
+        steps=2,
+        update_params=True,
+        backend="higher",
+        inner_optimizer=torch.optim.Adam,
+        amsgrad=True,
+    )
     amsgrad.load_state_dict(adam)
     with pytest.raises(ValueError, match="does not fit this HyperGradient's inner optimizer"):
-        amsgrad.compute(*_quadratic(3))
-    same = HyperGradient("unroll", steps=2, update_params=True, backend="higher", inner_optimizer=torch.optim.Adam)
+        amsgrad.compute(*shrinkage(3))
+    same = HyperGradient(
+        "unroll", steps=2, update_params=True, backend="higher", inner_optimizer=torch.optim.Adam
+    )
     same.load_state_dict(adam)
-    same.compute(*_quadratic(3))
+    same.compute(*shrinkage(3))
 
 
-@pytest.mark.parametrize("make", [
-    lambda: HyperGradient("implicit-cg", warm_start=True),
-    lambda: HyperGradient("unroll", steps=2, update_params=True, momentum=0.9),
-    lambda: HyperGradient("unroll", steps=2, update_params=True, momentum=0.9, backend="higher"),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: HyperGradient("implicit-cg", warm_start=True),
+        lambda: HyperGradient("unroll", steps=2, update_params=True, momentum=0.9),
+        lambda: HyperGradient("unroll", steps=2, update_params=True, momentum=0.9, backend="higher"),
+    ],
+)
 def test_a_loaded_state_must_fit_the_next_problem(make):
     checkpoint = _saved(make)
-    for p, dtype, message in ((4, torch.float64, r"params shapes were \(3,\), now \(4,\)"),
-                              (3, torch.float32, "dtype was float64, now float32")):
+    for p, dtype, message in (
+        (4, torch.float64, r"params shapes were \(3,\), now \(4,\)"),
+        (3, torch.float32, "dtype was float64, now float32"),
+    ):
         hg = make()
         hg.load_state_dict(checkpoint)
         with pytest.raises(ValueError, match=f"since the loaded checkpoint \\({message}\\)"):
-            hg.compute(*_quadratic(p, dtype))
+            hg.compute(*shrinkage(p, dtype))
     hg = make()
     hg.load_state_dict(_saved(make, map_location="meta"))  # torch.load put it on another device
     with pytest.raises(ValueError, match="tensors on meta.*map_location='cpu'"):
-        hg.compute(*_quadratic(3))
+        hg.compute(*shrinkage(3))
     hg = make()
     hg.load_state_dict(checkpoint)
-    hg.compute(*_quadratic(3))  # the problem it was saved for
+    hg.compute(*shrinkage(3))  # the problem it was saved for
 
 
-@pytest.mark.parametrize("saver, loader", [
-    (lambda: HyperGradient("implicit-cg", warm_start=True), lambda: HyperGradient("implicit-cg")),
-    (lambda: HyperGradient("unroll", steps=2, update_params=True, momentum=0.9),
-     lambda: HyperGradient("unroll", steps=2, momentum=0.9)),
-])
+@pytest.mark.parametrize(
+    "saver, loader",
+    [
+        (lambda: HyperGradient("implicit-cg", warm_start=True), lambda: HyperGradient("implicit-cg")),
+        (
+            lambda: HyperGradient("unroll", steps=2, update_params=True, momentum=0.9),
+            lambda: HyperGradient("unroll", steps=2, momentum=0.9),
+        ),
+    ],
+)
 def test_a_loaded_state_the_options_leave_unused_does_not_bind_the_layout(saver, loader):
     hg = loader()
     hg.load_state_dict(_saved(saver))
-    hg.compute(*_quadratic(5))  # warm_start / update_params off: the state is not used
+    hg.compute(*shrinkage(5))  # warm_start / update_params off: the state is not used
 
 
 def test_checkpoints_without_signature_or_layout_still_load():
     """Checkpoints written before state_dict() recorded the configuration and layout."""
-    make = lambda: HyperGradient("implicit-cg", warm_start=True, tol=1e-12)  # noqa: E731
+    make = lambda: HyperGradient("implicit-cg", warm_start=True, tol=1e-12)
     checkpoint = _saved(make)
     old = {"mode": checkpoint["mode"], "state": checkpoint["state"]}
     hg, reference = make(), make()
     hg.load_state_dict(old)
     reference.load_state_dict(checkpoint)
-    assert torch.equal(hg.compute(*_quadratic(3)), reference.compute(*_quadratic(3)))
+    assert torch.equal(hg.compute(*shrinkage(3)), reference.compute(*shrinkage(3)))
     with pytest.raises(ValueError, match="expects a dict from HyperGradient.state_dict"):
         hg.load_state_dict({"mode": "implicit-cg"})
 
@@ -401,8 +393,12 @@ def test_failed_call_does_not_advance_a_warm_start():
     inner = lambda w, h: problem.inner_loss(w, h[0]) + torch.sqrt(h[1]) * w.sum()
     hg = HyperGradient("implicit-cg", warm_start=True, tol=1e-10)
     theta = problem.params_star()
-    hg.compute(inner, problem.outer_loss, theta, (problem.hparams, torch.tensor(1.0, dtype=torch.float64,
-                                                                                 requires_grad=True)))
+    hg.compute(
+        inner,
+        problem.outer_loss,
+        theta,
+        (problem.hparams, torch.tensor(1.0, dtype=torch.float64, requires_grad=True)),
+    )
     before = copy.deepcopy(hg.state_dict())
     assert before["state"]  # a warm start is held
     moved = (1.5 * theta.detach()).requires_grad_()  # another ∂g/∂θ, so another solution
@@ -415,8 +411,13 @@ def test_failed_call_does_not_advance_a_warm_start():
 @pytest.mark.parametrize("mode", ["unroll", "truncated-unroll"])
 def test_unrolled_call_that_raises_midway_keeps_params_and_optimizer_state(mode):
     problem = ridge(p=4)
-    make = lambda: HyperGradient(mode, steps=4, update_params=True, momentum=0.9,
-                                 **({"truncate": 2} if mode == "truncated-unroll" else {}))
+    make = lambda: HyperGradient(
+        mode,
+        steps=4,
+        update_params=True,
+        momentum=0.9,
+        **({"truncate": 2} if mode == "truncated-unroll" else {}),
+    )
     theta = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     reference_theta = theta.detach().clone().requires_grad_()
     hg, reference = make(), make()
@@ -436,8 +437,10 @@ def test_unrolled_call_that_raises_midway_keeps_params_and_optimizer_state(mode)
     assert torch.equal(theta, values) and theta.requires_grad and theta.grad is None
     assert _same(hg.state_dict(), state)
     # and the run goes on exactly as one that never failed
-    assert torch.equal(hg.compute(problem.inner_loss, problem.outer_loss, theta, problem.hparams),
-                       reference.compute(problem.inner_loss, problem.outer_loss, reference_theta, problem.hparams))
+    assert torch.equal(
+        hg.compute(problem.inner_loss, problem.outer_loss, theta, problem.hparams),
+        reference.compute(problem.inner_loss, problem.outer_loss, reference_theta, problem.hparams),
+    )
     assert torch.equal(theta, reference_theta)
 
 
@@ -447,17 +450,19 @@ def test_a_state_without_use_loads_into_any_configuration():
     assert empty["state"] == {}
     HyperGradient("unroll", steps=2, inner_optimizer=torch.optim.Adam).load_state_dict(empty)
     adam = HyperGradient("unroll", steps=2, update_params=True, inner_optimizer=torch.optim.Adam)
-    adam.compute(*_quadratic(3))
+    adam.compute(*shrinkage(3))
     before = copy.deepcopy(adam.state_dict())
     with pytest.raises(ValueError, match="configured otherwise"):
-        adam.load_state_dict(_saved(lambda: HyperGradient("unroll", steps=2, update_params=True, momentum=0.9)))
+        adam.load_state_dict(
+            _saved(lambda: HyperGradient("unroll", steps=2, update_params=True, momentum=0.9))
+        )
     assert _same(adam.state_dict(), before)
 
 
 def test_a_nystrom_checkpoint_loads_wherever_map_location_put_it(device):
     """The generator state is a byte tensor that torch.load moves with everything else; the
     generator takes it back from any device."""
-    make = lambda: HyperGradient("implicit-nystrom", rank=2, generator=5)  # noqa: E731
+    make = lambda: HyperGradient("implicit-nystrom", rank=2, generator=5)
     hg = make()
     hg.load_state_dict(_saved(make, p=6, map_location=device))  # the state after one draw
     reference = make()

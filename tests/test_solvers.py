@@ -1,4 +1,5 @@
 """The conjugate-gradient solver on explicit matrices."""
+
 import pytest
 import torch
 
@@ -61,7 +62,9 @@ def test_a_non_finite_product_stops_the_solve_and_names_it(overlap):
         conjugate_gradient(broken, v, 20, tol=1e-12, overlap=overlap)
 
 
-@pytest.mark.parametrize("eigenvalues, tol, iters", [(SPD, 1e-12, 200), (SPD, 0.0, 7), (INDEFINITE, 1e-12, 20)])
+@pytest.mark.parametrize(
+    "eigenvalues, tol, iters", [(SPD, 1e-12, 200), (SPD, 0.0, 7), (INDEFINITE, 1e-12, 20)]
+)
 def test_overlapped_cg_reads_one_iteration_late_and_returns_the_same_iterate(eigenvalues, tol, iters):
     """overlap=True (the default on CUDA) queues iteration k+1 before reading iteration k: the
     same iterate, and one extra (discarded) product exactly when the solve stops early."""
@@ -69,8 +72,11 @@ def test_overlapped_cg_reads_one_iteration_late_and_returns_the_same_iterate(eig
     plain = conjugate_gradient(matvec, v, iters, tol=tol, overlap=False)
     ahead = conjugate_gradient(matvec, v, iters, tol=tol, overlap=True)
     assert all(torch.equal(a, b) for a, b in zip(plain.x, ahead.x))
-    assert (ahead.iters, ahead.residual, ahead.converged, ahead.negative_curvature) == \
-        (plain.iters, plain.residual, plain.converged, plain.negative_curvature)
+    assert (ahead.iters, ahead.residual, ahead.converged, ahead.negative_curvature) == (
+        plain.iters,
+        plain.residual,
+        plain.converged,
+        plain.negative_curvature,
+    )
     stopped_early = plain.iters < iters
     assert ahead.products == plain.products + int(stopped_early)
-

@@ -1,13 +1,19 @@
 """bilevel.testing: the finite-difference helpers themselves, then every implicit mode checked
 with them on non-quadratic problems (logistic regression and a small MLP)."""
+
 import math
 
 import pytest
 import torch
 
 from bilevel import HyperGradient
-from bilevel.testing import (assert_hypergradient_close, default_eps, finite_difference_hypergradient,
-                             random_direction)
+from bilevel.testing import (
+    assert_hypergradient_close,
+    default_eps,
+    finite_difference_hypergradient,
+    random_direction,
+)
+
 from problems import logistic, ridge
 
 f64 = torch.float64
@@ -15,7 +21,7 @@ f64 = torch.float64
 
 def _sin_of_square(phi):
     """F(φ) = Σ sin(φ²) through θ*(φ) = φ², with dF/dφ = 2φ·cos(φ²)."""
-    return (lambda h: h ** 2), (lambda w, h: torch.sin(w).sum()), 2 * phi * torch.cos(phi ** 2)
+    return (lambda h: h**2), (lambda w, h: torch.sin(w).sum()), 2 * phi * torch.cos(phi**2)
 
 
 # ------------------------------------------------------------------ finite differences
@@ -32,9 +38,9 @@ def test_each_scheme_matches_the_analytic_derivative_with_its_order():
 
 def test_default_steps_follow_the_error_analysis():
     u = torch.finfo(f64).eps
-    assert default_eps(f64, "forward") == pytest.approx(u ** 0.5)
+    assert default_eps(f64, "forward") == pytest.approx(u**0.5)
     assert default_eps(f64) == pytest.approx(6.06e-6, rel=1e-2) == u ** (1 / 3)
-    assert default_eps(f64, "five-point") == pytest.approx(u ** 0.2)
+    assert default_eps(f64, "five-point") == pytest.approx(u**0.2)
     assert default_eps(torch.float32) == pytest.approx(torch.finfo(torch.float32).eps ** (1 / 3))
 
 
@@ -42,13 +48,15 @@ def test_step_is_relative_to_the_size_of_the_hparams():
     # F(φ) = Σ (φ/s)³ with s = 1e5: an absolute step of 6e-6 would lose ~6 digits to rounding
     s = 1e5
     phi = torch.tensor([1.0e5, -3.0e4, 2.5e5], dtype=f64)
-    fd = finite_difference_hypergradient(lambda h: h / s, lambda w, h: (w ** 3).sum(), phi)
-    torch.testing.assert_close(fd, 3 * phi ** 2 / s ** 3, rtol=1e-9, atol=0)
+    fd = finite_difference_hypergradient(lambda h: h / s, lambda w, h: (w**3).sum(), phi)
+    torch.testing.assert_close(fd, 3 * phi**2 / s**3, rtol=1e-9, atol=0)
 
 
 def test_nested_structures_are_kept_and_match_autograd():
-    hp = {"a": torch.tensor([0.5, -0.4], dtype=f64),
-          "b": (torch.tensor(0.7, dtype=f64), torch.tensor([[0.1, 0.2], [-0.3, 0.4]], dtype=f64))}
+    hp = {
+        "a": torch.tensor([0.5, -0.4], dtype=f64),
+        "b": (torch.tensor(0.7, dtype=f64), torch.tensor([[0.1, 0.2], [-0.3, 0.4]], dtype=f64)),
+    }
 
     def solve(h):  # a tuple of params, non-linear in every hparam
         scale, mat = h["b"]
@@ -58,8 +66,11 @@ def test_nested_structures_are_kept_and_match_autograd():
         return (w[0] ** 2).sum() + torch.sin(w[1]).sum() + h["b"][0] * h["a"].sum()
 
     fd = finite_difference_hypergradient(solve, outer, hp)
-    leaves = [hp["a"].clone().requires_grad_(), hp["b"][0].clone().requires_grad_(),
-              hp["b"][1].clone().requires_grad_()]
+    leaves = [
+        hp["a"].clone().requires_grad_(),
+        hp["b"][0].clone().requires_grad_(),
+        hp["b"][1].clone().requires_grad_(),
+    ]
     h = {"a": leaves[0], "b": (leaves[1], leaves[2])}
     exact = torch.autograd.grad(outer(solve(h), h), leaves)
     assert set(fd) == {"a", "b"} and isinstance(fd["b"], tuple) and len(fd["b"]) == 2
@@ -84,15 +95,21 @@ def test_directional_derivatives():
     solve_d, outer_d = (lambda h: h["x"] ** 2 + h["y"].sum()), (lambda w, h: torch.sin(w).sum())
     full = finite_difference_hypergradient(solve_d, outer_d, hp)
     along = finite_difference_hypergradient(solve_d, outer_d, hp, direction="random", generator=3)
-    assert float(along) == pytest.approx(float((full["x"] * r["x"]).sum() + (full["y"] * r["y"]).sum()), rel=1e-8)
+    assert float(along) == pytest.approx(
+        float((full["x"] * r["x"]).sum() + (full["y"] * r["y"]).sum()), rel=1e-8
+    )
 
 
 def test_a_dict_direction_is_matched_to_hparams_by_key():
     hp = {"a": torch.tensor(1.0, dtype=f64), "b": torch.tensor(2.0, dtype=f64)}
     solve, outer = (lambda h: 3 * h["a"]), (lambda w, h: w + 10 * h["b"])  # dF/da = 3, dF/db = 10
     along_b = {"b": torch.tensor(1.0, dtype=f64), "a": torch.tensor(0.0, dtype=f64)}  # another key order
-    assert float(finite_difference_hypergradient(solve, outer, hp, direction=along_b)) == pytest.approx(10.0, rel=1e-8)
-    with pytest.raises(ValueError, match=r"direction: expected a dict with the keys of hparams, \['a', 'b'\], got a tuple"):
+    assert float(finite_difference_hypergradient(solve, outer, hp, direction=along_b)) == pytest.approx(
+        10.0, rel=1e-8
+    )
+    with pytest.raises(
+        ValueError, match=r"direction: expected a dict with the keys of hparams, \['a', 'b'\], got a tuple"
+    ):
         finite_difference_hypergradient(solve, outer, hp, direction=(torch.tensor(1.0, dtype=f64),) * 2)
     with pytest.raises(ValueError, match=r"got keys \['a', 'c'\]"):
         finite_difference_hypergradient(solve, outer, hp, direction={"a": hp["a"], "c": hp["b"]})
@@ -114,7 +131,7 @@ def test_inner_solve_may_use_autograd_and_hparams_are_never_touched():
             theta = (theta - 0.3 * grad).detach().requires_grad_()
         return theta
 
-    fd = finite_difference_hypergradient(solve, lambda w, h: (w ** 2).sum() + (w * h).sum(), phi)
+    fd = finite_difference_hypergradient(solve, lambda w, h: (w**2).sum() + (w * h).sum(), phi)
     # F(h) = ¼‖h + t‖² + ½ h·(h + t), so dF/dh = 1.5 h + t
     torch.testing.assert_close(fd, 1.5 * phi.detach() + target, rtol=1e-8, atol=1e-10)
     assert not any(seen)
@@ -124,7 +141,7 @@ def test_inner_solve_may_use_autograd_and_hparams_are_never_touched():
 def test_float32_warns_that_fd_is_noisy():
     phi = torch.tensor([0.5, 1.5])
     with pytest.warns(UserWarning, match="float32 are noisy") as record:
-        fd = finite_difference_hypergradient(lambda h: h, lambda w, h: (w ** 2).sum(), phi)
+        fd = finite_difference_hypergradient(lambda h: h, lambda w, h: (w**2).sum(), phi)
     assert record[0].filename == __file__  # the warning points at the caller
     assert fd.dtype == torch.float32
     torch.testing.assert_close(fd, 2 * phi, rtol=1e-3, atol=1e-3)
@@ -132,7 +149,7 @@ def test_float32_warns_that_fd_is_noisy():
 
 def test_bad_arguments_raise_readable_errors():
     phi = torch.tensor([0.5], dtype=f64)
-    solve, outer = (lambda h: h), (lambda w, h: (w ** 2).sum())
+    solve, outer = (lambda h: h), (lambda w, h: (w**2).sum())
     with pytest.raises(ValueError, match="scheme must be one of"):
         finite_difference_hypergradient(solve, outer, phi, scheme="backward")
     with pytest.raises(ValueError, match="eps must be a positive number"):
@@ -165,38 +182,63 @@ def _dict_problem():
         return torch.cat([h["a"], h["b"].reshape(-1)])
 
     def inner_loss(w, h):
-        return 0.5 * (d * w ** 2).sum() - (w * torch.tanh(vec(h))).sum()
+        return 0.5 * (d * w**2).sum() - (w * torch.tanh(vec(h))).sum()
 
     def outer_loss(w, h):
         return 0.5 * ((w - target) ** 2).sum()
 
-    hp = {"a": torch.tensor([0.1, -0.5, 0.9], dtype=f64), "b": torch.tensor([[0.3, -0.2], [0.6, 1.1]], dtype=f64)}
+    hp = {
+        "a": torch.tensor([0.1, -0.5, 0.9], dtype=f64),
+        "b": torch.tensor([[0.3, -0.2], [0.6, 1.1]], dtype=f64),
+    }
     return inner_loss, outer_loss, lambda h: torch.tanh(vec(h)) / d, hp
 
 
 def test_assert_passes_for_a_correct_mode_and_leaves_hparams_alone():
     problem = ridge(p=5)
     before = problem.hparams.detach().clone()
-    computed, fd = assert_hypergradient_close("implicit-exact", problem.inner_loss, problem.outer_loss,
-                                              problem.inner_solve, problem.hparams, rtol=1e-8, atol=0)
+    computed, fd = assert_hypergradient_close(
+        "implicit-exact",
+        problem.inner_loss,
+        problem.outer_loss,
+        problem.inner_solve,
+        problem.hparams,
+        rtol=1e-8,
+        atol=0,
+    )
     torch.testing.assert_close(computed, problem.exact_hypergradient(), rtol=1e-10, atol=0)
     torch.testing.assert_close(fd, problem.exact_hypergradient(), rtol=1e-8, atol=0)
     assert torch.equal(problem.hparams.detach(), before) and problem.hparams.grad is None
     # hparams that do not require grad are fine too (the helper differentiates copies)
-    assert_hypergradient_close("implicit-exact", problem.inner_loss, problem.outer_loss, problem.inner_solve,
-                               problem.hparams.detach())
+    assert_hypergradient_close(
+        "implicit-exact",
+        problem.inner_loss,
+        problem.outer_loss,
+        problem.inner_solve,
+        problem.hparams.detach(),
+    )
 
 
 def test_report_of_a_wrong_mode():
     problem = ridge(p=5)
     wrong = HyperGradient("implicit-identity", alpha=0.01)
     with pytest.raises(AssertionError) as info:
-        assert_hypergradient_close(wrong, problem.inner_loss, problem.outer_loss, problem.inner_solve,
-                                   problem.hparams)
+        assert_hypergradient_close(
+            wrong, problem.inner_loss, problem.outer_loss, problem.inner_solve, problem.hparams
+        )
     report = str(info.value)
-    for piece in ("mode 'implicit-identity'", "relative error", "rtol 1e-05", "cosine similarity", "‖fd‖",
-                  "worst entries:", "hparams[", "central, relative step eps=6.06e-06", "mode stats: hvps=0",
-                  "‖∇θ inner_loss‖ at inner_solve(hparams): "):
+    for piece in (
+        "mode 'implicit-identity'",
+        "relative error",
+        "rtol 1e-05",
+        "cosine similarity",
+        "‖fd‖",
+        "worst entries:",
+        "hparams[",
+        "central, relative step eps=6.06e-06",
+        "mode stats: hvps=0",
+        "‖∇θ inner_loss‖ at inner_solve(hparams): ",
+    ):
         assert piece in report, piece
     assert problem.hparams.grad is None
 
@@ -213,35 +255,51 @@ class _OneEntryOff(HyperGradient):
 
 def test_report_names_the_worst_entry_by_key_and_index():
     inner_loss, outer_loss, inner_solve, hp = _dict_problem()
-    computed, _ = assert_hypergradient_close("implicit-exact", inner_loss, outer_loss, inner_solve, hp,
-                                             rtol=1e-8, atol=0)
+    computed, _ = assert_hypergradient_close(
+        "implicit-exact", inner_loss, outer_loss, inner_solve, hp, rtol=1e-8, atol=0
+    )
     assert set(computed) == {"a", "b"} and computed["b"].shape == (2, 2)
     with pytest.raises(AssertionError) as info:
         assert_hypergradient_close(_OneEntryOff("implicit-exact"), inner_loss, outer_loss, inner_solve, hp)
     rows = str(info.value).split("worst entries:\n")[1].splitlines()
     names = [row.split("  computed")[0].strip() for row in rows[:5]]
     assert names[0] == "hparams['b'][1, 0]" and "diff  1.00e-03" in rows[0]
-    assert set(names[1:]) <= {"hparams['a'][0]", "hparams['a'][1]", "hparams['a'][2]",
-                              "hparams['b'][0, 0]", "hparams['b'][0, 1]", "hparams['b'][1, 1]"}
+    assert set(names[1:]) <= {
+        "hparams['a'][0]",
+        "hparams['a'][1]",
+        "hparams['a'][2]",
+        "hparams['b'][0, 0]",
+        "hparams['b'][0, 1]",
+        "hparams['b'][1, 1]",
+    }
 
 
 def test_assert_along_a_direction():
     inner_loss, outer_loss, inner_solve, hp = _dict_problem()
-    computed, fd = assert_hypergradient_close("implicit-cg", inner_loss, outer_loss, inner_solve, hp,
-                                              direction="random", generator=1)
+    computed, fd = assert_hypergradient_close(
+        "implicit-cg", inner_loss, outer_loss, inner_solve, hp, direction="random", generator=1
+    )
     d = random_direction(hp, 1)
     assert fd.shape == () and float(fd) == pytest.approx(
-        float((computed["a"] * d["a"]).sum() + (computed["b"] * d["b"]).sum()), rel=1e-6)
+        float((computed["a"] * d["a"]).sum() + (computed["b"] * d["b"]).sum()), rel=1e-6
+    )
     with pytest.raises(AssertionError, match="along the given direction: computed"):
-        assert_hypergradient_close(_OneEntryOff("implicit-exact"), inner_loss, outer_loss, inner_solve, hp,
-                                   direction={"a": torch.zeros(3, dtype=f64), "b": torch.eye(2, dtype=f64).flip(0)})
+        assert_hypergradient_close(
+            _OneEntryOff("implicit-exact"),
+            inner_loss,
+            outer_loss,
+            inner_solve,
+            hp,
+            direction={"a": torch.zeros(3, dtype=f64), "b": torch.eye(2, dtype=f64).flip(0)},
+        )
 
 
 def test_float32_uses_looser_default_tolerances_and_warns():
     problem = ridge(p=4, dtype=torch.float32)
     with pytest.warns(UserWarning, match="noisy"):
-        computed, fd = assert_hypergradient_close("implicit-exact", problem.inner_loss, problem.outer_loss,
-                                                  problem.inner_solve, problem.hparams)
+        computed, fd = assert_hypergradient_close(
+            "implicit-exact", problem.inner_loss, problem.outer_loss, problem.inner_solve, problem.hparams
+        )
     assert computed.dtype == fd.dtype == torch.float32
 
 
@@ -249,18 +307,29 @@ def test_float32_uses_looser_default_tolerances_and_warns():
 # (mode, options, rtol against five-point differences, which are accurate to ~1e-12 here).
 # Nyström at rank P solves (H + ρI)x = v: bias ~ρ/λmin, and its complement term
 # (I − QQᵀ)v/ρ adds rounding ~u/ρ (2e-4 at ρ = 1e-12), so ρ = 1e-8 and a looser tolerance.
-IMPLICIT_MODES = [("implicit-exact", {}, 1e-9), ("implicit-cg", {"iters": 100, "tol": 1e-12}, 1e-9),
-                  ("implicit-gmres", {"iters": 100, "tol": 1e-12}, 1e-9),
-                  ("implicit-nystrom", {"rank": 10_000, "rho": 1e-8}, 1e-6),  # rank capped at P
-                  ("implicit-neumann", {"iters": 2000}, 1e-9)]
+IMPLICIT_MODES = [
+    ("implicit-exact", {}, 1e-9),
+    ("implicit-cg", {"iters": 100, "tol": 1e-12}, 1e-9),
+    ("implicit-gmres", {"iters": 100, "tol": 1e-12}, 1e-9),
+    ("implicit-nystrom", {"rank": 10_000, "rho": 1e-8}, 1e-6),  # rank capped at P
+    ("implicit-neumann", {"iters": 2000}, 1e-9),
+]
 
 
 @pytest.mark.parametrize("mode, options, rtol", IMPLICIT_MODES)
 def test_implicit_modes_against_fd_on_logistic_regression(mode, options, rtol):
     problem = logistic()
     hg = HyperGradient(mode, **options)
-    assert_hypergradient_close(hg, problem.inner_loss, problem.outer_loss, problem.inner_solve,
-                               problem.hparams, rtol=rtol, atol=0, scheme="five-point")
+    assert_hypergradient_close(
+        hg,
+        problem.inner_loss,
+        problem.outer_loss,
+        problem.inner_solve,
+        problem.hparams,
+        rtol=rtol,
+        atol=0,
+        scheme="five-point",
+    )
     if mode != "implicit-exact":
         assert hg.stats.converged is not False
 
@@ -290,8 +359,10 @@ class TinyMLP:
         self.xv = torch.randn(30, 3, generator=g, dtype=f64)
         self.yv = torch.sin(2 * self.xv[:, :1])
         self.sizes = [math.prod(s) for s in self.shapes.values()]
-        self.hparams = {"log_decay": torch.tensor([-2.0, -2.5, -2.0, -2.5], dtype=f64, requires_grad=True),
-                        "log_scale": torch.tensor([0.1, -0.2, 0.0], dtype=f64, requires_grad=True)}
+        self.hparams = {
+            "log_decay": torch.tensor([-2.0, -2.5, -2.0, -2.5], dtype=f64, requires_grad=True),
+            "log_scale": torch.tensor([0.1, -0.2, 0.0], dtype=f64, requires_grad=True),
+        }
         self._memo = {}
         start = 0.5 * torch.randn(sum(self.sizes), generator=g, dtype=f64)
         self.start = self._newton(self._lbfgs(start, self.hparams), self.hparams, steps=6)
@@ -356,7 +427,15 @@ def test_mlp_is_solved_to_a_strict_minimum(mlp):
 @pytest.mark.parametrize("mode, options, rtol", IMPLICIT_MODES)
 def test_implicit_modes_against_fd_on_a_small_mlp(mlp, mode, options, rtol):
     hg = HyperGradient(mode, **options)
-    computed, _ = assert_hypergradient_close(hg, mlp.inner_loss, mlp.outer_loss, mlp.inner_solve, mlp.hparams,
-                                             rtol=rtol, atol=0, scheme="five-point")
+    computed, _ = assert_hypergradient_close(
+        hg,
+        mlp.inner_loss,
+        mlp.outer_loss,
+        mlp.inner_solve,
+        mlp.hparams,
+        rtol=rtol,
+        atol=0,
+        scheme="five-point",
+    )
     assert set(computed) == {"log_decay", "log_scale"} and computed["log_scale"].shape == (3,)
     assert all(t.grad is None for t in mlp.hparams.values())

@@ -1,18 +1,15 @@
 """Unrolled modes: closed forms, backend agreement, truncation = Neumann, FD, memory, modules."""
+
 import copy
 import functools
 
 import pytest
 import torch
 import torchopt
-from torch import nn
 
 from bilevel import HyperGradient
-from problems import ridge
 
-
-def rel_error(a, b):
-    return float((a - b).norm() / b.norm())
+from problems import batchnorm_regression, plain_steps, rel_error, ridge, ridge_loss
 
 
 def _ridge_matrices(problem, lam):
@@ -40,32 +37,43 @@ def test_unroll_sgd_equals_the_closed_form_of_the_iterates(device):
     expected = torch.autograd.grad(unrolled_outer(lam), lam)[0]
     for backend in ("torchopt", "higher"):
         hg = HyperGradient("unroll", steps=steps, lr=lr, backend=backend)
-        got = hg.compute(problem.inner_loss, problem.outer_loss, theta0.clone().requires_grad_(),
-                         problem.hparams)
+        got = hg.compute(
+            problem.inner_loss, problem.outer_loss, theta0.clone().requires_grad_(), problem.hparams
+        )
         assert rel_error(got, expected) < 1e-10, backend
         assert hg.stats.iters == steps
 
 
-@pytest.mark.parametrize("optimizer, options", [
-    (torch.optim.SGD, {"lr": 0.2}),
-    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
-    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.5, "nesterov": True, "weight_decay": 0.01}),
-    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.5, "dampening": 0.3}),
-    # higher's Adam adds eps to √v before the bias correction (torch.optim.Adam and torchopt
-    # after), an O(eps/√v) difference; with a tiny eps the two formulas coincide
-    (torch.optim.Adam, {"lr": 0.05, "eps": 1e-14}),
-    (torch.optim.Adam, {"lr": 0.05, "betas": (0.8, 0.9), "weight_decay": 0.1, "eps": 1e-14}),
-    # higher warns that its RMSprop's gradients can be wrong (√ at 0); here they agree
-    pytest.param(torch.optim.RMSprop, {"lr": 0.01, "momentum": 0.5, "centered": True},
-                 marks=pytest.mark.filterwarnings("ignore:Differentiable RMSprop")),
-    (torch.optim.Adagrad, {"lr": 0.1, "initial_accumulator_value": 0.5, "lr_decay": 0.1}),
-])
+@pytest.mark.parametrize(
+    "optimizer, options",
+    [
+        (torch.optim.SGD, {"lr": 0.2}),
+        (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+        (torch.optim.SGD, {"lr": 0.1, "momentum": 0.5, "nesterov": True, "weight_decay": 0.01}),
+        (torch.optim.SGD, {"lr": 0.1, "momentum": 0.5, "dampening": 0.3}),
+        # higher's Adam adds eps to √v before the bias correction (torch.optim.Adam and torchopt
+        # after), an O(eps/√v) difference; with a tiny eps the two formulas coincide
+        (torch.optim.Adam, {"lr": 0.05, "eps": 1e-14}),
+        (torch.optim.Adam, {"lr": 0.05, "betas": (0.8, 0.9), "weight_decay": 0.1, "eps": 1e-14}),
+        # higher warns that its RMSprop's gradients can be wrong (√ at 0); here they agree
+        pytest.param(
+            torch.optim.RMSprop,
+            {"lr": 0.01, "momentum": 0.5, "centered": True},
+            marks=pytest.mark.filterwarnings("ignore:Differentiable RMSprop"),
+        ),
+        (torch.optim.Adagrad, {"lr": 0.1, "initial_accumulator_value": 0.5, "lr_decay": 0.1}),
+    ],
+)
 def test_torchopt_and_higher_backends_agree(optimizer, options):
     problem = ridge(p=6)
     theta0 = torch.full((6,), 0.5, dtype=torch.float64, requires_grad=True)
     args = (problem.inner_loss, problem.outer_loss, theta0, problem.hparams)
-    a = HyperGradient("unroll", steps=15, inner_optimizer=optimizer, backend="torchopt", **options).compute(*args)
-    b = HyperGradient("unroll", steps=15, inner_optimizer=optimizer, backend="higher", **options).compute(*args)
+    a = HyperGradient("unroll", steps=15, inner_optimizer=optimizer, backend="torchopt", **options).compute(
+        *args
+    )
+    b = HyperGradient("unroll", steps=15, inner_optimizer=optimizer, backend="higher", **options).compute(
+        *args
+    )
     assert rel_error(a, b) < 1e-10
 
 
@@ -73,10 +81,15 @@ def test_partial_and_gradient_transformation_are_accepted():
     problem = ridge(p=4)
     theta0 = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     args = (problem.inner_loss, problem.outer_loss, theta0, problem.hparams)
-    reference = HyperGradient("unroll", steps=8, inner_optimizer=torch.optim.SGD, lr=0.2, momentum=0.9).compute(*args)
-    partial = HyperGradient("unroll", steps=8, inner_optimizer=functools.partial(torch.optim.SGD, lr=0.2,
-                                                                                 momentum=0.9)).compute(*args)
-    transformation = HyperGradient("unroll", steps=8, inner_optimizer=torchopt.sgd(0.2, momentum=0.9)).compute(*args)
+    reference = HyperGradient(
+        "unroll", steps=8, inner_optimizer=torch.optim.SGD, lr=0.2, momentum=0.9
+    ).compute(*args)
+    partial = HyperGradient(
+        "unroll", steps=8, inner_optimizer=functools.partial(torch.optim.SGD, lr=0.2, momentum=0.9)
+    ).compute(*args)
+    transformation = HyperGradient(
+        "unroll", steps=8, inner_optimizer=torchopt.sgd(0.2, momentum=0.9)
+    ).compute(*args)
     assert rel_error(partial, reference) < 1e-12 and rel_error(transformation, reference) < 1e-12
     adam = HyperGradient("unroll", steps=8, inner_optimizer=torch.optim.Adam, lr=0.05).compute(*args)
     adam_transformation = HyperGradient("unroll", steps=8, inner_optimizer=torchopt.adam(0.05)).compute(*args)
@@ -84,7 +97,9 @@ def test_partial_and_gradient_transformation_are_accepted():
     # a class without its options takes torch's defaults (SGD: lr=1e-3) on both backends
     explicit = HyperGradient("unroll", steps=8, inner_optimizer=torch.optim.SGD, lr=1e-3).compute(*args)
     for backend in ("torchopt", "higher"):
-        defaults = HyperGradient("unroll", steps=8, inner_optimizer=torch.optim.SGD, backend=backend).compute(*args)
+        defaults = HyperGradient("unroll", steps=8, inner_optimizer=torch.optim.SGD, backend=backend).compute(
+            *args
+        )
         assert rel_error(defaults, explicit) < 1e-12, backend
 
 
@@ -96,8 +111,9 @@ def test_default_options_are_the_documented_ones():
     expected = torch.autograd.grad(_sgd_unrolled(problem, theta0, 10, 0.1), problem.hparams)[0]
     assert rel_error(HyperGradient("unroll").compute(*args), expected) < 1e-12
     truncated = HyperGradient("truncated-unroll").compute(*args)
-    explicit = HyperGradient("truncated-unroll", steps=10, truncate=5, inner_optimizer=torch.optim.SGD, lr=0.1,
-                             backend="torchopt").compute(*args)
+    explicit = HyperGradient(
+        "truncated-unroll", steps=10, truncate=5, inner_optimizer=torch.optim.SGD, lr=0.1, backend="torchopt"
+    ).compute(*args)
     assert torch.equal(truncated, explicit)
     assert rel_error(truncated, expected) > 1e-3  # truncation is on: 5 of the 10 steps carry the graph
     assert rel_error(HyperGradient("truncated-unroll", truncate=10).compute(*args), expected) < 1e-12
@@ -108,8 +124,9 @@ def test_truncated_unroll_from_the_optimum_equals_neumann(backend):
     problem = ridge(p=6)
     args = (problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
     for truncate, alpha in ((1, 0.4), (4, 0.3), (9, 0.5)):
-        truncated = HyperGradient("truncated-unroll", steps=20, truncate=truncate, lr=alpha,
-                                  backend=backend).compute(*args)
+        truncated = HyperGradient(
+            "truncated-unroll", steps=20, truncate=truncate, lr=alpha, backend=backend
+        ).compute(*args)
         neumann = HyperGradient("implicit-neumann", iters=truncate, alpha=alpha).compute(*args)
         assert rel_error(truncated, neumann) < 1e-10, (truncate, alpha)
 
@@ -129,18 +146,26 @@ def _nonconvex():
     def outer(ws, h):
         return ((torch.tanh((xv * h["scale"].exp()) @ ws["w1"]) @ ws["w2"] - yv) ** 2).mean()
 
-    params = {"w1": 0.5 * torch.randn(3, 4, generator=g, dtype=torch.float64),
-              "w2": 0.5 * torch.randn(4, generator=g, dtype=torch.float64)}
-    hparams = {"scale": torch.zeros(3, dtype=torch.float64), "decay": torch.full((3, 4), -2.0, dtype=torch.float64)}
+    params = {
+        "w1": 0.5 * torch.randn(3, 4, generator=g, dtype=torch.float64),
+        "w2": 0.5 * torch.randn(4, generator=g, dtype=torch.float64),
+    }
+    hparams = {
+        "scale": torch.zeros(3, dtype=torch.float64),
+        "decay": torch.full((3, 4), -2.0, dtype=torch.float64),
+    }
     return inner, outer, params, hparams
 
 
-@pytest.mark.parametrize("mode, optimizer, options", [
-    ("unroll", torch.optim.SGD, {"lr": 0.3, "momentum": 0.5}),
-    ("truncated-unroll", torch.optim.SGD, {"lr": 0.3, "truncate": 4}),
-    ("truncated-unroll", torch.optim.SGD, {"lr": 0.3, "momentum": 0.5, "truncate": 3}),
-    ("unroll", torch.optim.Adam, {"lr": 0.05}),
-])
+@pytest.mark.parametrize(
+    "mode, optimizer, options",
+    [
+        ("unroll", torch.optim.SGD, {"lr": 0.3, "momentum": 0.5}),
+        ("truncated-unroll", torch.optim.SGD, {"lr": 0.3, "truncate": 4}),
+        ("truncated-unroll", torch.optim.SGD, {"lr": 0.3, "momentum": 0.5, "truncate": 3}),
+        ("unroll", torch.optim.Adam, {"lr": 0.05}),
+    ],
+)
 def test_against_finite_differences_of_the_unrolled_map(mode, optimizer, options):
     inner, outer, params, hparams = _nonconvex()
     steps = 10
@@ -159,12 +184,27 @@ def test_against_finite_differences_of_the_unrolled_map(mode, optimizer, options
             opt.step()
         return ws
 
-    hg = HyperGradient(mode, steps=steps, inner_optimizer=optimizer, **options,
-                       **({"truncate": truncate} if mode == "truncated-unroll" else {}))
-    got = hg.compute(inner, outer, {k: v.clone().requires_grad_() for k, v in params.items()},
-                     {k: v.clone().requires_grad_() for k, v in hparams.items()})
+    hg = HyperGradient(
+        mode,
+        steps=steps,
+        inner_optimizer=optimizer,
+        **options,
+        **({"truncate": truncate} if mode == "truncated-unroll" else {}),
+    )
+    got = hg.compute(
+        inner,
+        outer,
+        {k: v.clone().requires_grad_() for k, v in params.items()},
+        {k: v.clone().requires_grad_() for k, v in hparams.items()},
+    )
     eps = 1e-6
-    for key, index in [("scale", (0,)), ("scale", (1,)), ("scale", (2,)), ("decay", (0, 0)), ("decay", (2, 3))]:
+    for key, index in [
+        ("scale", (0,)),
+        ("scale", (1,)),
+        ("scale", (2,)),
+        ("decay", (0, 0)),
+        ("decay", (2, 3)),
+    ]:
         plus = {k: v.clone() for k, v in base.items()}
         minus = {k: v.clone() for k, v in base.items()}
         plus[key][index] += eps
@@ -190,21 +230,9 @@ def test_truncated_memory_is_flat_in_steps_and_full_unroll_grows_linearly():
     assert truncated[0] == pytest.approx(full[0] - 5 * per_step, rel=0.05)
 
 
-def _bn_model():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 1)).double()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(16, 3, generator=g, dtype=torch.float64)
-    y = torch.randn(16, 1, generator=g, dtype=torch.float64)
-    decay = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
-    inner = lambda m, d: ((m(x) - y) ** 2).mean() + d.exp() * sum((p ** 2).sum() for p in m.parameters())
-    outer = lambda m, d: ((m(x) - y) ** 2).mean()
-    return model, decay, inner, outer, x, y
-
-
 @pytest.mark.parametrize("backend", ["torchopt", "higher"])
 def test_module_with_batchnorm_is_restored_or_updated(backend):
-    model, decay, inner, outer, x, y = _bn_model()
+    model, decay, inner, outer, x, y = batchnorm_regression(1, model_seed=0, hidden=5, n=16)
     before = copy.deepcopy(model.state_dict())
     HyperGradient("unroll", steps=5, backend=backend).compute(inner, outer, model, decay)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
@@ -214,7 +242,9 @@ def test_module_with_batchnorm_is_restored_or_updated(backend):
     opt = torch.optim.SGD(reference.parameters(), lr=0.1)
     for _ in range(5):
         opt.zero_grad()
-        ((reference(x) - y) ** 2).mean().add(decay.detach().exp() * sum((p ** 2).sum() for p in reference.parameters())).backward()
+        ((reference(x) - y) ** 2).mean().add(
+            decay.detach().exp() * sum((p**2).sum() for p in reference.parameters())
+        ).backward()
         opt.step()
     HyperGradient("unroll", steps=5, backend=backend, update_params=True).compute(inner, outer, model, decay)
     for k, v in reference.state_dict().items():
@@ -222,29 +252,30 @@ def test_module_with_batchnorm_is_restored_or_updated(backend):
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("backend, optimizer, options", [
-    ("torchopt", torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
-    ("higher", torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
-    ("torchopt", torch.optim.Adam, {"lr": 0.01}),
-    ("higher", torch.optim.Adam, {"lr": 0.01, "eps": 1e-14}),  # higher's eps placement: see above
-])
+@pytest.mark.parametrize(
+    "backend, optimizer, options",
+    [
+        ("torchopt", torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+        ("higher", torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+        ("torchopt", torch.optim.Adam, {"lr": 0.01}),
+        ("higher", torch.optim.Adam, {"lr": 0.01, "eps": 1e-14}),  # higher's eps placement: see above
+    ],
+)
 def test_optimizer_state_carries_over_and_resumes(backend, optimizer, options):
     problem = ridge(p=4)
     start = torch.zeros(4, dtype=torch.float64)
-    make = lambda: HyperGradient("unroll", steps=3, inner_optimizer=optimizer, backend=backend,
-                                 update_params=True, **options)
+    make = lambda: HyperGradient(
+        "unroll", steps=3, inner_optimizer=optimizer, backend=backend, update_params=True, **options
+    )
     # two calls of 3 steps with carried state == 6 plain optimizer steps
     theta = start.clone().requires_grad_()
     hg = make()
     hg.compute(problem.inner_loss, problem.outer_loss, theta, problem.hparams)
     saved_state, saved_theta = hg.state_dict(), theta.detach().clone()
     second = hg.compute(problem.inner_loss, problem.outer_loss, theta, problem.hparams)
-    plain = start.clone().requires_grad_()
-    opt = optimizer([plain], **options)
-    for _ in range(6):
-        opt.zero_grad()
-        problem.inner_loss(plain, problem.hparams.detach()).backward()
-        opt.step()
+    plain = plain_steps(
+        lambda w: problem.inner_loss(w, problem.hparams.detach()), start, optimizer, 6, **options
+    )
     assert torch.allclose(theta, plain, rtol=1e-10, atol=1e-14)
     # resume from state_dict: bit-exact
     resumed = make()
@@ -265,8 +296,11 @@ def test_learning_rate_and_momentum_as_hyperparameters(backend):
         w = theta0.clone()
         buf = None
         for _ in range(6):
-            g = torch.autograd.grad(problem.inner_loss(w.requires_grad_() if not w.requires_grad else w,
-                                                       problem.hparams), w, create_graph=True)[0]
+            g = torch.autograd.grad(
+                problem.inner_loss(w.requires_grad_() if not w.requires_grad else w, problem.hparams),
+                w,
+                create_graph=True,
+            )[0]
             buf = g if buf is None else momentum_value * buf + g
             w = w - lr_value * buf
         return problem.outer_loss(w, problem.hparams)
@@ -275,8 +309,12 @@ def test_learning_rate_and_momentum_as_hyperparameters(backend):
     with torch.enable_grad():
         expected = torch.autograd.grad(run(lr2, mom2), (lr2, mom2))
     hg = HyperGradient("unroll", steps=6, lr=lr, momentum=momentum, backend=backend)
-    got = hg.compute(lambda w, h: problem.inner_loss(w, h[0]), lambda w, h: problem.outer_loss(w, h[0]),
-                     theta0.clone().requires_grad_(), (problem.hparams, lr, momentum))
+    got = hg.compute(
+        lambda w, h: problem.inner_loss(w, h[0]),
+        lambda w, h: problem.outer_loss(w, h[0]),
+        theta0.clone().requires_grad_(),
+        (problem.hparams, lr, momentum),
+    )
     assert torch.allclose(got[1], expected[0], rtol=1e-10) and torch.allclose(got[2], expected[1], rtol=1e-10)
 
 
@@ -298,8 +336,12 @@ def test_learning_rate_as_a_callable_of_the_hparams(backend):
     expected = torch.autograd.grad(_sgd_unrolled(problem, theta0, 6, log_lr.exp()), log_lr)[0]
     for mode, options in (("unroll", {}), ("truncated-unroll", {"truncate": 6})):
         hg = HyperGradient(mode, steps=6, lr=lambda hp: hp["log_lr"].exp(), backend=backend, **options)
-        got = hg.compute(lambda w, hp: problem.inner_loss(w, hp["lam"]),
-                         lambda w, hp: problem.outer_loss(w, hp["lam"]), theta0.clone().requires_grad_(), h)
+        got = hg.compute(
+            lambda w, hp: problem.inner_loss(w, hp["lam"]),
+            lambda w, hp: problem.outer_loss(w, hp["lam"]),
+            theta0.clone().requires_grad_(),
+            h,
+        )
         assert float(got["log_lr"]) == pytest.approx(float(expected), rel=1e-10), mode
 
 
@@ -309,12 +351,19 @@ def test_weight_decay_as_a_hyperparameter_needs_higher():
     decay = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
     reference = decay.detach().clone().requires_grad_()
     expected = torch.autograd.grad(_sgd_unrolled(problem, theta0, 5, 0.2, reference), reference)[0]
-    args = (lambda w, h: problem.inner_loss(w, h[0]), lambda w, h: problem.outer_loss(w, h[0]),
-            theta0.clone().requires_grad_(), (problem.hparams, decay))
+    args = (
+        lambda w, h: problem.inner_loss(w, h[0]),
+        lambda w, h: problem.outer_loss(w, h[0]),
+        theta0.clone().requires_grad_(),
+        (problem.hparams, decay),
+    )
     got = HyperGradient("unroll", steps=5, lr=0.2, weight_decay=decay, backend="higher").compute(*args)
     assert float(got[1]) == pytest.approx(float(expected), rel=1e-10)
-    with pytest.raises(ValueError, match="backend='torchopt' cannot differentiate the inner optimizer's "
-                                         "weight_decay.*use backend='higher', which can"):
+    with pytest.raises(
+        ValueError,
+        match="backend='torchopt' cannot differentiate the inner optimizer's "
+        "weight_decay.*use backend='higher', which can",
+    ):
         HyperGradient("unroll", steps=5, lr=0.2, weight_decay=decay).compute(*args)
     with pytest.raises(ValueError, match="cannot differentiate.*weight_decay.*no backend can: pass a number"):
         HyperGradient("unroll", inner_optimizer=torch.optim.AdamW, weight_decay=decay).compute(*args)
@@ -323,14 +372,19 @@ def test_weight_decay_as_a_hyperparameter_needs_higher():
 def test_inner_batches_feed_one_batch_per_step():
     problem = ridge(p=3)
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64))
-               for _ in range(4)]
+    batches = [
+        (
+            torch.randn(8, 3, generator=g, dtype=torch.float64),
+            torch.randn(8, generator=g, dtype=torch.float64),
+        )
+        for _ in range(4)
+    ]
     seen = []
 
     def inner(w, lam, batch):
         seen.append(batch)
         x, y = batch
-        return 0.5 * ((x @ w - y) ** 2).mean() + 0.5 * (lam.exp() * w ** 2).sum()
+        return ridge_loss(w, lam, x, y)
 
     hg = HyperGradient("unroll", steps=3, lr=0.1, inner_batches=batches)
     w0 = torch.zeros(3, dtype=torch.float64, requires_grad=True)
@@ -358,25 +412,37 @@ def test_bad_input_errors():
         HyperGradient("unroll", backend="jax")
     # an optimizer type: refused at construction, naming the backend that has it, if any
     for backend in ("torchopt", "higher"):
-        with pytest.raises(TypeError, match=f"LBFGS has no differentiable version on backend='{backend}'; "
-                                            "neither backend has it: use one of SGD, Adam.*Rprop"):
+        with pytest.raises(
+            TypeError,
+            match=f"LBFGS has no differentiable version on backend='{backend}'; "
+            "neither backend has it: use one of SGD, Adam.*Rprop",
+        ):
             HyperGradient("unroll", inner_optimizer=torch.optim.LBFGS, backend=backend)
-    with pytest.raises(TypeError, match="Adamax has no differentiable version on backend='torchopt'; "
-                                        "use backend='higher', which has it"):
+    with pytest.raises(
+        TypeError,
+        match="Adamax has no differentiable version on backend='torchopt'; "
+        "use backend='higher', which has it",
+    ):
         HyperGradient("unroll", inner_optimizer=functools.partial(torch.optim.Adamax, lr=0.1))
-    with pytest.raises(TypeError, match="AdamW has no differentiable version on backend='higher'; "
-                                        "use backend='torchopt', which has it"):
+    with pytest.raises(
+        TypeError,
+        match="AdamW has no differentiable version on backend='higher'; use backend='torchopt', which has it",
+    ):
         HyperGradient("truncated-unroll", inner_optimizer=torch.optim.AdamW, backend="higher")
     with pytest.raises(TypeError, match="amsgrad=True; use backend='higher'"):
         HyperGradient("unroll", inner_optimizer=torch.optim.Adam, amsgrad=True).compute(*args)
     stray_lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(ValueError, match="option lr is a tensor that requires grad but is not one of the hparams"):
+    with pytest.raises(
+        ValueError, match="option lr is a tensor that requires grad but is not one of the hparams"
+    ):
         HyperGradient("unroll", lr=stray_lr).compute(*args)
     with pytest.raises(ValueError, match="option betas holds a tensor that requires grad; only scalar"):
         HyperGradient("unroll", inner_optimizer=torch.optim.Adam, betas=(stray_lr, 0.999)).compute(*args)
     with pytest.raises(ValueError, match="option lr must be a scalar tensor"):
         HyperGradient("unroll", lr=lambda h: h.exp()).compute(*args)
-    with pytest.raises(TypeError, match="higher's differentiable SGD ignores maximize=True; use backend='torchopt'"):
+    with pytest.raises(
+        TypeError, match="higher's differentiable SGD ignores maximize=True; use backend='torchopt'"
+    ):
         HyperGradient("unroll", maximize=True, backend="higher").compute(*args)
 
 
@@ -390,7 +456,7 @@ def _adam_unrolled(problem, lam, theta0, steps, lr, eps, betas=(0.9, 0.999), old
         m, v = betas[0] * m + (1 - betas[0]) * g, betas[1] * v + (1 - betas[1]) * g * g
         c1, c2 = 1 - betas[0] ** t, 1 - betas[1] ** t
         if old_eps:
-            w = w - lr * c2 ** 0.5 / c1 * m / (v.sqrt() + eps)
+            w = w - lr * c2**0.5 / c1 * m / (v.sqrt() + eps)
         else:
             w = w - lr * (m / c1) / ((v / c2).sqrt() + eps)
     return problem.outer_loss(w, lam)
@@ -408,9 +474,9 @@ def test_adam_backends_each_follow_their_documented_eps_placement(eps):
         lam = problem.hparams.detach().clone().requires_grad_()
         outer = _adam_unrolled(problem, lam, theta0, 15, 0.05, eps, old_eps=backend == "higher")
         expected[backend] = torch.autograd.grad(outer, lam)[0]
-        got = HyperGradient("unroll", steps=15, inner_optimizer=torch.optim.Adam, lr=0.05, eps=eps,
-                            backend=backend).compute(problem.inner_loss, problem.outer_loss,
-                                                     theta0.clone().requires_grad_(), problem.hparams)
+        got = HyperGradient(
+            "unroll", steps=15, inner_optimizer=torch.optim.Adam, lr=0.05, eps=eps, backend=backend
+        ).compute(problem.inner_loss, problem.outer_loss, theta0.clone().requires_grad_(), problem.hparams)
         assert rel_error(got, expected[backend]) < 1e-10, backend
     assert rel_error(expected["torchopt"], expected["higher"]) > 1e-8
 
@@ -432,12 +498,9 @@ def test_a_gradient_transformation_is_fresh_on_every_call():
     online = HyperGradient("unroll", steps=3, inner_optimizer=torchopt.sgd(**options), update_params=True)
     for _ in range(2):
         online.compute(problem.inner_loss, problem.outer_loss, theta, problem.hparams)
-    plain = theta0.clone().requires_grad_()
-    opt = torch.optim.SGD([plain], **options)
-    for _ in range(6):
-        opt.zero_grad()
-        problem.inner_loss(plain, problem.hparams.detach()).backward()
-        opt.step()
+    plain = plain_steps(
+        lambda w: problem.inner_loss(w, problem.hparams.detach()), theta0, torch.optim.SGD, 6, **options
+    )
     assert torch.allclose(theta, plain, rtol=1e-12, atol=1e-15)
 
 
@@ -451,8 +514,11 @@ def test_a_gradient_transformation_built_with_a_hyperparameter_is_differentiated
     expected = torch.autograd.grad(_sgd_unrolled(problem, theta0, 6, reference), (problem.hparams, reference))
     for mode, options in (("unroll", {}), ("truncated-unroll", {"truncate": 6})):
         got = HyperGradient(mode, steps=6, inner_optimizer=torchopt.sgd(lr), **options).compute(
-            lambda w, h: problem.inner_loss(w, h[0]), lambda w, h: problem.outer_loss(w, h[0]),
-            theta0.clone().requires_grad_(), (problem.hparams, lr))
+            lambda w, h: problem.inner_loss(w, h[0]),
+            lambda w, h: problem.outer_loss(w, h[0]),
+            theta0.clone().requires_grad_(),
+            (problem.hparams, lr),
+        )
         assert rel_error(got[0], expected[0]) < 1e-12 and abs(float(expected[1])) > 1e-3, mode
         assert float(got[1]) == pytest.approx(float(expected[1]), rel=1e-10), mode
     assert lr.grad is None
@@ -461,7 +527,7 @@ def test_a_gradient_transformation_built_with_a_hyperparameter_is_differentiated
 def test_module_with_batchnorm_unrolls_correctly():
     """The hypergradient through 5 steps of a BatchNorm model equals a finite difference of the
     map decay -> outer loss after 5 plain SGD steps (training mode: batch statistics)."""
-    model, decay, inner, outer, x, y = _bn_model()
+    model, decay, inner, outer, x, y = batchnorm_regression(1, model_seed=0, hidden=5, n=16)
 
     def unrolled_outer(d):
         m = copy.deepcopy(model)
@@ -500,8 +566,8 @@ def test_plain_sgd_takes_one_fused_step_and_equals_torchopts_update(monkeypatch,
     monkeypatch.setattr(solvers, "_fused", lambda: fused)
     problem = ridge(p=6)
     weights = (torch.full((6,), 0.5, dtype=torch.float64), torch.zeros((), dtype=torch.float64))
-    inner = lambda ps, lam: problem.inner_loss(ps[0], lam) + ps[1] ** 2  # noqa: E731 (two leaves)
-    outer = lambda ps, lam: problem.outer_loss(ps[0], lam) + ps[1]  # noqa: E731
+    inner = lambda ps, lam: problem.inner_loss(ps[0], lam) + ps[1] ** 2
+    outer = lambda ps, lam: problem.outer_loss(ps[0], lam) + ps[1]
     args = (inner, outer, tuple(w.clone().requires_grad_() for w in weights), problem.hparams)
     with FusedAdds():
         got = HyperGradient("unroll", steps=7, lr=0.2).compute(*args)

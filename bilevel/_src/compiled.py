@@ -1,11 +1,10 @@
 """The opt-in compiled fast path (``compile=True``) of ``implicit-cg``, ``implicit-neumann``
 and the unrolled modes with SGD.
 
-A call is one pure function of tensors. For the implicit modes (:func:`implicit_program`):
-∂g/∂θ and ∂g/∂φ, one ``vjp`` of ∇θ f (its graph serves every Hessian product and the mixed
-product, reverse-over-reverse as in the eager path), a solver loop without host
-synchronisation, and the IFT combination; for unrolled SGD,
-:func:`bilevel.unrolled.sgd_unroll_program`. :class:`CompiledPath` compiles it with
+A call is one pure function of tensors: for the implicit modes
+:func:`bilevel._src.implicit.implicit_program` (the engine's traced linearization, a solve
+without host synchronisation, and the IFT combination); for unrolled SGD, the mode's own
+``torch.func`` program. :class:`CompiledPath` compiles it with
 ``torch.compile(fullgraph=True)``; on CUDA with ``mode="reduce-overhead"``, which replays the
 compiled call as a CUDA graph. The host reads the solver's diagnostics once, after the call.
 
@@ -13,8 +12,8 @@ Contract:
 
 - The first call with a pair of closures and a params/hparams/buffers layout runs the eager
   path, with all its input checks; later calls with the same closure code, modules and
-  layout run the compiled program (the first of them compiles it: one to three minutes on a
-  2-core CPU at 20 iterations). New tensor values (a new mini-batch of the same shape), also
+  layout run the compiled program (the first of them compiles it, which takes minutes on a
+  CPU: ``benchmarks/README.md``). New tensor values (a new mini-batch of the same shape), also
   in closures made anew each step, reuse the program and are read afresh;
   ``torch.compile``'s guards recompile it when the closures read something else.
 - If capture fails (an op ``torch.compile`` cannot trace, a graph break, a backend
@@ -35,34 +34,9 @@ import torch
 from torch import Tensor
 
 from .errors import HypergradientWarning
-from .implicit import low_precision, subtract_mixed
 from .problem import BilevelProblem
-from .typing import MatVec, Tensors
 
-#: ``solve(matvec, v, *args) -> (x, info)``, pure and free of host synchronisation
-PureSolve = Callable[..., tuple[Tensors, dict[str, Tensor]]]
-
-
-def implicit_program(problem: BilevelProblem, theta: Tensors, phi: Tensors, buffers: dict[str, Tensor],
-                     autocast: torch.dtype | None, solve: PureSolve,
-                     *args: Any) -> tuple[Tensors, Tensors, dict[str, Tensor]]:
-    """``(dg/dφ, x, info)`` with ``x`` from ``solve(Hx = ∂g/∂θ)``, as one traceable function
-    (the gradient graph under ``torch.autocast`` to ``autocast``, as in the eager path)."""
-
-    def inner(th: Tensors, ph: Tensors) -> Tensor:
-        return problem.call("inner_loss", th, ph, buffers=buffers).reshape(())
-
-    def outer(th: Tensors, ph: Tensors) -> Tensor:
-        return problem.call("outer_loss", th, ph, buffers=buffers).reshape(())
-
-    v, direct = torch.func.grad(outer, argnums=(0, 1))(theta, phi)
-    with low_precision(theta[0].device, autocast):
-        _, pullback = torch.func.vjp(torch.func.grad(inner, argnums=0), theta, phi)
-    matvec: MatVec = lambda p: pullback(p)[0]  # noqa: E731
-    x, info = solve(matvec, v, *args)
-    mixed = pullback(x)[1]
-    return subtract_mixed(direct, mixed), x, info
-
+__all__ = ["CompiledPath", "compiled_path"]
 
 class CompiledPath:
     """Runs a pure ``program(problem, theta, phi, buffers, *args)`` compiled, for one mode
@@ -77,7 +51,7 @@ class CompiledPath:
 
     def __init__(self, program: Callable[..., Any], options: bool | dict[str, Any]) -> None:
         self.program = _private_copy(program)
-        self.options = {} if options is True else dict(options)
+        self.options: dict[str, Any] = dict(options) if isinstance(options, dict) else {}
         self.failure: str | None = None
         self.limit = int(getattr(torch._dynamo.config, "recompile_limit", 8))
         self._layouts: set[tuple] = set()  # signatures seen, at most `limit`
@@ -89,11 +63,11 @@ class CompiledPath:
         call of a layout (it checks the inputs), a layout over the limit, or after a failure."""
         if self.failure is not None:
             return None
-        overridden = _overridden(problem)
-        if overridden:
-            # the programs rebuild the problem from its closures and ∇θ f; a subclass that
-            # defines its own stationarity map or evaluation would be silently misread
-            self._warn_once("subclass", f"{type(problem).__name__} defines its own {overridden}, which "
+        if not problem.traceable:
+            # the programs rebuild the problem from its closures and ∇θ f; a problem with its
+            # own stationarity map or evaluation would be silently misread
+            what = ", ".join(problem._redefines) or "stationarity map"
+            self._warn_once("subclass", f"{type(problem).__name__} defines its own {what}, which "
                             "the compiled program does not reproduce; it runs on the eager path")
             return None
         signature = problem.signature()
@@ -149,12 +123,6 @@ def _describe(error: Exception) -> str:
             code = lines[last + 1] if last + 1 < len(lines) and not lines[last + 1].startswith("Set ") else ""
             parts.append(f"at {lines[last]}" + (f": {code}" if code else ""))
     return "; ".join(parts)[:600]
-
-
-def _overridden(problem: BilevelProblem) -> str:
-    """The evaluation methods that ``problem``'s class overrides ("" for none)."""
-    names = ("stationarity", "call", "_evaluate", "leaf_copies", "inner", "outer")
-    return ", ".join(n for n in names if getattr(type(problem), n) is not getattr(BilevelProblem, n))
 
 
 def _private_copy(function: Callable[..., Any]) -> Callable[..., Any]:

@@ -5,10 +5,12 @@ import contextlib
 import contextvars
 import math
 import re
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor
+
+__all__ = ["FiniteChecks", "HypergradientWarning", "NoDoubleBackwardError", "NonFiniteError", "SolverBreakdownError", "check_finite", "deferred_finite_checks", "second_order_guard"]
 
 
 class NoDoubleBackwardError(TypeError):
@@ -112,7 +114,7 @@ class second_order_guard:  # noqa: N801 (used as a function: ``with second_order
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type | None, error: BaseException | None, traceback: object) -> bool:
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: object) -> Literal[False]:
         if not isinstance(error, (RuntimeError, NotImplementedError)):
             return False
         message = str(error)

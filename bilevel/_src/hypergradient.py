@@ -6,34 +6,22 @@ import warnings
 from typing import Any
 
 import torch
-from torch import Tensor
 
+from .checkpoint import check_state_devices, differences, layout_of, pack, upgrade
 from .errors import HypergradientWarning, SolverBreakdownError
 from ..modes.base import Mode, get_mode
 from .problem import BilevelProblem
 from .typing import Closure, Tensors
 from .stats import Stats
 
-_BREAKDOWNS = {
-    "negative_curvature": "the conjugate-gradient solve met negative curvature (pᵀHp ≤ 0): the "
-                          "inner Hessian is not positive definite at params (not a minimum, or a "
-                          "non-convex inner problem). The result used the iterate before it; add "
-                          "damping, or use implicit-neumann",
-    "diverged": "the Neumann series diverged (its terms grew): some eigenvalue λ of the inner "
-                "Hessian has |1 − αλ| ≥ 1. Either alpha is above 2/λmax (lower alpha, or use "
-                "alpha='auto'), or λ < 0: the Hessian is indefinite (params is not a minimum), "
-                "which no alpha fixes; train params closer to a minimum, or solve the indefinite "
-                "system with implicit-exact (small problems) or implicit-gmres",
-    "singular": "the linear system is numerically singular (a least-squares or pseudo-inverse "
-                "solution was used); add damping/rho or check that params is a strict minimum",
-}
-
+__all__ = ["HyperGradient"]
 
 class HyperGradient:
     """Hypergradients ``dg/dφ`` of ``g(θ*(φ), φ)`` where ``θ*(φ)`` minimises ``f(·, φ)``.
 
     Args:
-        mode: a name from :func:`bilevel.available_modes` (default ``"implicit-cg"``).
+        mode: a name from :func:`bilevel.available_modes` (default ``"implicit-cg"``), or a
+            mode object such as ``ImplicitCG(iters=20)`` (then ``options`` must be empty).
         strict: raise :class:`~bilevel.errors.SolverBreakdownError` instead of warning when a
             solver diverges, meets negative curvature or a singular system.
         **options: the mode's options (see each mode's docstring); unknown ones raise
@@ -45,12 +33,20 @@ class HyperGradient:
     leaves the mode's state (warm start, generator, optimizer state) as it was.
     """
 
-    def __init__(self, mode: str = "implicit-cg", *, strict: bool = False, **options: Any) -> None:
-        self.mode: Mode = get_mode(mode).from_options(**options)
+    def __init__(self, mode: str | Mode = "implicit-cg", *, strict: bool = False, **options: Any) -> None:
+        if isinstance(mode, Mode):
+            if options:
+                raise TypeError(f"options ({', '.join(sorted(options))}) go to the mode: pass them to "
+                                f"{type(mode).__name__}(...), or name the mode by its string")
+            self.mode: Mode = mode
+        elif isinstance(mode, type) and issubclass(mode, Mode):
+            self.mode = mode.from_options(**options)
+        else:
+            self.mode = get_mode(mode).from_options(**options)
         for note in self.mode.notes:
             warnings.warn(note, HypergradientWarning, stacklevel=2)
         self.strict = strict
-        self.stats = Stats(mode=mode)
+        self.stats = Stats(mode=self.mode.name)
         self._warned: set[str] = set()
         self._layout: dict[str, Any] | None = None  # of the last call (or of a loaded checkpoint)
         self._layout_source = "the last call"
@@ -121,26 +117,26 @@ class HyperGradient:
     def _check_layout(self, problem: BilevelProblem) -> None:
         """A mode whose state is shaped like the problem (a warm start, optimizer state) needs
         the same structure, shapes and dtype every call; other modes accept any problem."""
-        layout = _layout_of(problem)
+        layout = layout_of(problem)
         if self.mode.state_fits_one_layout():
             if self._layout is not None and layout != self._layout:
                 raise ValueError(
                     f"params/hparams changed structure, shapes or dtype since {self._layout_source} "
-                    f"({_differences(self._layout, layout)}), but mode {self.mode.name!r} carries "
+                    f"({differences(self._layout, layout)}), but mode {self.mode.name!r} carries "
                     f"state (from {self._layout_source}) that fits only that layout; use a new "
                     "HyperGradient for the new problem")
             if self._loaded:
-                _check_state_devices(self.mode.state_dict(), problem.device)
+                check_state_devices(self.mode.state_dict(), problem.device)
         self._loaded = False
         self._layout, self._layout_source = layout, "the last call"
 
     def _report(self, stats: Stats) -> None:
-        for flag, message in _BREAKDOWNS.items():
-            if getattr(stats, flag):
-                if self.strict:
-                    raise SolverBreakdownError(f"{stats.mode}: {message}")
-                self._warn_once(flag, f"{stats.mode}: {message} (warned once per HyperGradient; "
-                                      "pass strict=True to raise)")
+        if stats.breakdown is not None:  # the solver's own account of what went wrong
+            message = f"{stats.mode}: {stats.breakdown_message or stats.breakdown}"
+            if self.strict:
+                raise SolverBreakdownError(message)
+            self._warn_once(stats.breakdown, f"{message} (warned once per HyperGradient; pass strict=True "
+                                             "to raise)")
         if stats.extra.get("hparams_unused_by_inner"):
             self._warn_once("unused", "no hparam affects the gradient of inner_loss, so the "
                                       "hypergradient is only the direct term ∂outer_loss/∂hparams")
@@ -156,24 +152,25 @@ class HyperGradient:
         optimizer and backend) and the layout of the problem it was computed for.
 
         Saved with ``torch.save``; torchopt's optimizer states are named tuples, so reading a
-        checkpoint of an unrolled mode needs ``torch.load(path, weights_only=False)``."""
+        checkpoint of an unrolled mode needs ``torch.load(path, weights_only=False)``. The
+        dict carries its ``"format"`` number (2); :meth:`load_state_dict` also reads the
+        checkpoints of bilevel 0.1.0, which had none."""
         fits = self.mode.state_fits_one_layout()
-        return {"mode": self.mode.name, "signature": self.mode.state_signature(),
-                "layout": self._layout if fits else None, "state": self.mode.state_dict()}
+        return pack(self.mode.name, self.mode.state_signature(), self._layout if fits else None,
+                    self.mode.state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`. It must come from the same mode, and a state this
         HyperGradient will use from the same configuration (``ValueError`` otherwise, and
         nothing is loaded); the next call must then have the checkpoint's structure,
         shapes, dtype, and the device its tensors were loaded to (``torch.load(...,
-        map_location=...)`` moves them)."""
-        if not isinstance(state, dict) or "state" not in state:
-            raise ValueError("load_state_dict expects a dict from HyperGradient.state_dict()")
-        if state.get("mode") != self.mode.name:
-            raise ValueError(f"state_dict is for mode {state.get('mode')!r}, not {self.mode.name!r}")
+        map_location=...)`` moves them). Checkpoints written by bilevel 0.1.0 load as they are."""
+        state = upgrade(state)  # a checkpoint of any format this version reads, as a new dict
+        if state["mode"] != self.mode.name:
+            raise ValueError(f"state_dict is for mode {state['mode']!r}, not {self.mode.name!r}")
         previous = self.mode.state_dict()
         self.mode.load_state_dict(state["state"])
-        saved, here = state.get("signature"), self.mode.state_signature()
+        saved, here = state["signature"], self.mode.state_signature()
         # a state this mode will use must come from its configuration (checkpoints written
         # before signatures are not checked; an empty or unused state fits any configuration)
         if saved is not None and saved != here and self.mode.state_fits_one_layout():
@@ -183,49 +180,7 @@ class HyperGradient:
             raise ValueError(f"state_dict was saved by a {self.mode.name!r} HyperGradient configured "
                              f"otherwise ({differ}); its state does not fit this one. Build the "
                              "HyperGradient with the checkpoint's configuration, or start without it")
-        layout = state.get("layout")
-        self._layout = dict(layout) if layout is not None else None
+        self._layout = state["layout"]
         self._layout_source = "the loaded checkpoint"
         self._loaded = True
 
-
-def _layout_of(problem: BilevelProblem) -> dict[str, Any]:
-    """What a state shaped like the problem depends on, as plain data (storable, comparable)."""
-    return {"params": problem.params_structure.plain(), "hparams": problem.hparams_structure.plain(),
-            "params_described": problem.params_structure.describe(),
-            "hparams_described": problem.hparams_structure.describe(),
-            "params_shapes": tuple(tuple(t.shape) for t in problem.theta0),
-            "hparams_shapes": tuple(tuple(t.shape) for t in problem.phi0),
-            "dtype": str(problem.dtype).removeprefix("torch.")}
-
-
-def _differences(before: dict[str, Any], now: dict[str, Any]) -> str:
-    parts = []
-    for side in ("params", "hparams"):
-        if before[side] != now[side] or before[f"{side}_described"] != now[f"{side}_described"]:
-            parts.append(f"{side} was {before[f'{side}_described']}, now {now[f'{side}_described']}")
-        if before[f"{side}_shapes"] != now[f"{side}_shapes"]:
-            parts.append(f"{side} shapes were {_shapes(before[f'{side}_shapes'])}, now {_shapes(now[f'{side}_shapes'])}")
-    if before["dtype"] != now["dtype"]:
-        parts.append(f"dtype was {before['dtype']}, now {now['dtype']}")
-    return "; ".join(parts)
-
-
-def _check_state_devices(state: Any, device: torch.device) -> None:
-    """A loaded state must be on the problem's device (say so, rather than fail in an op)."""
-    stack = [state]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, Tensor):
-            if item.device != device:
-                raise ValueError(f"the loaded state holds tensors on {item.device}, but params and "
-                                 f"hparams are on {device}; load the checkpoint with "
-                                 f"torch.load(..., map_location={str(device)!r})")
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-
-
-def _shapes(shapes: tuple) -> str:
-    return ", ".join(str(tuple(shape)) for shape in shapes)

@@ -1,27 +1,76 @@
-"""Implicit differentiation (IFT) around a stationary point, shared by the ``implicit-*`` modes.
+"""Implicit differentiation (IFT) around a stationary point, written once for every mode.
 
     dg/dφ = ∂g/∂φ − (∂G/∂φ)ᵀ x,   Jᵀ x = ∂g/∂θ,   J = ∂G/∂θ,
 
 with ``G = ∇θ f`` (so ``Jᵀ = H`` and ``(∂G/∂φ)ᵀ = ∇²φθ f``) unless the problem supplies
 another stationarity map. Assumes ``θ`` is (close to) a point where ``G(θ, φ) = 0``.
+
+A call is a :class:`Linearization` at (θ, φ) (the right-hand side ∂g/∂θ, the direct term
+∂g/∂φ and the product operator), a linear solve with that operator, and :func:`combine`.
+The eager path linearizes with autograd (:func:`linearize`), the compiled path with
+``torch.func`` (:func:`linearize_traced`); both then run the same solvers and ``combine``.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .errors import check_finite, deferred_finite_checks
-from .products import StationarityJacobian
 from .problem import BilevelProblem
+from .products import StationarityJacobian
 from .solvers import SolveResult
+from .stats import Stats
 from .tree_math import axpy, scale
 from .typing import Tensors
-from .stats import Stats
 
+__all__ = ["LOW_PRECISION", "Linearization", "Solve", "check_autocast", "combine", "finish_compiled",
+           "implicit_hypergradient", "implicit_program", "linearize", "linearize_traced", "low_precision",
+           "outer_gradients", "subtract_mixed"]
+
+#: ``solve(operator, v) -> SolveResult``: ``x ≈ (Jᵀ)⁻¹ v`` from products with ``operator``
 Solve = Callable[[StationarityJacobian, Tensors], SolveResult]
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@dataclass
+class Linearization:
+    """What the IFT needs at (θ, φ): ``v = ∂g/∂θ``, the direct term ``∂g/∂φ`` (None where
+    ``g`` does not depend on a tensor) and the operator of ``Jᵀ`` and ``(∂G/∂φ)ᵀ``."""
+
+    operator: StationarityJacobian
+    v: Tensors
+    direct: tuple[Tensor | None, ...]
+
+
+def combine(linearization: Linearization, x: Tensors) -> Tensors:
+    """The hypergradient ``∂g/∂φ − (∂G/∂φ)ᵀ x`` for the solution ``x`` of ``Jᵀ x = ∂g/∂θ``."""
+    return subtract_mixed(linearization.direct, linearization.operator.mixed(x))
+
+
+def subtract_mixed(direct: Sequence[Tensor | None], mixed: Tensors) -> Tensors:
+    """``∂g/∂φ − (∂G/∂φ)ᵀx`` leaf-wise, ``−(∂G/∂φ)ᵀx`` where there is no direct term."""
+    if all(d is None for d in direct):
+        return scale(-1.0, mixed)
+    if all(d is not None for d in direct):
+        return axpy(-1.0, mixed, direct)  # type: ignore[arg-type]
+    return tuple(-m if d is None else d - m for d, m in zip(direct, mixed))
+
+
+def check_autocast(value: object) -> None:
+    """Validate an ``autocast`` option."""
+    if value is not None and value not in LOW_PRECISION:
+        raise TypeError(f"option autocast must be None, torch.bfloat16 or torch.float16, got {value!r}")
+
+
+def low_precision(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device`` (a no-op for None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def outer_gradients(problem: BilevelProblem, theta: Tensors,
@@ -42,38 +91,41 @@ def outer_gradients(problem: BilevelProblem, theta: Tensors,
     return v, direct
 
 
-def subtract_mixed(direct: Sequence[Tensor | None], mixed: Tensors) -> Tensors:
-    """``∂g/∂φ − (∂G/∂φ)ᵀx`` leaf-wise, ``−(∂G/∂φ)ᵀx`` where there is no direct term."""
-    if all(d is None for d in direct):
-        return scale(-1.0, mixed)
-    if all(d is not None for d in direct):
-        return axpy(-1.0, mixed, direct)
-    return tuple(-m if d is None else d - m for d, m in zip(direct, mixed))
+def linearize(problem: BilevelProblem, theta: Tensors, phi: Tensors,
+              autocast: torch.dtype | None = None) -> Linearization:
+    """The eager linearization: the graph of ``G`` (under ``torch.autocast`` to ``autocast``,
+    so every product runs its matmuls in that dtype) and the outer gradients."""
+    with low_precision(problem.device, autocast):
+        field = problem.stationarity(theta, phi)
+    v, direct = outer_gradients(problem, theta, phi)
+    operator = StationarityJacobian.from_field(field, theta, phi, lambda: problem.suspects(theta, phi))
+    return Linearization(operator, v, direct)
 
 
-LOW_PRECISION = (torch.bfloat16, torch.float16)
+def linearize_traced(problem: BilevelProblem, theta: Tensors, phi: Tensors, buffers: dict[str, Tensor],
+                     autocast: torch.dtype | None = None) -> Linearization:
+    """The same with ``torch.func`` (traceable): one ``vjp`` of ``∇θ f`` serves every Hessian
+    product and the mixed product, reverse-over-reverse as in the eager path."""
 
+    def inner(th: Tensors, ph: Tensors) -> Tensor:
+        return problem.call("inner_loss", th, ph, buffers=buffers).reshape(())
 
-def check_autocast(value: object) -> None:
-    """Validate an ``autocast`` option."""
-    if value is not None and value not in LOW_PRECISION:
-        raise TypeError(f"option autocast must be None, torch.bfloat16 or torch.float16, got {value!r}")
+    def outer(th: Tensors, ph: Tensors) -> Tensor:
+        return problem.call("outer_loss", th, ph, buffers=buffers).reshape(())
 
-
-def low_precision(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` to ``dtype`` on ``device`` (a no-op for None)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    v, direct = torch.func.grad(outer, argnums=(0, 1))(theta, phi)
+    with low_precision(theta[0].device, autocast):
+        vjp = torch.func.vjp(torch.func.grad(inner, argnums=0), theta, phi)[1]
+    return Linearization(StationarityJacobian.from_vjp(vjp, theta, phi), v, direct)
 
 
 def implicit_hypergradient(problem: BilevelProblem, solve: Solve, stats: Stats,
                            autocast: torch.dtype | None = None) -> Tensors:
-    """The IFT hypergradient with ``x`` from ``solve(operator, v)``; fills ``stats``.
+    """The IFT hypergradient with ``x`` from ``solve(operator, ∂g/∂θ)``; fills ``stats``.
 
     With ``autocast`` (bf16/fp16) the inner loss and its gradient graph are built under
-    ``torch.autocast``, so every Hessian and mixed product runs its matmuls in that dtype;
-    the products come out in the params' dtype, where the solver accumulates."""
+    ``torch.autocast``; the products come out in the params' dtype, where the solver
+    accumulates."""
     if autocast is not None and problem.dtype != torch.float32:
         raise ValueError(f"autocast={autocast} lowers the precision of float32 products, but params "
                          f"are {problem.dtype}; use float32 params, or autocast=None")
@@ -83,18 +135,31 @@ def implicit_hypergradient(problem: BilevelProblem, solve: Solve, stats: Stats,
     # A solver error on a NaN that the setup made (a non-finite product) gives way to the
     # setup's error, which names where the NaN appeared.
     with deferred_finite_checks():
-        with low_precision(problem.device, autocast):
-            field = problem.stationarity(theta, phi)
-        v, direct = outer_gradients(problem, theta, phi)
-        operator = StationarityJacobian(field, theta, phi, lambda: problem.suspects(theta, phi))
-        result = solve(operator, v)
-        mixed = operator.mixed(result.x)
-    stats.hvps = operator.products
-    stats.iters = result.iters
-    stats.residual = result.residual
-    stats.converged = result.converged
-    stats.negative_curvature = result.negative_curvature
-    stats.diverged = result.diverged
-    stats.singular = result.singular
-    stats.extra["hparams_unused_by_inner"] = all(operator.unused)
-    return subtract_mixed(direct, mixed)
+        linearization = linearize(problem, theta, phi, autocast)
+        result = solve(linearization.operator, linearization.v)
+        grads = combine(linearization, result.x)
+    stats.record(result, hvps=linearization.operator.products)
+    stats.extra["hparams_unused_by_inner"] = all(linearization.operator.unused)
+    return grads
+
+
+def implicit_program(problem: BilevelProblem, theta: Tensors, phi: Tensors, buffers: dict[str, Tensor],
+                     autocast: torch.dtype | None, solve: Callable[..., SolveResult],
+                     *args: Any) -> tuple[Tensors, Tensors, dict[str, Tensor]]:
+    """``(dg/dφ, x, info)`` with ``x`` from ``solve(operator, ∂g/∂θ, *args)``, a solve without
+    host synchronisation, as one traceable function for the compiled path."""
+    linearization = linearize_traced(problem, theta, phi, buffers, autocast)
+    result = solve(linearization.operator, linearization.v, *args)
+    return combine(linearization, result.x), result.x, result.info
+
+
+def finish_compiled(result: SolveResult, grads: Tensors, stats: Stats, hvps: int,
+                    solve: str = "the linear solve (a Hessian-vector product)") -> Tensors:
+    """Check and report a compiled call (``solve`` names the solve in a NaN error): its
+    solve's host numbers in ``result``."""
+    with deferred_finite_checks():
+        check_finite(result.x, solve)
+        check_finite(grads, "the mixed second-derivative product ∇²φθ f · x")
+    stats.record(result, hvps=hvps)
+    stats.extra["compiled"] = True
+    return grads

@@ -6,6 +6,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+__all__ = ["SavedTensorMemory"]
+
 
 class _Saved:
     """A tensor saved for backward, counted while autograd keeps it alive."""

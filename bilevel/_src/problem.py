@@ -6,19 +6,17 @@
 """
 from __future__ import annotations
 
-import functools
 import re
-import types
-import warnings
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .structure import flatten, modules_of
+from .pytree import ModuleSlot, Tree, flatten
 from .typing import Closure, Tensors
-from .errors import HypergradientWarning, check_finite, second_order_guard
+from .errors import check_finite, second_order_guard
+from .graph import code_of, custom_functions, screen_once
 
 
 # PyTorch's errors for an op whose inputs live on different devices
@@ -43,35 +41,66 @@ class BilevelProblem:
     """``min_φ g(θ*(φ), φ)`` with ``θ*(φ) = argmin_θ f(θ, φ)``, in flat form.
 
     Args:
-        inner_loss: ``f(params, hparams) -> scalar``.
+        inner_loss: ``f(params, hparams) -> scalar``; may be None when ``stationarity`` is given.
         outer_loss: ``g(params, hparams) -> scalar``.
         params: θ: a tensor, a tuple/list/dict of tensors or an ``nn.Module``.
         hparams: φ: same kinds as ``params``.
+        stationarity: the extension hook for inner problems whose solution is not the
+            minimiser of one loss: ``G(params, hparams)``, with ``θ*(φ)`` defined by
+            ``G(θ*, φ) = 0``, returning one tensor per params tensor (in the structure of
+            ``params``, or as a flat sequence in its order) with its graph
+            (``create_graph=True``). It is evaluated like the losses: a module argument is the
+            module with its parameters bound to the point of evaluation, so
+            ``dict(model.named_parameters())`` are the tensors to differentiate. Default:
+            ``G = ∇θ f``. The implicit modes for non-symmetric systems differentiate through
+            it (``Jᵀ x = ∂g/∂θ`` with ``J = ∂G/∂θ``); the others refuse.
+        symmetric: whether ``∂G/∂θ`` is symmetric (default: True for ``∇θ f``, False for a
+            ``stationarity`` map).
 
     ``theta0`` and ``phi0`` are the user's tensors (never modified here). Module buffers
     (BatchNorm statistics) are evaluated on private copies in ``buffers``, so calling the
-    closures leaves the modules exactly as they were.
+    closures leaves the modules exactly as they were. Subclasses may also override
+    :meth:`stationarity`; such a problem runs on the eager path (``traceable`` is False).
     """
 
     symmetric = True  # the stationarity map is a gradient, so its Jacobian is symmetric
+    #: evaluation methods a subclass redefines (then a compiled program cannot rebuild it)
+    _redefines: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, inner_loss: Closure, outer_loss: Closure, params: Any, hparams: Any) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = tuple(n for n in ("stationarity", "call", "_evaluate", "leaf_copies", "inner", "outer")
+                    if n in cls.__dict__)
+        cls._redefines = tuple(dict.fromkeys(cls._redefines + own))
+
+    def __init__(self, inner_loss: Closure | None, outer_loss: Closure, params: Any, hparams: Any, *,
+                 stationarity: Callable[[Any, Any], Any] | None = None, symmetric: bool | None = None) -> None:
+        if stationarity is not None and not callable(stationarity):
+            raise TypeError("stationarity: expected a callable (params, hparams) -> one tensor per params "
+                            f"tensor, got {type(stationarity).__name__}")
+        if inner_loss is None and stationarity is not None:
+            inner_loss = _no_scalar_inner
         for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
             if not callable(fn):
                 raise TypeError(f"{name}: expected a callable (params, hparams) -> scalar tensor, "
                                 f"got {type(fn).__name__}")
-        self.inner_loss, self.outer_loss = inner_loss, outer_loss
+        assert inner_loss is not None  # checked above: callable
+        self.inner_loss: Closure = inner_loss
+        self.outer_loss: Closure = outer_loss
         self.theta0, self.params_structure = flatten(params, "params")
         self.phi0, self.hparams_structure = flatten(hparams, "hparams")
         self._check_tensors()
-        # modules to rebind at each evaluation: (which flat tuple, structure, first leaf)
-        self._bound = [("theta", s, offset) for s, offset in modules_of(self.params_structure)] + [
-            ("phi", s, offset) for s, offset in modules_of(self.hparams_structure)]
+        self._bound = _bound_modules(self.params_structure, self.hparams_structure)
         modules = [s.module for _, s, _ in self._bound]
         self._closures: dict[str, Callable[..., Any]] = {}
         self._calls: dict[str, _ClosureCall] = {}  # with modules to rebind: for functional_call
         self.add_closure("inner_loss", inner_loss)
         self.add_closure("outer_loss", outer_loss)
+        self.stationarity_map = stationarity
+        if stationarity is not None:
+            self.add_closure("stationarity", stationarity)
+        if symmetric is not None or stationarity is not None:
+            self.symmetric = bool(symmetric)
         self.buffers: dict[str, Tensor] = {
             f"bound.{i}.{name}": b.detach().clone()
             for i, module in enumerate(modules) for name, b in module.named_buffers()}
@@ -158,15 +187,8 @@ class BilevelProblem:
         if not check:
             return loss
         loss = _check_loss(loss, name)
-        if name == "inner_loss":  # screened once per closure code (or callable class)
-            function = self.inner_loss
-            while isinstance(function, functools.partial):  # a partial's code is its function's
-                function = function.func
-            code = _code(function)
-            key = code if isinstance(code, types.CodeType) else type(function)
-            if key not in _SCREENED:
-                _SCREENED.add(key)
-                warn_once_differentiable(loss)
+        if name == "inner_loss":
+            screen_once(self.inner_loss, loss)
         return loss
 
     def call(self, name: str, theta: Tensors, phi: Tensors, extra: tuple = (),
@@ -174,19 +196,16 @@ class BilevelProblem:
         """The closure ``name`` at (θ, φ), modules rebound to them and to ``buffers`` (by
         default the private copies), with no checks or error translation: a pure function
         that ``torch.func`` transforms and ``torch.compile`` can trace."""
-        keep = len(self._bound) > 0  # not bool(list): dynamo before torch 2.13 cannot trace it
-        p_arg = self.params_structure.unflatten(theta, keep_modules=keep)
-        h_arg = self.hparams_structure.unflatten(phi, keep_modules=keep)
+        p_arg = self.params_structure.call_form(theta)  # modules as objects, bound below
+        h_arg = self.hparams_structure.call_form(phi)
         if not self._bound:
-            loss = self._closures[name](p_arg, h_arg, *extra)
-        else:
-            sources = {"theta": theta, "phi": phi}
-            bindings = dict(self.buffers if buffers is None else buffers)
-            for i, (source, s, offset) in enumerate(self._bound):
-                leaves = sources[source][offset:offset + len(s.keys)]
-                bindings.update({f"bound.{i}.{k}": t for k, t in zip(s.keys, leaves)})
-            loss = functional_call(self._calls[name], bindings, (p_arg, h_arg, *extra))
-        return loss
+            return self._closures[name](p_arg, h_arg, *extra)
+        sources = {"theta": theta, "phi": phi}
+        bindings = dict(self.buffers if buffers is None else buffers)
+        for i, (source, s, offset) in enumerate(self._bound):
+            leaves = sources[source][offset:offset + len(s.names)]
+            bindings.update({f"bound.{i}.{k}": t for k, t in zip(s.names, leaves)})
+        return functional_call(self._calls[name], bindings, (p_arg, h_arg, *extra))
 
     def inner(self, theta: Tensors, phi: Tensors, *extra: Any) -> Tensor:
         """f(θ, φ) as a scalar tensor; ``extra`` arguments (a mini-batch) are passed on."""
@@ -203,7 +222,7 @@ class BilevelProblem:
         that no call pays for the graph walk or keeps a graph alive for it."""
         try:
             with torch.enable_grad():
-                return _custom_functions(self.inner(theta, phi))
+                return custom_functions(self.inner(theta, phi))
         except Exception:  # noqa: BLE001 (a clause for a message about another error)
             return ""
 
@@ -211,7 +230,7 @@ class BilevelProblem:
         """What a compiled program of this problem depends on besides tensor values: the
         closures' code (a closure made anew each step with the same code counts as the same),
         the structures (modules by identity), and the tensors' shapes and dtypes."""
-        return (_code(self.inner_loss), _code(self.outer_loss), self.params_structure, self.hparams_structure,
+        return (code_of(self.inner_loss), code_of(self.outer_loss), self.params_structure, self.hparams_structure,
                 tuple((t.shape, t.dtype) for t in self.theta0 + self.phi0),
                 tuple((k, b.shape, b.dtype) for k, b in self.buffers.items()))
 
@@ -227,12 +246,22 @@ class BilevelProblem:
                 _, index, name = key.split(".", 2)
                 modules[int(index)].get_buffer(name).copy_(value)
 
+    @property
+    def traceable(self) -> bool:
+        """Whether a compiled program may rebuild the problem from its closures alone, with
+        ``G = ∇θ f``: False for a ``stationarity`` map, or a subclass that redefines how
+        the problem is evaluated."""
+        return self.stationarity_map is None and not self._redefines
+
     def stationarity(self, theta: Tensors, phi: Tensors) -> Tensors:
-        """G(θ, φ) = ∇θ f(θ, φ) with its graph (``create_graph=True``), one tensor per θ leaf.
+        """G(θ, φ) with its graph (``create_graph=True``), one tensor per θ leaf: ``∇θ f``, or
+        the ``stationarity`` map the problem was given.
 
         Raises if ``inner_loss`` does not depend on some parameter, or if its gradient has no
         graph (an op without double backward): the implicit system would be singular or wrong.
         """
+        if self.stationarity_map is not None:
+            return self._given_stationarity(theta, phi)
         with torch.enable_grad():
             f = self.inner(theta, phi)
             check_finite((f,), "the value of inner_loss")
@@ -248,15 +277,34 @@ class BilevelProblem:
                 raise ValueError(
                     f"the gradient of inner_loss w.r.t. {where} has no graph, so its Hessian "
                     "cannot be differentiated: inner_loss is linear in it, or it passes through "
-                    f"an op without double backward{_custom_functions(f)}. Replace that op by a "
+                    f"an op without double backward{custom_functions(f)}. Replace that op by a "
                     "twice-differentiable one")
         check_finite(grads, "the gradient of inner_loss w.r.t. params")
         return grads
 
+    def _given_stationarity(self, theta: Tensors, phi: Tensors) -> Tensors:
+        """The user's map ``G`` at (θ, φ), flattened in the order of params and checked."""
+        with torch.enable_grad(), second_order_guard("the stationarity map"):
+            out = self.evaluate("stationarity", theta, phi)
+        leaves = (out,) if isinstance(out, Tensor) else tuple(torch.utils._pytree.tree_leaves(out))
+        shapes = [tuple(t.shape) for t in theta]
+        if len(leaves) != len(theta) or any(not isinstance(g, Tensor) or tuple(g.shape) != shape
+                                            for g, shape in zip(leaves, shapes)):
+            got = [tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__ for g in leaves]
+            raise ValueError(f"the stationarity map must return one tensor per params tensor, shaped "
+                             f"like them ({shapes}), got {got}")
+        check_finite(leaves, "the stationarity map")
+        return leaves
 
-def _code(function: Callable) -> Any:
-    """The code object behind a function or bound method; the object itself otherwise."""
-    return getattr(getattr(function, "__func__", function), "__code__", function)
+
+def _no_scalar_inner(*args: Any) -> Tensor:
+    raise ValueError("this problem is defined by a stationarity map, not by one inner loss (its "
+                     "update is not a gradient), so only implicit modes for non-symmetric systems apply")
+
+
+def _bound_modules(params: Tree, hparams: Tree) -> list[tuple[str, ModuleSlot, int]]:
+    """The modules to rebind at each evaluation: (which flat tuple, module, first leaf)."""
+    return [(side, s, s.offset) for side, tree in (("theta", params), ("phi", hparams)) for s in tree.modules]
 
 
 def _check_loss(loss: Any, name: str) -> Tensor:
@@ -272,67 +320,3 @@ def _check_loss(loss: Any, name: str) -> Tensor:
                          "nor hparams. Compute it from the arguments the closure receives "
                          "(or, for modules, by calling the module), not from detached copies")
     return loss if loss.dim() == 0 else loss.reshape(())
-
-
-def _function_nodes(loss: Tensor) -> list[Any]:
-    """The custom ``autograd.Function`` nodes in the graph of ``loss``."""
-    found, seen, stack = [], set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if isinstance(node, torch.autograd.function.BackwardCFunction):
-            found.append(node)
-        stack.extend(n for n, _ in node.next_functions)
-    return found
-
-
-def _custom_functions(loss: Tensor) -> str:
-    """Names of custom ``autograd.Function`` nodes in the graph of ``loss`` (suspects for
-    a missing double backward), as a clause for an error message."""
-    names = sorted({type(node).__name__ for node in _function_nodes(loss)})
-    return f" (custom autograd Functions in the graph: {', '.join(names)})" if names else ""
-
-
-def reached(loss: Tensor, tensors: Tensors) -> list[bool]:
-    """Whether the autograd graph of ``loss`` reaches each tensor (structurally, no backward)."""
-    nodes: dict[Any, list[int]] = {}
-    for i, t in enumerate(tensors):
-        nodes.setdefault(t.grad_fn if t.grad_fn is not None else id(t), []).append(i)
-    found = [False] * len(tensors)
-    seen, stack = set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
-        for i in nodes.get(node, []) + (nodes.get(id(variable), []) if variable is not None else []):
-            found[i] = True
-        stack.extend(n for n, _ in node.next_functions)
-    return found
-
-
-#: the code of every ``@once_differentiable`` backward (one wrapper, made per decorated function)
-_ONCE_DIFFERENTIABLE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
-#: inner losses already screened by :func:`warn_once_differentiable` (code objects or classes)
-_SCREENED: set[Hashable] = set()
-
-
-def warn_once_differentiable(loss: Tensor) -> None:
-    """Warn if the graph of ``loss`` holds a custom Function whose backward is marked
-    ``@once_differentiable``. PyTorch runs such a backward without a graph and raises only if
-    the incoming gradient itself requires grad, so a Hessian product through it usually just
-    misses that op's second derivative: a silently wrong hypergradient. (A graph walk: callers
-    run it once per closure, not per call.)"""
-    names = sorted({node._forward_cls.__name__ for node in _function_nodes(loss)
-                    if getattr(node._forward_cls.backward, "__code__", None) is _ONCE_DIFFERENTIABLE})
-    if names:
-        warnings.warn(
-            f"the graph of the inner loss holds {', '.join(names)}, a custom autograd Function whose "
-            "backward is marked @once_differentiable: PyTorch computes that backward without a "
-            "graph, so Hessian-vector products miss its second derivative and every mode returns "
-            "a wrong hypergradient, without an error. Write its backward with differentiable "
-            "tensor ops and drop @once_differentiable (check the result with "
-            "bilevel.testing.assert_hypergradient_close)", HypergradientWarning, stacklevel=2)

@@ -1,13 +1,15 @@
-"""Products with the Jacobian of the inner stationarity map ``G(θ, φ)`` (``∇θ f`` for a loss).
+"""The one product operator: ``Jᵀx`` and ``(∂G/∂φ)ᵀx`` for the inner stationarity map ``G``.
 
-The graph of ``G`` is built once (``create_graph=True``) and every product reuses it
-(reverse-over-reverse). Measured on CPU and an H100 (``../shared/MEASUREMENTS.md``): 2x to
-8x faster per product than forward-over-reverse ``torch.func.jvp(torch.func.grad(f))``,
-which rebuilds the first-order graph each time.
+Every Hessian (or transposed-Jacobian) product and every mixed product of every implicit
+mode goes through :class:`StationarityJacobian`; how a product is differentiated is the
+``pullback`` it is given. Eagerly that is one reverse pass through the graph of ``G``, built
+once with ``create_graph=True`` and reused by every product (reverse-over-reverse), which is
+faster per product than forward-over-reverse, which rebuilds the first-order graph each time
+(benchmarks/README.md); in compiled code it is the pullback of ``torch.func.vjp`` of ``G``.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Literal, Protocol, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -15,6 +17,17 @@ from torch import Tensor
 from .errors import check_finite, second_order_guard
 from .tree_math import flat, unflat
 from .typing import Tensors
+
+__all__ = ["Pullback", "StationarityJacobian"]
+
+Wrt = Literal["theta", "phi"]
+
+
+class Pullback(Protocol):
+    """``x ↦ (∂G/∂θ)ᵀx`` or ``(∂G/∂φ)ᵀx`` (``wrt``), None for an input ``G`` does not depend
+    on; ``batched``: ``x`` holds a leading batch dimension (``is_grads_batched``)."""
+
+    def __call__(self, x: Tensors, wrt: Wrt, batched: bool) -> Sequence[Tensor | None]: ...
 
 
 class StationarityJacobian:
@@ -26,60 +39,93 @@ class StationarityJacobian:
 
     ``strict`` (default) refuses a θ that ``G`` does not depend on (a zero Hessian block, so
     a singular system); with ``strict=False`` such blocks are zero, as formulas that never
-    solve the system exactly (AuxiLearn's Neumann series) expect. Entries of ``field`` that
-    are None or constant count as zero. ``suspects`` is the clause that error names as the
-    likely cause (custom autograd Functions), or a callable that makes it when needed.
+    solve the system exactly (AuxiLearn's Neumann series) expect. ``suspects`` is the clause
+    that error names as the likely cause (custom autograd Functions), or a callable that
+    makes it when needed. ``checked``: translate missing double backwards and check the
+    mixed product for NaN (eager code; compiled code checks after the call).
+
+    Build it with :meth:`from_field` (eager autograd) or :meth:`from_vjp` (``torch.func``).
     """
 
-    def __init__(self, field: Sequence[Tensor | None], theta: Tensors, phi: Tensors,
-                 suspects: str | Callable[[], str] = "", strict: bool = True) -> None:
+    def __init__(self, pullback: Pullback, theta: Tensors, phi: Tensors,
+                 suspects: str | Callable[[], str] = "", strict: bool = True, checked: bool = True,
+                 batched: bool = False) -> None:
+        self.pullback = pullback
         self.theta, self.phi = theta, phi
-        self._live = [i for i, g in enumerate(field) if g is not None and g.grad_fn is not None]
-        self.field = tuple(field[i] for i in self._live)
         self.suspects = suspects
         self.strict = strict
+        self.checked = checked
+        self.batched = batched
         self.products = 0
         self.unused: tuple[bool, ...] = ()
-        self.batched = theta[0].device.type == "cuda"
 
-    def _vjp(self, x: Tensors, wrt: Tensors, what: str, batched: bool = False) -> Tensors:
-        if self.field:
+    @classmethod
+    def from_field(cls, field: Sequence[Tensor | None], theta: Tensors, phi: Tensors,
+                   suspects: str | Callable[[], str] = "", strict: bool = True) -> StationarityJacobian:
+        """The operator of ``G`` given as tensors with their graph (``create_graph=True``).
+        Entries of ``field`` that are None or constant count as zero."""
+        live = [i for i, g in enumerate(field) if g is not None and g.grad_fn is not None]
+        outputs = tuple(cast(Tensor, field[i]) for i in live)
+
+        def pullback(x: Tensors, wrt: Wrt, batched: bool) -> Sequence[Tensor | None]:
+            inputs = theta if wrt == "theta" else phi
+            if not outputs:
+                return (None,) * len(inputs)
+            return torch.autograd.grad(outputs, inputs, grad_outputs=[x[i] for i in live],
+                                       retain_graph=True, allow_unused=True, is_grads_batched=batched)
+
+        # batched products: one pass on CUDA, where it is several times faster for small
+        # models; a loop on the CPU, where batching is slower (benchmarks/README.md)
+        return cls(pullback, theta, phi, suspects, strict, checked=True, batched=theta[0].device.type == "cuda")
+
+    @classmethod
+    def from_vjp(cls, vjp: Callable[[Tensors], tuple[Tensors, Tensors]], theta: Tensors,
+                 phi: Tensors) -> StationarityJacobian:
+        """The operator of the pullback of ``torch.func.vjp(G, θ, φ)``, for traced code."""
+
+        def pullback(x: Tensors, wrt: Wrt, batched: bool) -> Sequence[Tensor | None]:
+            return vjp(x)[0 if wrt == "theta" else 1]
+
+        return cls(pullback, theta, phi, checked=False)
+
+    def _pull(self, x: Tensors, wrt: Wrt, what: str, batched: bool = False) -> Tensors:
+        inputs = self.theta if wrt == "theta" else self.phi
+        if self.checked:
             with second_order_guard(what):
-                grads = torch.autograd.grad(self.field, wrt, grad_outputs=[x[i] for i in self._live],
-                                            retain_graph=True, allow_unused=True, is_grads_batched=batched)
+                grads = self.pullback(x, wrt, batched)
         else:
-            grads = (None,) * len(wrt)
-        batch = (x[0].shape[0],) if batched else ()
+            grads = self.pullback(x, wrt, batched)
         self.unused = tuple(g is None for g in grads)
-        if self.strict and wrt is self.theta and any(self.unused):
-            i = self.unused.index(True)
-            suspects = self.suspects() if callable(self.suspects) else self.suspects
-            where = f"params[{i}]" if len(wrt) > 1 else "params"
-            raise ValueError(
-                f"the gradient of inner_loss does not depend on {where}, so the inner Hessian has a "
-                "zero block and the implicit system is singular: inner_loss is linear in it, or an "
-                f"op without double backward cut the graph{suspects}. Replace that op by a "
-                "twice-differentiable one, or leave the tensor out of params")
+        if self.strict and wrt == "theta" and any(self.unused):
+            self._refuse_unused()
+        batch = (x[0].shape[0],) if batched else ()
         return tuple(torch.zeros(batch + w.shape, dtype=w.dtype, device=w.device) if g is None else g
-                     for g, w in zip(grads, wrt))
+                     for g, w in zip(grads, inputs))
+
+    def _refuse_unused(self) -> None:
+        i = self.unused.index(True)
+        suspects = self.suspects() if callable(self.suspects) else self.suspects
+        where = f"params[{i}]" if len(self.theta) > 1 else "params"
+        raise ValueError(
+            f"the gradient of inner_loss does not depend on {where}, so the inner Hessian has a "
+            "zero block and the implicit system is singular: inner_loss is linear in it, or an "
+            f"op without double backward cut the graph{suspects}. Replace that op by a "
+            "twice-differentiable one, or leave the tensor out of params")
 
     def matvec(self, x: Tensors) -> Tensors:
         """``Jᵀ x`` (``H x`` for a gradient field)."""
         self.products += 1
-        return self._vjp(x, self.theta, "a Hessian-vector product")
+        return self._pull(x, "theta", "a Hessian-vector product")
 
     def matmat(self, rows: Tensor) -> Tensor:
-        """``Jᵀ`` applied to each row of a ``(k, P)`` batch of flat vectors, as ``(k, P)``.
-
-        One batched pass (``is_grads_batched``) on CUDA, where it is several times faster
-        for small models (MEASUREMENTS.md); a loop on CPU, where batching is slower. Falls
-        back to the loop when an op cannot be batched.
-        """
+        """``Jᵀ`` applied to each row of a ``(k, P)`` batch of flat vectors, as ``(k, P)``:
+        one batched pass where that is faster (CUDA), else a loop; falls back to the loop
+        when an op cannot be batched."""
         k = rows.shape[0]
         if self.batched:
             try:
-                out = self._vjp(unflat(rows, self.theta), self.theta, "a batch of Hessian-vector products",
-                                batched=True)
+                out = self._pull(unflat(rows, self.theta), "theta", "a batch of Hessian-vector products",
+                                 batched=True)
                 self.products += k
                 return torch.cat([o.reshape(k, -1) for o in out], dim=1)
             except RuntimeError:
@@ -89,6 +135,7 @@ class StationarityJacobian:
     def mixed(self, x: Tensors) -> Tensors:
         """``(∂G/∂φ)ᵀ x``, zeros for hparams that the stationarity map does not depend on
         (``unused`` then flags them)."""
-        out = self._vjp(x, self.phi, "the mixed second-derivative product ∇²φθ f · x")
-        check_finite(out, "the mixed second-derivative product ∇²φθ f · x")
+        out = self._pull(x, "phi", "the mixed second-derivative product ∇²φθ f · x")
+        if self.checked:
+            check_finite(out, "the mixed second-derivative product ∇²φθ f · x")
         return out

@@ -8,7 +8,7 @@ on the CPU its BLAS threads slow the whole process down (benchmarks/README.md).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ def _blas_dot(x: Sequence[Tensor]) -> bool:
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """Σᵢ ⟨aᵢ, bᵢ⟩ as a 0-dim tensor (no host sync)."""
     if not _blas_dot(a):
-        return sum((x * y).sum() for x, y in zip(a, b))
+        return cast(Tensor, sum((x * y).sum() for x, y in zip(a, b)))
     dots = [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]
     return dots[0] if len(dots) == 1 else torch.stack(dots).sum()
 

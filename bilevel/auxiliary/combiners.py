@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+__all__ = ["ConvCombiner", "LinearCombiner", "NonlinearCombiner"]
+
 
 def _inverse_softplus(value: float) -> float:
     """x with softplus(x) = value > 0: log(e^v − 1) = v + log(1 − e^−v), stable for every v."""

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .._src.hypergradient import HyperGradient
+
+__all__ = ["AuxiliaryLearner"]
 
 
 class AuxiliaryLearner:
@@ -89,24 +91,28 @@ class AuxiliaryLearner:
         info: dict[str, Any] = {"step": self.steps, "train_loss": float(loss.detach()),
                                 "auxiliary_updated": False}
         if auxiliary_step:
-            self.auxiliary_optimizer.zero_grad()
             held = [p for (_, p), g in zip(named, grads) if g is None]
-            try:  # parameters the training loss does not use are constants of the inner problem
-                for p in held:
-                    p.requires_grad_(False)
-                self.hypergradient.backward(
-                    lambda primary, auxiliary, *batch: self.train_loss(primary, auxiliary, batch[0] if batch else train_batch),
-                    lambda primary, auxiliary: self.main_loss(primary, aux_batch),
-                    self.primary, self.auxiliary)
-            finally:
-                for p in held:
-                    p.requires_grad_(True)
+            info.update(self._auxiliary_step(train_batch, aux_batch, held))
             self._unused = unused
-            norm = torch.linalg.vector_norm(torch.stack([
-                torch.linalg.vector_norm(p.grad) for p in self.auxiliary.parameters() if p.grad is not None]))
-            self.auxiliary_optimizer.step()
-            info.update(auxiliary_updated=True, hypergradient_norm=float(norm), stats=self.hypergradient.stats)
         return info
+
+    def _auxiliary_step(self, train_batch: Any, aux_batch: Any, held: Sequence[Tensor]) -> dict[str, Any]:
+        """The hypergradient of the main-task loss into the auxiliary ``.grad``, and a step."""
+        self.auxiliary_optimizer.zero_grad()
+        try:  # parameters the training loss does not use are constants of the inner problem
+            for p in held:
+                p.requires_grad_(False)
+            self.hypergradient.backward(
+                lambda primary, auxiliary, *batch: self.train_loss(primary, auxiliary, batch[0] if batch else train_batch),
+                lambda primary, auxiliary: self.main_loss(primary, aux_batch),
+                self.primary, self.auxiliary)
+        finally:
+            for p in held:
+                p.requires_grad_(True)
+        norm = torch.linalg.vector_norm(torch.stack([
+            torch.linalg.vector_norm(p.grad) for p in self.auxiliary.parameters() if p.grad is not None]))
+        self.auxiliary_optimizer.step()
+        return {"auxiliary_updated": True, "hypergradient_norm": float(norm), "stats": self.hypergradient.stats}
 
     def _check_unused(self, unused: list[str]) -> None:
         """Holding other parameters fixed than at the last auxiliary step changes the inner

@@ -9,10 +9,13 @@ from torch import Tensor
 from .._src.errors import check_finite, second_order_guard
 from .._src.hypergradient import HyperGradient
 from .._src.products import StationarityJacobian
-from .._src.problem import BilevelProblem, _custom_functions, reached, warn_once_differentiable
+from .._src.graph import custom_functions, reached, warn_once_differentiable
+from .._src.problem import BilevelProblem
 from .._src.solvers import neumann
 from .._src.typing import Tensors
 from ..modes._unrolled import UnrolledMode
+
+__all__ = ["MetaOptimizer"]
 
 
 class MetaOptimizer:
@@ -103,20 +106,15 @@ class MetaOptimizer:
             warn_once_differentiable(train_loss)
         if self.hypergradient is None:
             grads = self._auxilearn(train_loss.reshape(()), val_loss.reshape(()), theta, phi)
-        else:  # a tensor listed twice is one variable of the problem, and gets its full gradient
-            first = _first_positions(theta)
-            theta_once, phi_once = tuple(theta[i] for i in first), tuple(phi[i] for i in _first_positions(phi))
-            solved = self._implicit(train_loss.reshape(()), val_loss.reshape(()), theta_once, phi_once,
-                                    [positions[i] for i in first])
-            by_tensor = {id(t): g for t, g in zip(phi_once, solved)}
-            grads = tuple(by_tensor[id(t)] for t in phi)
+        else:
+            grads = self._implicit_once(train_loss.reshape(()), val_loss.reshape(()), theta, phi, positions)
         self.meta_optimizer.zero_grad()
         for p, g in zip(phi, grads):
             p.grad = g.detach().to(p.dtype).clone()
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(phi, self.max_grad_norm)
         self.meta_optimizer.step()
-        return [p.grad.clone() for p in phi] if return_grads else None
+        return [p.grad.clone() for p in phi if p.grad is not None] if return_grads else None
 
     def _auxilearn(self, train_loss: Tensor, val_loss: Tensor, theta: Tensors, phi: Tensors) -> Tensors:
         """AuxiLearn's formula: K products with H, K+1 terms, no α factor, no direct term."""
@@ -126,7 +124,7 @@ class MetaOptimizer:
         v = torch.autograd.grad(val_loss, theta, allow_unused=True, retain_graph=True)
         v = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(v, theta))
         check_finite(v, "the gradient of val_loss w.r.t. parameters")
-        operator = StationarityJacobian(field, theta, phi, strict=False)
+        operator = StationarityJacobian.from_field(field, theta, phi, strict=False)
         # neumann(iters=K+1, residual=False) sums K+1 terms with K products and scales by α
         series = neumann(operator.matvec, v, self.truncate_iter + 1, self.hpo_lr, residual=False)
         p = tuple(t / self.hpo_lr for t in series.x)
@@ -136,9 +134,19 @@ class MetaOptimizer:
                 "the gradient of train_loss w.r.t. parameters depends on none of aux_params, so "
                 "AuxiLearn's hypergradient is identically zero: train_loss must be computed with the "
                 "auxiliary model, and no op on the way may lack a double backward"
-                f"{_custom_functions(train_loss)}. If aux_params enter only val_loss, use an implicit "
+                f"{custom_functions(train_loss)}. If aux_params enter only val_loss, use an implicit "
                 "mode (mode='implicit-cg'), which includes the direct term")
         return tuple(-m for m in mixed)
+
+    def _implicit_once(self, train_loss: Tensor, val_loss: Tensor, theta: Tensors, phi: Tensors,
+                       positions: list[int]) -> Tensors:
+        """:meth:`_implicit` with each tensor once: a tensor listed twice is one variable of the
+        problem, and each of its places gets its full gradient."""
+        first = _first_positions(theta)
+        theta_once, phi_once = tuple(theta[i] for i in first), tuple(phi[i] for i in _first_positions(phi))
+        solved = self._implicit(train_loss, val_loss, theta_once, phi_once, [positions[i] for i in first])
+        by_tensor = {id(t): g for t, g in zip(phi_once, solved)}
+        return tuple(by_tensor[id(t)] for t in phi)
 
     def _implicit(self, train_loss: Tensor, val_loss: Tensor, theta: Tensors, phi: Tensors,
                   positions: list[int]) -> Tensors:
@@ -163,6 +171,7 @@ class MetaOptimizer:
         outer = val_loss.detach() + sum(
             (g.detach() * (t - t.detach())).sum() for g, t in zip([grads[i] for i in keep] + list(grads[len(theta):]),
                                                                   used + list(phi)) if g is not None)
+        assert self.hypergradient is not None  # _implicit runs for a mode only
         return self.hypergradient.solve(_GivenLosses(train_loss, outer, used, list(phi)))
 
 

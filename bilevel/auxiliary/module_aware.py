@@ -20,6 +20,8 @@ from .._src.hypergradient import HyperGradient
 from .._src.problem import BilevelProblem
 from .._src.typing import Tensors
 
+__all__ = ["ModuleAwareProblem", "ModuleAwareWeights", "module_groups"]
+
 TaskLosses = Callable[[nn.Module], Tensor]  # model -> (1 + A,) losses: main first, then auxiliaries
 
 
@@ -129,29 +131,22 @@ class ModuleAwareWeights(nn.Module):
 
 
 class ModuleAwareProblem(BilevelProblem):
-    """The bilevel problem of module-aware weighting: stationarity map ``G`` (non-symmetric
-    Jacobian), outer loss ``dev_loss(model)``, params = the model, hparams = the weights."""
-
-    symmetric = False
+    """The bilevel problem of module-aware weighting: params = the model, hparams = the
+    weights, outer loss ``dev_loss(model)``, and the inner solution defined by the public
+    ``stationarity`` hook of :class:`~bilevel.BilevelProblem`: ``G = 0`` (a non-symmetric
+    Jacobian), with ``G`` the module-weighted gradient of the task losses."""
 
     def __init__(self, model: nn.Module, weights: ModuleAwareWeights, task_losses: TaskLosses,
                  dev_loss: Callable[[nn.Module], Tensor]) -> None:
-        super().__init__(self._no_scalar_inner, lambda m, w: dev_loss(m), model, weights)
-        self.weights_module = weights
-        self.add_closure("task_losses", lambda m, w: task_losses(m))
-        self.names = list(self.params_structure.keys)
-
-    @staticmethod
-    def _no_scalar_inner(*args) -> Tensor:
-        raise ValueError("module-aware weighting has no single inner loss (its update is not a "
-                         "gradient), so only implicit modes for non-symmetric systems apply")
-
-    def stationarity(self, theta: Tensors, phi: Tensors) -> Tensors:
-        """``G(θ, φ)`` with its graph (``create_graph=True``), one tensor per model parameter."""
-        with torch.enable_grad():
-            losses = self.evaluate("task_losses", theta, phi)
+        def field(model: nn.Module, weights: ModuleAwareWeights) -> Tensors:
+            # called with both modules bound to the point of evaluation (θ, φ)
+            names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+            losses = task_losses(model)
             check_finite((losses,), "the task losses")
             with second_order_guard("the per-task gradients of the task losses"):
-                field = self.weights_module.field(self.names, theta, losses, raw=phi[0], create_graph=True)
-        check_finite(field, "the module-weighted gradient G")
-        return field
+                out = weights.field(list(names), params, losses, raw=weights.raw, create_graph=True)
+            check_finite(out, "the module-weighted gradient G")
+            return out
+
+        super().__init__(None, lambda m, w: dev_loss(m), model, weights, stationarity=field)
+        self.weights_module = weights

@@ -2,7 +2,8 @@
 
 A mode is a dataclass whose fields are its options (with their defaults), registered under a
 name with :func:`register_mode`. It implements ``hypergradient(problem, stats)``, which
-returns the hypergradient as a tuple aligned with ``problem.phi0`` and fills ``stats``.
+returns the hypergradient as a tuple aligned with ``problem.phi0`` and fills ``stats``; an
+implicit mode is a linear solve handed to :func:`bilevel.implicit.implicit_hypergradient`.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any, ClassVar, TypeVar
 from .._src.problem import BilevelProblem
 from .._src.typing import Tensors
 from .._src.stats import Stats
+
+__all__ = ["Mode", "available_modes", "check_flag", "check_positive", "get_mode", "register_mode"]
 
 _REGISTRY: dict[str, type["Mode"]] = {}
 
@@ -27,11 +30,12 @@ class Mode:
 
     #: warnings about the chosen options (an unavailable fast path) that ``HyperGradient``
     #: issues once it is built; an instance sets its own
-    notes: ClassVar[tuple[str, ...]] = ()
+    notes: tuple[str, ...] = ()
 
     @classmethod
     def option_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]  # every mode class is a dataclass
+        return [f.name for f in fields if f.init and not f.name.startswith("_")]
 
     @classmethod
     def from_options(cls, **options: Any) -> "Mode":

@@ -6,14 +6,19 @@ from typing import Any, ClassVar
 
 import torch
 
-from .._src.compiled import CompiledPath, compiled_path, implicit_program
-from .._src.errors import check_finite, deferred_finite_checks
-from .._src.implicit import check_autocast, implicit_hypergradient
+from .._src.compiled import CompiledPath, compiled_path
+from .._src.implicit import check_autocast, finish_compiled, implicit_hypergradient, implicit_program
 from .._src.problem import BilevelProblem
-from .._src.solvers import conjugate_gradient, conjugate_gradient_fixed
-from .._src.typing import Tensors
+from .._src.products import StationarityJacobian
+from .._src.solvers import SolveResult, conjugate_gradient, conjugate_gradient_report
 from .._src.stats import Stats
+from .._src.typing import Tensors
 from .base import Mode, check_flag, check_positive, register_mode
+
+__all__ = ["ImplicitCG"]
+
+
+_SOLVE = "the conjugate-gradient solve (a Hessian-vector product)"
 
 
 @register_mode
@@ -65,13 +70,17 @@ class ImplicitCG(Mode):
         self.check_problem(problem)
         if self._fast is not None:
             x0 = self._start(problem.theta0)
-            out = self._fast(problem, self.autocast, conjugate_gradient_fixed, self.iters, self.tol, self.damping, x0)
+            out = self._fast(problem, self.autocast, _solve_on_device, self.iters, self.tol, self.damping, x0)
             if out is not None:
-                return self._finish_compiled(out, x0 is not None, stats)
+                grads, x, info = out
+                products = self.iters + int(x0 is not None)
+                result = conjugate_gradient_report(SolveResult(x, products, self.iters, info=info), self.tol)
+                self._remember(x, bool(result.converged))
+                return finish_compiled(result, grads, stats, products, _SOLVE)
 
-        def solve(operator, v):
-            x0 = self._start(v)
-            result = conjugate_gradient(operator.matvec, v, self.iters, self.tol, self.damping, x0=x0)
+        def solve(operator: StationarityJacobian, v: Tensors) -> SolveResult:
+            result = conjugate_gradient(operator.matvec, v, self.iters, self.tol, self.damping,
+                                        x0=self._start(v))
             self._remember(result.x, bool(result.converged))
             return result
 
@@ -85,20 +94,6 @@ class ImplicitCG(Mode):
         if self.warm_start:  # only a solve that converged is a good start for the next one
             self._previous = tuple(t.detach() for t in x) if converged else None
 
-    def _finish_compiled(self, out: tuple, warm: bool, stats: Stats) -> Tensors:
-        grads, x, info = out
-        with deferred_finite_checks():
-            check_finite(x, "the conjugate-gradient solve (a Hessian-vector product)")
-            check_finite(grads, "the mixed second-derivative product ∇²φθ f · x")
-        stats.hvps = self.iters + int(warm)
-        stats.iters = int(info["iters"])
-        stats.residual = float(info["residual"])
-        stats.negative_curvature = bool(info["negative_curvature"])
-        stats.converged = stats.residual <= max(self.tol, 1e-12) and not stats.negative_curvature
-        stats.extra["compiled"] = True
-        self._remember(x, stats.converged)
-        return grads
-
     def state_dict(self) -> dict[str, Any]:
         return {"previous": self._previous} if self._previous is not None else {}
 
@@ -107,3 +102,9 @@ class ImplicitCG(Mode):
 
     def state_fits_one_layout(self) -> bool:
         return self.warm_start and self._previous is not None  # unused otherwise
+
+
+def _solve_on_device(operator: StationarityJacobian, v: Tensors, iters: int, tol: float, damping: float,
+                     x0: Tensors | None) -> SolveResult:
+    """The compiled program's solve: the same CG, without host synchronisation."""
+    return conjugate_gradient(operator.matvec, v, iters, tol, damping, x0=x0, sync=False)

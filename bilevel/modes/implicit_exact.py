@@ -8,10 +8,13 @@ import torch
 
 from .._src.implicit import implicit_hypergradient
 from .._src.problem import BilevelProblem
-from .._src.solvers import dense_solve
+from .._src.products import StationarityJacobian
+from .._src.solvers import SolveResult, dense_solve
 from .._src.typing import Tensors
 from .._src.stats import Stats
 from .base import Mode, check_positive, register_mode
+
+__all__ = ["ImplicitExact"]
 
 
 @register_mode
@@ -41,7 +44,7 @@ class ImplicitExact(Mode):
                              f"{size} Hessian-vector products and {size * size} entries, or use "
                              "mode='implicit-cg'")
 
-        def solve(operator, v):
+        def solve(operator: StationarityJacobian, v: Tensors) -> SolveResult:
             identity = torch.eye(size, dtype=v[0].dtype, device=v[0].device)
             rows = operator.matmat(identity)  # row i = Jᵀ e_i, so the stack is J
             return dense_solve(rows.T, v)

@@ -6,10 +6,13 @@ from typing import ClassVar
 
 from .._src.implicit import implicit_hypergradient
 from .._src.problem import BilevelProblem
-from .._src.solvers import gmres
+from .._src.products import StationarityJacobian
+from .._src.solvers import SolveResult, gmres
 from .._src.typing import Tensors
 from .._src.stats import Stats
 from .base import Mode, check_positive, register_mode
+
+__all__ = ["ImplicitGMRES"]
 
 
 @register_mode
@@ -36,5 +39,8 @@ class ImplicitGMRES(Mode):
 
     def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
         self.check_problem(problem)
-        return implicit_hypergradient(
-            problem, lambda operator, v: gmres(operator.matvec, v, self.iters, self.tol), stats)
+
+        def solve(operator: StationarityJacobian, v: Tensors) -> SolveResult:
+            return gmres(operator.matvec, v, self.iters, self.tol)
+
+        return implicit_hypergradient(problem, solve, stats)

@@ -6,11 +6,14 @@ from typing import ClassVar
 
 from .._src.implicit import implicit_hypergradient
 from .._src.problem import BilevelProblem
+from .._src.products import StationarityJacobian
 from .._src.solvers import SolveResult
 from .._src.tree_math import scale
 from .._src.typing import Tensors
 from .._src.stats import Stats
 from .base import Mode, check_positive, register_mode
+
+__all__ = ["ImplicitIdentity"]
 
 
 @register_mode
@@ -33,7 +36,8 @@ class ImplicitIdentity(Mode):
 
     def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
         self.check_problem(problem)
-        return implicit_hypergradient(
-            problem, lambda operator, v: SolveResult(x=scale(self.alpha, v), products=0, iters=0,
-                                                    converged=None),
-            stats)
+
+        def solve(operator: StationarityJacobian, v: Tensors) -> SolveResult:
+            return SolveResult(x=scale(self.alpha, v), products=0, iters=0)  # no system solved: no verdict
+
+        return implicit_hypergradient(problem, solve, stats)

@@ -7,15 +7,17 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .._src.compiled import CompiledPath, compiled_path, implicit_program
-from .._src.errors import check_finite
-from .._src.implicit import check_autocast, implicit_hypergradient
+from .._src.compiled import CompiledPath, compiled_path
+from .._src.implicit import check_autocast, finish_compiled, implicit_hypergradient, implicit_program
 from .._src.problem import BilevelProblem
-from .._src.solvers import (neumann, neumann_report, neumann_series, power_iteration,
-                            power_iteration_estimate, random_start)
-from .._src.typing import MatVec, Tensors
+from .._src.products import StationarityJacobian
+from .._src.solvers import (SolveResult, neumann, neumann_report, power_iteration, power_iteration_estimate,
+                            random_start)
+from .._src.typing import Tensors
 from .._src.stats import Stats
 from .base import Mode, check_flag, check_positive, register_mode
+
+__all__ = ["ImplicitNeumann"]
 
 _ZERO_CURVATURE = ("alpha='auto': the inner Hessian is zero along the power iteration; set alpha "
                    "explicitly")
@@ -72,41 +74,40 @@ class ImplicitNeumann(Mode):
         self.check_problem(problem)
         if self._fast is not None:
             start = random_start(problem.theta0, _generator()) if self.alpha == "auto" else None
-            out = self._fast(problem, self.autocast, _series, self.iters, self.alpha, self.power_iters, start,
-                             self.residual)
+            fixed = None if isinstance(self.alpha, str) else float(self.alpha)
+            out = self._fast(problem, self.autocast, _solve_on_device, self.iters, fixed, self.power_iters,
+                             start, self.residual)
             if out is not None:
                 return self._finish_compiled(out, stats)
 
-        def solve(operator, v):
-            alpha = self.alpha
-            if alpha == "auto":
+        def solve(operator: StationarityJacobian, v: Tensors) -> SolveResult:
+            if isinstance(self.alpha, str):  # "auto": 1/λmax from the power iteration
                 largest = power_iteration(operator.matvec, v, self.power_iters, _generator())
-                if largest == 0.0:
-                    raise ValueError(_ZERO_CURVATURE)
-                alpha = 1.0 / largest
-                stats.extra["lambda_max"] = largest
+                alpha = self._auto_alpha(largest, stats)
+            else:
+                alpha = float(self.alpha)
             stats.extra["alpha"] = alpha
             return neumann(operator.matvec, v, self.iters, alpha, self.residual)
 
         return implicit_hypergradient(problem, solve, stats, self.autocast)
 
-    def _finish_compiled(self, out: tuple, stats: Stats) -> Tensors:
+    @staticmethod
+    def _auto_alpha(largest: float, stats: Stats) -> float:
+        if largest == 0.0:
+            raise ValueError(_ZERO_CURVATURE)
+        stats.extra["lambda_max"] = largest
+        return 1.0 / largest
+
+    def _finish_compiled(self, out: tuple[Tensors, Tensors, dict[str, Tensor]], stats: Stats) -> Tensors:
         grads, x, info = out
-        alpha = self.alpha
-        if alpha == "auto":
-            largest = float(info["lambda_max"])
-            if largest == 0.0:
-                raise ValueError(_ZERO_CURVATURE)
-            alpha = 1.0 / largest
-            stats.extra["lambda_max"] = largest
+        if isinstance(self.alpha, str):
+            alpha = self._auto_alpha(float(info["lambda_max"]), stats)
+        else:
+            alpha = float(self.alpha)
         stats.extra["alpha"] = alpha
-        result = neumann_report(x, info["norms"], self.iters, alpha, self.residual)
-        check_finite(grads, "the mixed second-derivative product ∇²φθ f · x")
-        stats.hvps = result.products + (self.power_iters if self.alpha == "auto" else 0)
-        stats.iters, stats.residual = result.iters, result.residual
-        stats.converged, stats.diverged = result.converged, result.diverged
-        stats.extra["compiled"] = True
-        return grads
+        result = neumann_report(SolveResult(x, 0, self.iters, info=info), alpha, self.residual)
+        hvps = result.products + (self.power_iters if self.alpha == "auto" else 0)
+        return finish_compiled(result, grads, stats, hvps)
 
 
 def _generator() -> torch.Generator:
@@ -114,13 +115,14 @@ def _generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
-def _series(matvec: MatVec, v: Tensors, iters: int, alpha: float | str, power_iters: int,
-            start: Tensors | None, residual: bool) -> tuple[Tensors, dict[str, Tensor]]:
+def _solve_on_device(operator: StationarityJacobian, v: Tensors, iters: int, alpha: float | None,
+                     power_iters: int, start: Tensors | None, residual: bool) -> SolveResult:
     """The compiled program's solve: the power iteration (for ``alpha="auto"``, from
-    ``start``) and the series, without host synchronisation."""
-    info = {}
-    if start is not None:
-        info["lambda_max"] = power_iteration_estimate(matvec, start, power_iters)
-        alpha = 1.0 / info["lambda_max"]
-    x, info["norms"] = neumann_series(matvec, v, iters, alpha, residual)
-    return x, info
+    ``start``) and the same series, without host synchronisation."""
+    if start is None:
+        assert alpha is not None
+        return neumann(operator.matvec, v, iters, alpha, residual, sync=False)
+    largest = power_iteration_estimate(operator.matvec, start, power_iters)
+    result = neumann(operator.matvec, v, iters, 1.0 / largest, residual, sync=False)
+    result.info["lambda_max"] = largest
+    return result

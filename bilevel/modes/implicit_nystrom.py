@@ -8,10 +8,13 @@ import torch
 
 from .._src.implicit import implicit_hypergradient
 from .._src.problem import BilevelProblem
-from .._src.solvers import nystrom
+from .._src.products import StationarityJacobian
+from .._src.solvers import SolveResult, nystrom
 from .._src.typing import Tensors
 from .._src.stats import Stats
 from .base import Mode, check_positive, register_mode
+
+__all__ = ["ImplicitNystrom"]
 
 
 @register_mode
@@ -51,18 +54,15 @@ class ImplicitNystrom(Mode):
     def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
         self.check_problem(problem)
 
-        def solve(operator, v):
+        def solve(operator: StationarityJacobian, v: Tensors) -> SolveResult:
             size = sum(t.numel() for t in v)
             k = min(self.rank, size)
             indices = torch.randperm(size, generator=self._generator)[:k].to(v[0].device)
             unit_rows = torch.zeros(k, size, dtype=v[0].dtype, device=v[0].device)
             unit_rows[torch.arange(k, device=v[0].device), indices] = 1.0
             columns = operator.matmat(unit_rows)
-            result = nystrom(columns, indices, v, self.rho)
-            result.products = k
-            result.converged = not result.singular  # as implicit-exact: a pseudo-inverse was used
             stats.extra["rank"] = k
-            return result
+            return nystrom(columns, indices, v, self.rho)
 
         return implicit_hypergradient(problem, solve, stats)
 

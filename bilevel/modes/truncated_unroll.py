@@ -7,6 +7,8 @@ from typing import ClassVar
 from ._unrolled import UnrolledMode
 from .base import check_positive, register_mode
 
+__all__ = ["TruncatedUnroll"]
+
 
 @register_mode
 @dataclass
@@ -14,7 +16,7 @@ class TruncatedUnroll(UnrolledMode):
     """Like ``unroll``, but only the last ``truncate`` of ``steps`` steps carry the graph
     (θ_{T−K} is detached), so memory grows with ``truncate``, not ``steps``.
 
-    Options: ``truncate`` (default 5) plus those of :class:`bilevel.unrolled.UnrolledMode`
+    Options: ``truncate`` (default 5) plus those of :class:`bilevel.modes._unrolled.UnrolledMode`
     (``steps=10``, SGD with ``lr=0.1``, torchopt). From an exact inner minimum, K truncated
     SGD steps with step α equal ``implicit-neumann`` with ``iters=K, alpha=α``.
     """

@@ -7,6 +7,8 @@ from typing import ClassVar
 from ._unrolled import UnrolledMode
 from .base import register_mode
 
+__all__ = ["Unroll"]
+
 
 @register_mode
 @dataclass
@@ -14,7 +16,7 @@ class Unroll(UnrolledMode):
     """Run ``steps`` differentiable inner-optimizer steps from ``params`` and backpropagate
     ``outer_loss`` at the result to ``hparams`` through all of them (memory grows with
     ``steps``). Does not assume ``params`` is a minimiser. Options: see
-    :class:`bilevel.unrolled.UnrolledMode` (``steps=10``, SGD with ``lr=0.1``, torchopt).
+    :class:`bilevel.modes._unrolled.UnrolledMode` (``steps=10``, SGD with ``lr=0.1``, torchopt).
     """
 
     name: ClassVar[str] = "unroll"

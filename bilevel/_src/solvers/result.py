@@ -1,0 +1,54 @@
+"""What a linear solve returns: the solution and its own diagnostics."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from ..typing import Tensors
+
+__all__ = ["BREAKDOWNS", "SolveResult"]
+
+#: the ways a solve can break down; a solver sets one, with its own message
+BREAKDOWNS = ("negative_curvature", "diverged", "singular")
+
+
+@dataclass
+class SolveResult:
+    """``x`` ≈ A⁻¹v and what it took.
+
+    ``products`` counts products with ``A``; ``residual`` is ‖v − A x‖ / ‖v‖ where the solver
+    knows it (None otherwise); ``converged`` is the solver's own verdict (None where it has no
+    test). ``breakdown`` names what went wrong (one of :data:`BREAKDOWNS`, or None) and
+    ``message`` explains it and names the fix. A solve that runs without host
+    synchronisation (``sync=False``) leaves the host numbers unset and keeps its diagnostics
+    as device tensors in ``info``; the solver's ``*_report`` function reads them.
+    """
+
+    x: Tensors
+    products: int
+    iters: int
+    residual: float | None = None
+    converged: bool | None = None
+    breakdown: str | None = None
+    message: str = ""
+    info: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.breakdown is not None and self.breakdown not in BREAKDOWNS:
+            raise ValueError(f"breakdown must be None or one of {', '.join(BREAKDOWNS)}, got {self.breakdown!r}")
+
+    @property
+    def negative_curvature(self) -> bool:
+        """The conjugate-gradient solve met pᵀAp ≤ 0 (``A`` is not positive definite)."""
+        return self.breakdown == "negative_curvature"
+
+    @property
+    def diverged(self) -> bool:
+        """An iteration grew instead of shrinking."""
+        return self.breakdown == "diverged"
+
+    @property
+    def singular(self) -> bool:
+        """The system (or a core matrix) was numerically singular: a pseudo-inverse was used."""
+        return self.breakdown == "singular"

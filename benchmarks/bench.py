@@ -101,7 +101,7 @@ def _losses(forward, params, x, y, xv, yv, name, log_decay=-4.0):
     logs = tuple(torch.full_like(p, log_decay) for p in params)
 
     def inner(ps, ls):
-        decay = sum((l.exp() * p * p).sum() for l, p in zip(ls, ps))
+        decay = sum((log_decay.exp() * p * p).sum() for log_decay, p in zip(ls, ps))
         return F.cross_entropy(forward(ps, x), y) + 0.5 * decay
 
     def outer(ps, ls):
@@ -336,7 +336,8 @@ def main(argv=None):
             cnn_problem(args.device, batch=512 if args.device.startswith("cuda") else min(batch, 64))
         )
     print(
-        f"torch {torch.__version__}, torchopt {torchopt.__version__}, higher {importlib.metadata.version('higher')}, "
+        f"torch {torch.__version__}, torchopt {torchopt.__version__}, "
+        f"higher {importlib.metadata.version('higher')}, "
         f"device {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}, "
         f"threads {torch.get_num_threads()}, median of {args.repeats}"
     )

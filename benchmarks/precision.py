@@ -56,7 +56,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(
         f"torch {torch.__version__}, device "
-        f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}, median of {args.repeats}"
+        f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}, "
+        f"median of {args.repeats}"
     )
     print(f"{'problem':<12} {'mode':<8} {'precision':<9} {'rel. error':>10} {'cosine':>9} {'ms':>8}")
     rows = []

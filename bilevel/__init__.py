@@ -13,6 +13,15 @@ from ._version import __version__
 from .modes import Mode, available_modes, register_mode
 
 __all__ = [
-    "BilevelProblem", "HyperGradient", "HypergradientWarning", "Mode", "NoDoubleBackwardError",
-    "NonFiniteError", "SolverBreakdownError", "Stats", "__version__", "available_modes", "register_mode",
+    "BilevelProblem",
+    "HyperGradient",
+    "HypergradientWarning",
+    "Mode",
+    "NoDoubleBackwardError",
+    "NonFiniteError",
+    "SolverBreakdownError",
+    "Stats",
+    "__version__",
+    "available_modes",
+    "register_mode",
 ]

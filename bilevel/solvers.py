@@ -14,5 +14,12 @@ from ._src.solvers import (
     power_iteration,
 )
 
-__all__ = ["SolveResult", "conjugate_gradient", "dense_solve", "gmres", "neumann", "nystrom",
-           "power_iteration"]
+__all__ = [
+    "SolveResult",
+    "conjugate_gradient",
+    "dense_solve",
+    "gmres",
+    "neumann",
+    "nystrom",
+    "power_iteration",
+]

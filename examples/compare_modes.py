@@ -167,7 +167,8 @@ class bilevel_quiet:
 
 def print_table(rows):
     print(
-        f"\n{'mode':<18} {'budget':<14} {'rel. error':>10} {'cosine':>8} {'HVPs':>6} {'time ms':>8} {'graph MiB':>9}"
+        f"\n{'mode':<18} {'budget':<14} {'rel. error':>10} {'cosine':>8} {'HVPs':>6} {'time ms':>8} "
+        f"{'graph MiB':>9}"
     )
     for mode, budget, error, cosine, hvps, seconds, graph_bytes in rows:
         print(

@@ -133,7 +133,8 @@ def main(argv=None):
         f"{int(clean.sum())} examples {precision:.3f} (chance {clean.mean().item():.3f})"
     )
     print(
-        f"mean weight: clean {weights[~corrupted].mean().item():.3f}, corrupted {weights[corrupted].mean().item():.3f}"
+        f"mean weight: clean {weights[~corrupted].mean().item():.3f}, "
+        f"corrupted {weights[corrupted].mean().item():.3f}"
     )
     print(f"{'training set':<26} {'test accuracy':>13}")
     for name, p in (

@@ -1,6 +1,7 @@
 """Checkpoints: those written by bilevel 0.1.0 (``tests/data``, made by
 ``tests/data/make_checkpoints.py`` with that version) resume here, the current format
 round-trips through ``torch.save``, and a loaded layout still binds the next call."""
+
 import collections
 import copy
 import importlib.util
@@ -93,18 +94,30 @@ def test_a_layout_change_after_loading_a_0_1_0_checkpoint_is_refused():
     inner, outer, params, hparams = made.cg_problem(1)
     hg = HyperGradient("implicit-cg", **made.CG_OPTIONS)
     hg.load_state_dict(checkpoint)
-    message = (r"changed structure, shapes or dtype since the loaded checkpoint \(params was "
-               r"\{'linear': Linear\(1 parameters\), 'offset': tensor\}, now \[Linear\(1 parameters\), "
-               r"tensor\]\).*new HyperGradient")
+    message = (
+        r"changed structure, shapes or dtype since the loaded checkpoint \(params was "
+        r"\{'linear': Linear\(1 parameters\), 'offset': tensor\}, now \[Linear\(1 parameters\), "
+        r"tensor\]\).*new HyperGradient"
+    )
     with pytest.raises(ValueError, match=message):
-        hg.compute(lambda p, h: inner(dict(zip(params, p)), h), lambda p, h: outer(dict(zip(params, p)), h),
-                   list(params.values()), hparams)
+        hg.compute(
+            lambda p, h: inner(dict(zip(params, p)), h),
+            lambda p, h: outer(dict(zip(params, p)), h),
+            list(params.values()),
+            hparams,
+        )
     hg = HyperGradient("implicit-cg", **made.CG_OPTIONS)
     hg.load_state_dict(checkpoint)
     with pytest.raises(ValueError, match=r"since the loaded checkpoint \(dtype was float64, now float32\)"):
-        hg.compute(inner, outer, {"linear": params["linear"].float(),
-                                  "offset": params["offset"].detach().float().requires_grad_()},
-                   tuple(h.detach().float().requires_grad_() for h in hparams))
+        hg.compute(
+            inner,
+            outer,
+            {
+                "linear": params["linear"].float(),
+                "offset": params["offset"].detach().float().requires_grad_(),
+            },
+            tuple(h.detach().float().requires_grad_() for h in hparams),
+        )
 
 
 def _drifting(step):
@@ -112,8 +125,12 @@ def _drifting(step):
     inner, outer, params, (lam_w, lam_o) = made.cg_problem(step)
     Penalties = collections.namedtuple("Penalties", "weights offset")
     ordered = collections.OrderedDict(params)
-    return ((lambda p, h: inner(p, tuple(h))), (lambda p, h: outer(p, tuple(h))), ordered,
-            Penalties(lam_w, lam_o))
+    return (
+        (lambda p, h: inner(p, tuple(h))),
+        (lambda p, h: outer(p, tuple(h))),
+        ordered,
+        Penalties(lam_w, lam_o),
+    )
 
 
 def test_the_current_format_round_trips_with_other_containers():
@@ -128,8 +145,11 @@ def test_the_current_format_round_trips_with_other_containers():
     resumed.load_state_dict(checkpoint)
     got = resumed.compute(*_drifting(1))
     assert all(torch.equal(a, b) for a, b in zip(got, expected)) and resumed.stats.hvps == hg.stats.hvps
-    with pytest.raises(ValueError, match=r"hparams was Penalties\(weights=tensor, offset=tensor\), "
-                                         r"now \(tensor, tensor\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"hparams was Penalties\(weights=tensor, offset=tensor\), "
+        r"now \(tensor, tensor\)",
+    ):
         loaded = HyperGradient("implicit-cg", **made.CG_OPTIONS)
         loaded.load_state_dict(checkpoint)
         loaded.compute(*made.cg_problem(1))
@@ -137,6 +157,7 @@ def test_the_current_format_round_trips_with_other_containers():
 
 def test_a_layout_with_lists_for_tuples_still_matches():
     """A checkpoint passed through a serializer without tuples (JSON, YAML)."""
+
     def lists(value):
         return [lists(v) for v in value] if isinstance(value, tuple) else value
 

@@ -1,6 +1,7 @@
 """The torchopt and higher internals that bilevel/_src/compat.py relies on, checked against the
 installed versions: a release that changes one fails here, naming the version and the internal,
 instead of silently changing the unrolled modes' hypergradients."""
+
 import importlib.metadata
 
 import higher.optim
@@ -48,7 +49,8 @@ def test_torchopt_momentum_keeps_a_first_call_flag_in_its_update_closure():
     assert flags and all(isinstance(f, bool) for f in flags), (
         f"{TORCHOPT}: torchopt.sgd(momentum=0.9).update no longer closes over a `first_call` bool "
         f"(torchopt.transform.trace); compat.set_first_call cannot reset the first-update rule. "
-        f"Closure cells found: {sorted({name for name, _ in cells})}")
+        f"Closure cells found: {sorted({name for name, _ in cells})}"
+    )
 
 
 def test_patching_first_call_switches_torchopt_first_update_rule():
@@ -64,14 +66,17 @@ def test_patching_first_call_switches_torchopt_first_update_rule():
     assert torch.equal(fresh, -grads[0]), f"{TORCHOPT}: torchopt.sgd's first momentum update is not b = g"
     after = first_update()  # the closure's flag is now False: the later rule on a zero buffer
     assert torch.equal(after, -0.5 * grads[0]), (
-        f"{TORCHOPT}: torchopt.sgd's first_call flag no longer changes after the first update")
+        f"{TORCHOPT}: torchopt.sgd's first_call flag no longer changes after the first update"
+    )
     set_first_call(transform.update, True)
     assert torch.equal(first_update(), fresh), (
         f"{TORCHOPT}: setting the `first_call` closure cell to True no longer restores the first-"
-        "update rule (torchopt.transform.trace); compat.set_first_call needs another way")
+        "update rule (torchopt.transform.trace); compat.set_first_call needs another way"
+    )
     set_first_call(transform.update, False)
     assert torch.equal(first_update(), after), (
-        f"{TORCHOPT}: setting the `first_call` closure cell to False no longer selects the later rule")
+        f"{TORCHOPT}: setting the `first_call` closure cell to False no longer selects the later rule"
+    )
 
 
 @pytest.mark.parametrize("factory", [torchopt.adam, torchopt.adamw])
@@ -82,7 +87,8 @@ def test_torchopt_keeps_step_counts_as_int64_tensors(factory):
     assert counts and all(t.dim() == 0 for t in counts), (
         f"{TORCHOPT}: {factory.__name__}'s state has no 0-dim int64 step count any more (it has "
         f"{[(t.dtype, tuple(t.shape)) for t in leaves if isinstance(t, torch.Tensor)]}); "
-        "compat.torchopt_counts_as_float64 casts those counts and needs a review")
+        "compat.torchopt_counts_as_float64 casts those counts and needs a review"
+    )
     others = [t for t in leaves if isinstance(t, torch.Tensor) and t.dtype != torch.int64]
     assert all(t.dtype == torch.float64 for t in others), f"{TORCHOPT}: moments not in the params' dtype"
 
@@ -92,19 +98,21 @@ def test_float64_counts_keep_adam_in_float64():
     transform, lr, eps, (b1, b2) = torchopt.adam(lr=0.1, eps=1e-8), 0.1, 1e-8, (0.9, 0.999)
     theta = (torch.ones(1, dtype=torch.float64),)
     state = torchopt_counts_as_float64(transform.init(theta))
-    assert all(t.dtype != torch.int64 for t in torchopt.pytree.tree_leaves(state)
-               if isinstance(t, torch.Tensor)), f"{TORCHOPT}: an int64 tensor survived the cast"
+    assert all(
+        t.dtype != torch.int64 for t in torchopt.pytree.tree_leaves(state) if isinstance(t, torch.Tensor)
+    ), f"{TORCHOPT}: an int64 tensor survived the cast"
     m = v = 0.0
     x = 1.0
     for k in range(1, 4):
         updates, state = transform.update(theta, state, params=theta, inplace=False)
         theta = tuple(torchopt.apply_updates(theta, updates, inplace=False))
         m, v = b1 * m + (1 - b1) * x, b2 * v + (1 - b2) * x * x
-        x -= lr * (m / (1 - b1 ** k)) / ((v / (1 - b2 ** k)) ** 0.5 + eps)
+        x -= lr * (m / (1 - b1**k)) / ((v / (1 - b2**k)) ** 0.5 + eps)
     assert theta[0].dtype == torch.float64
     assert abs(theta[0].item() - x) < 1e-13, (
         f"{TORCHOPT}: Adam with float64 step counts is off float64 accuracy ({theta[0].item()} vs {x}); "
-        "the step count or the bias correction changed (compat.torchopt_counts_as_float64)")
+        "the step count or the bias correction changed (compat.torchopt_counts_as_float64)"
+    )
 
 
 def test_torchopt_state_trees_tell_optimizer_settings_apart():
@@ -117,7 +125,8 @@ def test_torchopt_state_trees_tell_optimizer_settings_apart():
     assert form(torchopt.sgd(lr=0.1, momentum=0.9)) == form(torchopt.sgd(lr=0.2, momentum=0.5))
     assert form(torchopt.sgd(lr=0.1, momentum=0.9)) != form(torchopt.sgd(lr=0.1)), (
         f"{TORCHOPT}: SGD's state with and without momentum has the same tree structure; a checkpoint "
-        "of the wrong optimizer would load silently")
+        "of the wrong optimizer would load silently"
+    )
 
 
 # ------------------------------------------------------------------------------------ higher
@@ -125,10 +134,12 @@ def test_higher_opt_mapping_maps_torch_optimizers_to_differentiable_classes():
     mapping = getattr(higher.optim, "_opt_mapping", None)
     assert isinstance(mapping, dict), (
         f"{HIGHER}: higher.optim._opt_mapping is gone or not a dict; "
-        "compat.higher_supported_optimizers reads the supported optimizers from it")
+        "compat.higher_supported_optimizers reads the supported optimizers from it"
+    )
     for cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.Adagrad, torch.optim.RMSprop):
         assert cls in mapping and issubclass(mapping[cls], higher.optim.DifferentiableOptimizer), (
-            f"{HIGHER}: higher.optim._opt_mapping has no differentiable optimizer for {cls.__name__}")
+            f"{HIGHER}: higher.optim._opt_mapping has no differentiable optimizer for {cls.__name__}"
+        )
     supported = higher_supported_optimizers()
     assert supported == mapping and supported is not mapping  # a copy: callers cannot edit higher's
 
@@ -145,7 +156,8 @@ def test_higher_reads_and_writes_state_by_group_and_param_position():
     _, _, diffopt = _higher(torch.optim.SGD, theta, lr=0.5, momentum=0.9)
     assert isinstance(diffopt.state, list) and len(diffopt.state) == 1, (
         f"{HIGHER}: DifferentiableOptimizer.state is no longer a list over param groups; "
-        "compat.higher_step loads and reads the per-parameter state there")
+        "compat.higher_step loads and reads the per-parameter state there"
+    )
     buffers = [{"momentum_buffer": torch.full_like(t, 2.0)} for t in theta]
     with torch.enable_grad():
         loss = (theta[0] * theta[0]).sum() / 2 + (theta[1] * theta[1]).sum() / 2  # gradient θ = 1
@@ -153,9 +165,11 @@ def test_higher_reads_and_writes_state_by_group_and_param_position():
     # b ← μ·b + g = 0.9·2 + 1 = 2.8, θ ← θ − lr·b = 1 − 1.4
     for i, t in enumerate(new):
         assert torch.allclose(t, torch.full_like(t, -0.4)) and torch.allclose(
-            state[i]["momentum_buffer"], torch.full_like(t, 2.8)), (
+            state[i]["momentum_buffer"], torch.full_like(t, 2.8)
+        ), (
             f"{HIGHER}: a state written to DifferentiableOptimizer.state[0][{i}] was not the one "
-            "step() used or updated; compat.higher_step relies on that layout")
+            "step() used or updated; compat.higher_step relies on that layout"
+        )
     assert buffers[0]["momentum_buffer"][0].item() == 2.0, "higher_step changed the state it was given"
 
 
@@ -164,12 +178,15 @@ def test_higher_counts_steps_on_the_state_dict_it_is_given():
     optimizer, placeholders, diffopt = _higher(torch.optim.Adagrad, theta, lr=0.1)
     state = higher_initial_state(optimizer, placeholders)
     assert state[0]["step"] == 0.0 and isinstance(state[0]["step"], float)
-    assert torch.equal(state[0]["sum"], torch.zeros(2)) and state[0]["sum"] is not optimizer.state[
-        placeholders[0]]["sum"], "higher_initial_state must copy torch's tensors"
+    assert (
+        torch.equal(state[0]["sum"], torch.zeros(2))
+        and state[0]["sum"] is not optimizer.state[placeholders[0]]["sum"]
+    ), "higher_initial_state must copy torch's tensors"
     for _ in range(2):
         with torch.enable_grad():
             theta, state = higher_step(diffopt, (theta[0] ** 2).sum(), theta, state)
     assert state[0]["step"] == 2.0, (
         f"{HIGHER}: DifferentiableAdagrad no longer counts `state['step']` on the state dict "
-        f"(got {state[0]['step']!r}); compat.higher_initial_state passes it as a number for that")
+        f"(got {state[0]['step']!r}); compat.higher_initial_state passes it as a number for that"
+    )
     assert optimizer.state[placeholders[0]]["step"].item() == 0.0, "torch's own state was changed"

@@ -1,13 +1,15 @@
 """The one implicit engine: mode objects, the public stationarity hook, solver diagnostics,
 and the CG / Neumann solvers' two loops (host and device) giving the same answer."""
+
 import pytest
 import torch
-from problems import ridge
 
 import bilevel
 from bilevel import BilevelProblem, HyperGradient, HypergradientWarning, SolverBreakdownError
 from bilevel.modes import ImplicitCG, ImplicitNeumann, Unroll
 from bilevel.solvers import conjugate_gradient, neumann
+
+from problems import ridge
 
 f64 = torch.float64
 
@@ -76,8 +78,14 @@ def test_the_hook_binds_modules_like_the_losses():
         (w,) = [p for p in m.parameters()]
         return tuple(2 * g for g in torch.autograd.grad(inner(m, lam), (w,), create_graph=True))
 
-    hook = BilevelProblem(None, lambda m, lam: problem.outer_loss(m.weight.reshape(-1), lam), model,
-                          problem.hparams, stationarity=doubled_gradient, symmetric=True)
+    hook = BilevelProblem(
+        None,
+        lambda m, lam: problem.outer_loss(m.weight.reshape(-1), lam),
+        model,
+        problem.hparams,
+        stationarity=doubled_gradient,
+        symmetric=True,
+    )
     expected = problem.exact_hypergradient()
     for mode in ("implicit-exact", "implicit-cg"):
         (grad,) = HyperGradient(mode, **({"tol": 1e-12} if mode == "implicit-cg" else {})).solve(hook)
@@ -103,7 +111,7 @@ def test_solvers_report_their_own_breakdowns():
     quadratic = torch.tensor([1.0, -1.0], dtype=f64)  # a saddle: f = ½ Σ q w², g = Σ w
     w = torch.zeros(2, dtype=f64, requires_grad=True)
     phi = torch.ones(2, dtype=f64, requires_grad=True)
-    args = (lambda w, p: 0.5 * (quadratic * w ** 2).sum() - (p * w).sum(), lambda w, p: w.sum(), w, phi)
+    args = (lambda w, p: 0.5 * (quadratic * w**2).sum() - (p * w).sum(), lambda w, p: w.sum(), w, phi)
     hg = HyperGradient("implicit-cg")
     with pytest.warns(HypergradientWarning, match="implicit-cg: the conjugate-gradient solve met negative"):
         hg.compute(*args)
@@ -125,7 +133,8 @@ def test_one_cg_host_and_device_loops_agree(start):
     # past convergence the device loop takes zero steps: the same iterate as the host's early stop
     early = conjugate_gradient(matvec, v, 200, tol=1e-8)
     masked = bilevel._src.solvers.conjugate_gradient_report(
-        conjugate_gradient(matvec, v, 200, tol=1e-8, sync=False), tol=1e-8)
+        conjugate_gradient(matvec, v, 200, tol=1e-8, sync=False), tol=1e-8
+    )
     assert masked.iters == early.iters < 200 and masked.converged and early.converged
     torch.testing.assert_close(torch.cat(masked.x), torch.cat(early.x), rtol=1e-10, atol=1e-12)
 
@@ -134,7 +143,11 @@ def test_one_neumann_host_and_device_loops_agree():
     _, matvec, v = _spd(low=0.2)
     host = neumann(matvec, v, 15, 0.5)
     device = bilevel._src.solvers.neumann_report(neumann(matvec, v, 15, 0.5, sync=False), 0.5)
-    assert (host.residual, host.converged, host.products) == (device.residual, device.converged, device.products)
+    assert (host.residual, host.converged, host.products) == (
+        device.residual,
+        device.converged,
+        device.products,
+    )
     assert all(torch.equal(a, b) for a, b in zip(host.x, device.x))
 
 

@@ -1,4 +1,5 @@
 """StationarityJacobian: products with the inner Hessian, looped and batched."""
+
 import pytest
 import torch
 
@@ -16,10 +17,12 @@ def _operator():
     decay = torch.randn(3, 4, generator=g, dtype=f64, requires_grad=True)
 
     def f(w, b, decay):
-        return torch.tanh(x @ w + b).pow(2).sum() + (decay.exp() * w ** 2).sum()
+        return torch.tanh(x @ w + b).pow(2).sum() + (decay.exp() * w**2).sum()
 
     field = torch.autograd.grad(f(w, b, decay), (w, b), create_graph=True)
-    dense = torch.autograd.functional.hessian(lambda wf, bf: f(wf.reshape(3, 4), bf, decay), (w.detach().flatten(), b.detach()))
+    dense = torch.autograd.functional.hessian(
+        lambda wf, bf: f(wf.reshape(3, 4), bf, decay), (w.detach().flatten(), b.detach())
+    )
     hessian = torch.cat([torch.cat(row, dim=1) for row in dense], dim=0)
     return StationarityJacobian.from_field(field, (w, b), (decay,)), hessian
 

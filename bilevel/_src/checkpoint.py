@@ -13,6 +13,7 @@ their shapes and dtype (see :func:`layout_of`): comparable across processes, and
   form of :func:`layout_of` (its structures were flattened into the same plain tuples);
 * before 0.1.0 recorded configurations and layouts: ``{"mode", "state"}`` only.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -30,20 +31,24 @@ __all__ = ["FORMAT", "check_state_devices", "differences", "layout_of", "pack", 
 #: the checkpoint format :func:`pack` writes
 FORMAT = 2
 _SIDES = ("params", "hparams")
-_LAYOUT_KEYS = frozenset({"dtype"} | {f"{side}{suffix}" for side in _SIDES
-                                      for suffix in ("", "_described", "_shapes")})
+_LAYOUT_KEYS = frozenset(
+    {"dtype"} | {f"{side}{suffix}" for side in _SIDES for suffix in ("", "_described", "_shapes")}
+)
 
 
 def layout_of(problem: BilevelProblem) -> dict[str, Any]:
     """What a state shaped like the problem depends on, as plain data (storable, comparable):
     the specs of params and hparams (:func:`~bilevel._src.pytree.plain`, and described for
     messages: a module's class shows there), the shapes of their tensors and the dtype."""
-    return {"params": plain(problem.params_structure.spec), "hparams": plain(problem.hparams_structure.spec),
-            "params_described": describe(problem.params_structure.spec),
-            "hparams_described": describe(problem.hparams_structure.spec),
-            "params_shapes": tuple(tuple(t.shape) for t in problem.theta0),
-            "hparams_shapes": tuple(tuple(t.shape) for t in problem.phi0),
-            "dtype": str(problem.dtype).removeprefix("torch.")}
+    return {
+        "params": plain(problem.params_structure.spec),
+        "hparams": plain(problem.hparams_structure.spec),
+        "params_described": describe(problem.params_structure.spec),
+        "hparams_described": describe(problem.hparams_structure.spec),
+        "params_shapes": tuple(tuple(t.shape) for t in problem.theta0),
+        "hparams_shapes": tuple(tuple(t.shape) for t in problem.phi0),
+        "dtype": str(problem.dtype).removeprefix("torch."),
+    }
 
 
 def differences(before: dict[str, Any], now: dict[str, Any]) -> str:
@@ -53,8 +58,10 @@ def differences(before: dict[str, Any], now: dict[str, Any]) -> str:
         if before[side] != now[side] or before[f"{side}_described"] != now[f"{side}_described"]:
             parts.append(f"{side} was {before[f'{side}_described']}, now {now[f'{side}_described']}")
         if before[f"{side}_shapes"] != now[f"{side}_shapes"]:
-            parts.append(f"{side} shapes were {_shapes(before[f'{side}_shapes'])}, "
-                         f"now {_shapes(now[f'{side}_shapes'])}")
+            parts.append(
+                f"{side} shapes were {_shapes(before[f'{side}_shapes'])}, "
+                f"now {_shapes(now[f'{side}_shapes'])}"
+            )
     if before["dtype"] != now["dtype"]:
         parts.append(f"dtype was {before['dtype']}, now {now['dtype']}")
     return "; ".join(parts)
@@ -67,17 +74,20 @@ def check_state_devices(state: Any, device: torch.device) -> None:
         item = stack.pop()
         if isinstance(item, Tensor):
             if item.device != device:
-                raise ValueError(f"the loaded state holds tensors on {item.device}, but params and "
-                                 f"hparams are on {device}; load the checkpoint with "
-                                 f"torch.load(..., map_location={str(device)!r})")
+                raise ValueError(
+                    f"the loaded state holds tensors on {item.device}, but params and "
+                    f"hparams are on {device}; load the checkpoint with "
+                    f"torch.load(..., map_location={str(device)!r})"
+                )
         elif isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
 
 
-def pack(mode: str, signature: dict[str, str], layout: dict[str, Any] | None, state: Any) -> dict[str, Any]:
-    """A checkpoint in the current format."""
+def pack(mode: Any, signature: Any, layout: dict[str, Any] | None, state: Any) -> dict[str, Any]:
+    """A checkpoint in the current format (``mode``: a name, ``signature``: a dict of strings, or
+    None in checkpoints that predate them)."""
     return {"format": FORMAT, "mode": mode, "signature": signature, "layout": layout, "state": state}
 
 
@@ -89,21 +99,25 @@ def upgrade(checkpoint: Any) -> dict[str, Any]:
         raise ValueError("load_state_dict expects a dict from HyperGradient.state_dict()")
     version = checkpoint.get("format", 1)  # 0.1.0 wrote no format
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ValueError(f"state_dict has format {version!r}; expected a dict from "
-                         "HyperGradient.state_dict()")
+        raise ValueError(
+            f"state_dict has format {version!r}; expected a dict from HyperGradient.state_dict()"
+        )
     if version > FORMAT:
-        raise ValueError(f"state_dict has format {version}, written by a newer version of bilevel "
-                         f"than this one (which reads formats up to {FORMAT}); upgrade bilevel to load it")
+        raise ValueError(
+            f"state_dict has format {version}, written by a newer version of bilevel "
+            f"than this one (which reads formats up to {FORMAT}); upgrade bilevel to load it"
+        )
     layout = checkpoint.get("layout")
     if layout is not None:
         if not isinstance(layout, dict) or not set(layout) >= _LAYOUT_KEYS:
-            raise ValueError("state_dict has a malformed layout (expected the keys "
-                             f"{sorted(_LAYOUT_KEYS)}); pass a dict from HyperGradient.state_dict()")
+            raise ValueError(
+                "state_dict has a malformed layout (expected the keys "
+                f"{sorted(_LAYOUT_KEYS)}); pass a dict from HyperGradient.state_dict()"
+            )
         # tuples, as layout_of makes them: a checkpoint passed through another serializer
         # (JSON, YAML) may hold lists, which would never compare equal
         layout = {key: _tuples(value) for key, value in layout.items()}
-    return pack(checkpoint.get("mode"), checkpoint.get("signature"), layout,  # type: ignore[arg-type]
-                checkpoint["state"])
+    return pack(checkpoint.get("mode"), checkpoint.get("signature"), layout, checkpoint["state"])
 
 
 def _tuples(value: Any) -> Any:

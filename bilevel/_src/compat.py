@@ -8,6 +8,7 @@ call these functions; nothing else in the package touches those internals. torch
 higher are imported when a function runs, as everywhere in the package: importing
 ``bilevel`` does not load them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,7 +20,11 @@ from torch import Tensor
 from .typing import Tensors
 
 __all__ = [
-    "HigherState", "higher_initial_state", "higher_step", "higher_supported_optimizers", "set_first_call",
+    "HigherState",
+    "higher_initial_state",
+    "higher_step",
+    "higher_supported_optimizers",
+    "set_first_call",
     "torchopt_counts_as_float64",
 ]
 
@@ -81,7 +86,8 @@ def torchopt_counts_as_float64(state: Any) -> Any:
     import torchopt
 
     return torchopt.pytree.tree_map(
-        lambda t: t.to(torch.float64) if isinstance(t, Tensor) and t.dtype == torch.int64 else t, state)
+        lambda t: t.to(torch.float64) if isinstance(t, Tensor) and t.dtype == torch.int64 else t, state
+    )
 
 
 # ------------------------------------------------------------------------------------ higher
@@ -109,12 +115,18 @@ def higher_initial_state(optimizer: torch.optim.Optimizer, params: Sequence[Tens
     on a tensor shared with a state saved earlier (a checkpoint, the previous call's state);
     a number is rebound instead.
     """
-    return [{k: (float(v) if k == "step" else v.clone()) if isinstance(v, Tensor) else v
-             for k, v in optimizer.state[p].items()} for p in params]
+    return [
+        {
+            k: (float(v) if k == "step" else v.clone()) if isinstance(v, Tensor) else v
+            for k, v in optimizer.state[p].items()
+        }
+        for p in params
+    ]
 
 
-def higher_step(diffopt: Any, loss: Tensor, theta: Tensors,
-                state: HigherState) -> tuple[Tensors, HigherState]:
+def higher_step(
+    diffopt: Any, loss: Tensor, theta: Tensors, state: HigherState
+) -> tuple[Tensors, HigherState]:
     """One step of a higher ``DifferentiableOptimizer`` on ``loss`` from ``theta`` and the
     per-parameter ``state``; returns the new params and the new state (out of place).
 

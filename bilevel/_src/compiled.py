@@ -24,11 +24,13 @@ Contract:
 - The solver always makes its full budget of products (``stats.hvps``); an iteration that
   starts converged takes a zero step, so the result is the eager one up to rounding.
 """
+
 from __future__ import annotations
 
 import types
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,6 +39,7 @@ from .errors import HypergradientWarning
 from .problem import BilevelProblem
 
 __all__ = ["CompiledPath", "compiled_path"]
+
 
 class CompiledPath:
     """Runs a pure ``program(problem, theta, phi, buffers, *args)`` compiled, for one mode
@@ -67,17 +70,23 @@ class CompiledPath:
             # the programs rebuild the problem from its closures and ∇θ f; a problem with its
             # own stationarity map or evaluation would be silently misread
             what = ", ".join(problem._redefines) or "stationarity map"
-            self._warn_once("subclass", f"{type(problem).__name__} defines its own {what}, which "
-                            "the compiled program does not reproduce; it runs on the eager path")
+            self._warn_once(
+                "subclass",
+                f"{type(problem).__name__} defines its own {what}, which "
+                "the compiled program does not reproduce; it runs on the eager path",
+            )
             return None
         signature = problem.signature()
         if signature not in self._layouts:
             if len(self._layouts) < self.limit:
                 self._layouts.add(signature)
             else:
-                self._warn_once("limit", f"this HyperGradient has met {self.limit} layouts (closure "
-                                "code, modules, shapes, dtypes), torch.compile's recompile limit; new "
-                                "layouts run on the eager path")
+                self._warn_once(
+                    "limit",
+                    f"this HyperGradient has met {self.limit} layouts (closure "
+                    "code, modules, shapes, dtypes), torch.compile's recompile limit; new "
+                    "layouts run on the eager path",
+                )
             return None
         if self._compiled is None:
             self._compiled = torch.compile(self.program, **self._compile_options(problem.device))
@@ -90,8 +99,11 @@ class CompiledPath:
             out = self._compiled(problem, theta, phi, problem.buffers, *args)
         except Exception as error:  # noqa: BLE001 - any capture or backend failure falls back
             self.failure = _describe(error)
-            self._warn_once("failure", f"torch.compile could not capture the hypergradient call "
-                            f"({self.failure}); this HyperGradient uses the eager path from now on")
+            self._warn_once(
+                "failure",
+                f"torch.compile could not capture the hypergradient call "
+                f"({self.failure}); this HyperGradient uses the eager path from now on",
+            )
             return None
         if cuda:  # CUDA-graph outputs live in memory that the next replay overwrites
             out = torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, out)
@@ -128,8 +140,9 @@ def _describe(error: Exception) -> str:
 def _private_copy(function: Callable[..., Any]) -> Callable[..., Any]:
     """``function`` with a code object of its own (same bytecode, globals and defaults)."""
     code = function.__code__.replace(co_name=function.__code__.co_name)
-    copy = types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__,
-                              function.__closure__)
+    copy = types.FunctionType(
+        code, function.__globals__, function.__name__, function.__defaults__, function.__closure__
+    )
     copy.__kwdefaults__, copy.__qualname__ = function.__kwdefaults__, function.__qualname__
     return copy
 
@@ -140,6 +153,7 @@ def compiled_path(program: Callable[..., Any], option: Any) -> CompiledPath | No
     if option is False or option is None:
         return None
     if option is not True and not isinstance(option, dict):
-        raise TypeError(f"option compile must be True, False or a dict of torch.compile keywords, "
-                        f"got {option!r}")
+        raise TypeError(
+            f"option compile must be True, False or a dict of torch.compile keywords, got {option!r}"
+        )
     return CompiledPath(program, option)

@@ -1,16 +1,27 @@
 """Errors and warnings that name what went wrong and how to fix it."""
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import math
 import re
-from typing import Iterator, Literal, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["FiniteChecks", "HypergradientWarning", "NoDoubleBackwardError", "NonFiniteError", "SolverBreakdownError", "check_finite", "deferred_finite_checks", "second_order_guard"]
+__all__ = [
+    "FiniteChecks",
+    "HypergradientWarning",
+    "NoDoubleBackwardError",
+    "NonFiniteError",
+    "SolverBreakdownError",
+    "check_finite",
+    "deferred_finite_checks",
+    "second_order_guard",
+]
 
 
 class NoDoubleBackwardError(TypeError):
@@ -68,11 +79,15 @@ class FiniteChecks:
             suspect = iter(finite)
             for place, where in pending:
                 if any(not next(suspect) and not bool(torch.isfinite(t).all()) for t in place):
-                    raise NonFiniteError(f"non-finite values (NaN or inf) in {where}; check the losses "
-                                         "and the hyperparameter values, or lower the solver step size")
+                    raise NonFiniteError(
+                        f"non-finite values (NaN or inf) in {where}; check the losses "
+                        "and the hyperparameter values, or lower the solver step size"
+                    )
 
 
-_DEFERRED: contextvars.ContextVar[FiniteChecks | None] = contextvars.ContextVar("bilevel_checks", default=None)
+_DEFERRED: contextvars.ContextVar[FiniteChecks | None] = contextvars.ContextVar(
+    "bilevel_checks", default=None
+)
 
 
 def check_finite(tensors: Sequence[Tensor | None], where: str) -> None:
@@ -127,4 +142,5 @@ class second_order_guard:  # noqa: N801 (used as a function: ``with second_order
             "Every hypergradient mode differentiates the inner gradient, so replace that op by a "
             "twice-differentiable equivalent (write it from elementary tensor ops); if it touches "
             "only params and not hparams, mode='implicit-identity' avoids Hessian-vector "
-            f"products altogether. Original error: {message}") from error
+            f"products altogether. Original error: {message}"
+        ) from error

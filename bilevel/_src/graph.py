@@ -1,12 +1,14 @@
 """Walks of autograd graphs (no backward pass): which tensors a loss reaches, and which
 custom ``autograd.Function`` nodes it holds (suspects for a missing or silently missing
 second derivative)."""
+
 from __future__ import annotations
 
 import functools
 import types
 import warnings
-from typing import Any, Callable, Hashable, cast
+from collections.abc import Callable, Hashable
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -71,8 +73,13 @@ def warn_once_differentiable(loss: Tensor) -> None:
     the incoming gradient itself requires grad, so a Hessian product through it usually just
     misses that op's second derivative: a silently wrong hypergradient. (A graph walk: callers
     run it once per closure, not per call.)"""
-    names = sorted({node._forward_cls.__name__ for node in _function_nodes(loss)
-                    if getattr(node._forward_cls.backward, "__code__", None) is _ONCE_DIFFERENTIABLE})
+    names = sorted(
+        {
+            node._forward_cls.__name__
+            for node in _function_nodes(loss)
+            if getattr(node._forward_cls.backward, "__code__", None) is _ONCE_DIFFERENTIABLE
+        }
+    )
     if names:
         warnings.warn(
             f"the graph of the inner loss holds {', '.join(names)}, a custom autograd Function whose "
@@ -80,7 +87,10 @@ def warn_once_differentiable(loss: Tensor) -> None:
             "graph, so Hessian-vector products miss its second derivative and every mode returns "
             "a wrong hypergradient, without an error. Write its backward with differentiable "
             "tensor ops and drop @once_differentiable (check the result with "
-            "bilevel.testing.assert_hypergradient_close)", HypergradientWarning, stacklevel=2)
+            "bilevel.testing.assert_hypergradient_close)",
+            HypergradientWarning,
+            stacklevel=2,
+        )
 
 
 def code_of(function: Callable) -> Any:

@@ -1,4 +1,5 @@
 """``HyperGradient``: one interface over every registered mode."""
+
 from __future__ import annotations
 
 import time
@@ -7,14 +8,15 @@ from typing import Any
 
 import torch
 
+from ..modes.base import Mode, get_mode
 from .checkpoint import check_state_devices, differences, layout_of, pack, upgrade
 from .errors import HypergradientWarning, SolverBreakdownError
-from ..modes.base import Mode, get_mode
 from .problem import BilevelProblem
-from .typing import Closure, Tensors
 from .stats import Stats
+from .typing import Closure, Tensors
 
 __all__ = ["HyperGradient"]
+
 
 class HyperGradient:
     """Hypergradients ``dg/dφ`` of ``g(θ*(φ), φ)`` where ``θ*(φ)`` minimises ``f(·, φ)``.
@@ -36,8 +38,10 @@ class HyperGradient:
     def __init__(self, mode: str | Mode = "implicit-cg", *, strict: bool = False, **options: Any) -> None:
         if isinstance(mode, Mode):
             if options:
-                raise TypeError(f"options ({', '.join(sorted(options))}) go to the mode: pass them to "
-                                f"{type(mode).__name__}(...), or name the mode by its string")
+                raise TypeError(
+                    f"options ({', '.join(sorted(options))}) go to the mode: pass them to "
+                    f"{type(mode).__name__}(...), or name the mode by its string"
+                )
             self.mode: Mode = mode
         elif isinstance(mode, type) and issubclass(mode, Mode):
             self.mode = mode.from_options(**options)
@@ -124,7 +128,8 @@ class HyperGradient:
                     f"params/hparams changed structure, shapes or dtype since {self._layout_source} "
                     f"({differences(self._layout, layout)}), but mode {self.mode.name!r} carries "
                     f"state (from {self._layout_source}) that fits only that layout; use a new "
-                    "HyperGradient for the new problem")
+                    "HyperGradient for the new problem"
+                )
             if self._loaded:
                 check_state_devices(self.mode.state_dict(), problem.device)
         self._loaded = False
@@ -135,11 +140,15 @@ class HyperGradient:
             message = f"{stats.mode}: {stats.breakdown_message or stats.breakdown}"
             if self.strict:
                 raise SolverBreakdownError(message)
-            self._warn_once(stats.breakdown, f"{message} (warned once per HyperGradient; pass strict=True "
-                                             "to raise)")
+            self._warn_once(
+                stats.breakdown, f"{message} (warned once per HyperGradient; pass strict=True to raise)"
+            )
         if stats.extra.get("hparams_unused_by_inner"):
-            self._warn_once("unused", "no hparam affects the gradient of inner_loss, so the "
-                                      "hypergradient is only the direct term ∂outer_loss/∂hparams")
+            self._warn_once(
+                "unused",
+                "no hparam affects the gradient of inner_loss, so the "
+                "hypergradient is only the direct term ∂outer_loss/∂hparams",
+            )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -156,8 +165,12 @@ class HyperGradient:
         dict carries its ``"format"`` number (2); :meth:`load_state_dict` also reads the
         checkpoints of bilevel 0.1.0, which had none."""
         fits = self.mode.state_fits_one_layout()
-        return pack(self.mode.name, self.mode.state_signature(), self._layout if fits else None,
-                    self.mode.state_dict())
+        return pack(
+            self.mode.name,
+            self.mode.state_signature(),
+            self._layout if fits else None,
+            self.mode.state_dict(),
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`. It must come from the same mode, and a state this
@@ -175,12 +188,16 @@ class HyperGradient:
         # before signatures are not checked; an empty or unused state fits any configuration)
         if saved is not None and saved != here and self.mode.state_fits_one_layout():
             self.mode.load_state_dict(previous)
-            differ = ", ".join(f"{k} {saved.get(k)!r} there, {here.get(k)!r} here"
-                               for k in sorted(set(saved) | set(here)) if saved.get(k) != here.get(k))
-            raise ValueError(f"state_dict was saved by a {self.mode.name!r} HyperGradient configured "
-                             f"otherwise ({differ}); its state does not fit this one. Build the "
-                             "HyperGradient with the checkpoint's configuration, or start without it")
+            differ = ", ".join(
+                f"{k} {saved.get(k)!r} there, {here.get(k)!r} here"
+                for k in sorted(set(saved) | set(here))
+                if saved.get(k) != here.get(k)
+            )
+            raise ValueError(
+                f"state_dict was saved by a {self.mode.name!r} HyperGradient configured "
+                f"otherwise ({differ}); its state does not fit this one. Build the "
+                "HyperGradient with the checkpoint's configuration, or start without it"
+            )
         self._layout = state["layout"]
         self._layout_source = "the loaded checkpoint"
         self._loaded = True
-

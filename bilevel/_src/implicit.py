@@ -10,11 +10,13 @@ A call is a :class:`Linearization` at (θ, φ) (the right-hand side ∂g/∂θ, 
 The eager path linearizes with autograd (:func:`linearize`), the compiled path with
 ``torch.func`` (:func:`linearize_traced`); both then run the same solvers and ``combine``.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,9 +29,21 @@ from .stats import Stats
 from .tree_math import axpy, scale
 from .typing import Tensors
 
-__all__ = ["LOW_PRECISION", "Linearization", "Solve", "check_autocast", "combine", "finish_compiled",
-           "implicit_hypergradient", "implicit_program", "linearize", "linearize_traced", "low_precision",
-           "outer_gradients", "subtract_mixed"]
+__all__ = [
+    "LOW_PRECISION",
+    "Linearization",
+    "Solve",
+    "check_autocast",
+    "combine",
+    "finish_compiled",
+    "implicit_hypergradient",
+    "implicit_program",
+    "linearize",
+    "linearize_traced",
+    "low_precision",
+    "outer_gradients",
+    "subtract_mixed",
+]
 
 #: ``solve(operator, v) -> SolveResult``: ``x ≈ (Jᵀ)⁻¹ v`` from products with ``operator``
 Solve = Callable[[StationarityJacobian, Tensors], SolveResult]
@@ -73,8 +87,9 @@ def low_precision(device: torch.device, dtype: torch.dtype | None) -> contextlib
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def outer_gradients(problem: BilevelProblem, theta: Tensors,
-                    phi: Tensors) -> tuple[Tensors, tuple[Tensor | None, ...]]:
+def outer_gradients(
+    problem: BilevelProblem, theta: Tensors, phi: Tensors
+) -> tuple[Tensors, tuple[Tensor | None, ...]]:
     """``(∂g/∂θ, ∂g/∂φ)`` at the given leaves: zeros in ``∂g/∂θ`` where ``g`` does not depend
     on a tensor, None in ``∂g/∂φ`` (no direct term to add)."""
     with torch.enable_grad():
@@ -82,17 +97,20 @@ def outer_gradients(problem: BilevelProblem, theta: Tensors,
         check_finite((g,), "the value of outer_loss")
         grads = torch.autograd.grad(g, theta + phi, allow_unused=True)
     if all(x is None for x in grads):
-        raise ValueError("outer_loss depends on neither params nor hparams; compute it from the "
-                         "arguments the closure receives (or, for modules, by calling the module)")
+        raise ValueError(
+            "outer_loss depends on neither params nor hparams; compute it from the "
+            "arguments the closure receives (or, for modules, by calling the module)"
+        )
     v = tuple(torch.zeros_like(t) if x is None else x for x, t in zip(grads, theta))
-    direct = grads[len(theta):]
+    direct = grads[len(theta) :]
     check_finite(v, "the gradient of outer_loss w.r.t. params")
     check_finite(direct, "the gradient of outer_loss w.r.t. hparams")
     return v, direct
 
 
-def linearize(problem: BilevelProblem, theta: Tensors, phi: Tensors,
-              autocast: torch.dtype | None = None) -> Linearization:
+def linearize(
+    problem: BilevelProblem, theta: Tensors, phi: Tensors, autocast: torch.dtype | None = None
+) -> Linearization:
     """The eager linearization: the graph of ``G`` (under ``torch.autocast`` to ``autocast``,
     so every product runs its matmuls in that dtype) and the outer gradients."""
     with low_precision(problem.device, autocast):
@@ -102,8 +120,13 @@ def linearize(problem: BilevelProblem, theta: Tensors, phi: Tensors,
     return Linearization(operator, v, direct)
 
 
-def linearize_traced(problem: BilevelProblem, theta: Tensors, phi: Tensors, buffers: dict[str, Tensor],
-                     autocast: torch.dtype | None = None) -> Linearization:
+def linearize_traced(
+    problem: BilevelProblem,
+    theta: Tensors,
+    phi: Tensors,
+    buffers: dict[str, Tensor],
+    autocast: torch.dtype | None = None,
+) -> Linearization:
     """The same with ``torch.func`` (traceable): one ``vjp`` of ``∇θ f`` serves every Hessian
     product and the mixed product, reverse-over-reverse as in the eager path."""
 
@@ -119,16 +142,19 @@ def linearize_traced(problem: BilevelProblem, theta: Tensors, phi: Tensors, buff
     return Linearization(StationarityJacobian.from_vjp(vjp, theta, phi), v, direct)
 
 
-def implicit_hypergradient(problem: BilevelProblem, solve: Solve, stats: Stats,
-                           autocast: torch.dtype | None = None) -> Tensors:
+def implicit_hypergradient(
+    problem: BilevelProblem, solve: Solve, stats: Stats, autocast: torch.dtype | None = None
+) -> Tensors:
     """The IFT hypergradient with ``x`` from ``solve(operator, ∂g/∂θ)``; fills ``stats``.
 
     With ``autocast`` (bf16/fp16) the inner loss and its gradient graph are built under
     ``torch.autocast``; the products come out in the params' dtype, where the solver
     accumulates."""
     if autocast is not None and problem.dtype != torch.float32:
-        raise ValueError(f"autocast={autocast} lowers the precision of float32 products, but params "
-                         f"are {problem.dtype}; use float32 params, or autocast=None")
+        raise ValueError(
+            f"autocast={autocast} lowers the precision of float32 products, but params "
+            f"are {problem.dtype}; use float32 params, or autocast=None"
+        )
     theta, phi = problem.leaf_copies()
     # The NaN/inf checks of the setup and of the mixed product are read together when the
     # block ends: the setup's reads need not drain the device queue before the solve starts.
@@ -143,9 +169,15 @@ def implicit_hypergradient(problem: BilevelProblem, solve: Solve, stats: Stats,
     return grads
 
 
-def implicit_program(problem: BilevelProblem, theta: Tensors, phi: Tensors, buffers: dict[str, Tensor],
-                     autocast: torch.dtype | None, solve: Callable[..., SolveResult],
-                     *args: Any) -> tuple[Tensors, Tensors, dict[str, Tensor]]:
+def implicit_program(
+    problem: BilevelProblem,
+    theta: Tensors,
+    phi: Tensors,
+    buffers: dict[str, Tensor],
+    autocast: torch.dtype | None,
+    solve: Callable[..., SolveResult],
+    *args: Any,
+) -> tuple[Tensors, Tensors, dict[str, Tensor]]:
     """``(dg/dφ, x, info)`` with ``x`` from ``solve(operator, ∂g/∂θ, *args)``, a solve without
     host synchronisation, as one traceable function for the compiled path."""
     linearization = linearize_traced(problem, theta, phi, buffers, autocast)
@@ -153,8 +185,13 @@ def implicit_program(problem: BilevelProblem, theta: Tensors, phi: Tensors, buff
     return combine(linearization, result.x), result.x, result.info
 
 
-def finish_compiled(result: SolveResult, grads: Tensors, stats: Stats, hvps: int,
-                    solve: str = "the linear solve (a Hessian-vector product)") -> Tensors:
+def finish_compiled(
+    result: SolveResult,
+    grads: Tensors,
+    stats: Stats,
+    hvps: int,
+    solve: str = "the linear solve (a Hessian-vector product)",
+) -> Tensors:
     """Check and report a compiled call (``solve`` names the solve in a NaN error): its
     solve's host numbers in ``result``."""
     with deferred_finite_checks():

@@ -1,4 +1,5 @@
 """Measure the memory held by autograd graphs, on any device."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -12,9 +13,9 @@ __all__ = ["SavedTensorMemory"]
 class _Saved:
     """A tensor saved for backward, counted while autograd keeps it alive."""
 
-    __slots__ = ("tensor", "meter", "key")
+    __slots__ = ("key", "meter", "tensor")
 
-    def __init__(self, tensor: Tensor, meter: "SavedTensorMemory", key: int) -> None:
+    def __init__(self, tensor: Tensor, meter: SavedTensorMemory, key: int) -> None:
         self.tensor, self.meter, self.key = tensor, meter, key
 
     def __del__(self) -> None:
@@ -63,7 +64,7 @@ class SavedTensorMemory:
     def _unpack(saved: _Saved) -> Tensor:
         return saved.tensor
 
-    def __enter__(self) -> "SavedTensorMemory":
+    def __enter__(self) -> SavedTensorMemory:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self

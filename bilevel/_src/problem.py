@@ -4,20 +4,23 @@
 ``inner(θ, φ)``, ``outer(θ, φ)`` and ``stationarity(θ, φ)`` on flat tuples, evaluating
 ``nn.Module`` arguments at the given tensors without touching the modules.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, ClassVar, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .pytree import ModuleSlot, Tree, flatten
-from .typing import Closure, Tensors
 from .errors import check_finite, second_order_guard
 from .graph import code_of, custom_functions, screen_once
+from .pytree import ModuleSlot, Tree, flatten
+from .typing import Closure, Tensors
 
+__all__ = ["BilevelProblem"]
 
 # PyTorch's errors for an op whose inputs live on different devices
 _DEVICE_MIXTURE = re.compile(r"same device|expected device|on different devices")
@@ -69,21 +72,35 @@ class BilevelProblem:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        own = tuple(n for n in ("stationarity", "call", "_evaluate", "leaf_copies", "inner", "outer")
-                    if n in cls.__dict__)
+        own = tuple(
+            n
+            for n in ("stationarity", "call", "_evaluate", "leaf_copies", "inner", "outer")
+            if n in cls.__dict__
+        )
         cls._redefines = tuple(dict.fromkeys(cls._redefines + own))
 
-    def __init__(self, inner_loss: Closure | None, outer_loss: Closure, params: Any, hparams: Any, *,
-                 stationarity: Callable[[Any, Any], Any] | None = None, symmetric: bool | None = None) -> None:
+    def __init__(
+        self,
+        inner_loss: Closure | None,
+        outer_loss: Closure,
+        params: Any,
+        hparams: Any,
+        *,
+        stationarity: Callable[[Any, Any], Any] | None = None,
+        symmetric: bool | None = None,
+    ) -> None:
         if stationarity is not None and not callable(stationarity):
-            raise TypeError("stationarity: expected a callable (params, hparams) -> one tensor per params "
-                            f"tensor, got {type(stationarity).__name__}")
+            raise TypeError(
+                "stationarity: expected a callable (params, hparams) -> one tensor per params "
+                f"tensor, got {type(stationarity).__name__}"
+            )
         if inner_loss is None and stationarity is not None:
             inner_loss = _no_scalar_inner
         for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
             if not callable(fn):
-                raise TypeError(f"{name}: expected a callable (params, hparams) -> scalar tensor, "
-                                f"got {type(fn).__name__}")
+                raise TypeError(
+                    f"{name}: expected a callable (params, hparams) -> scalar tensor, got {type(fn).__name__}"
+                )
         assert inner_loss is not None  # checked above: callable
         self.inner_loss: Closure = inner_loss
         self.outer_loss: Closure = outer_loss
@@ -103,7 +120,9 @@ class BilevelProblem:
             self.symmetric = bool(symmetric)
         self.buffers: dict[str, Tensor] = {
             f"bound.{i}.{name}": b.detach().clone()
-            for i, module in enumerate(modules) for name, b in module.named_buffers()}
+            for i, module in enumerate(modules)
+            for name, b in module.named_buffers()
+        }
 
     # ------------------------------------------------------------------ checks
     def _check_tensors(self) -> None:
@@ -114,14 +133,20 @@ class BilevelProblem:
                 if not t.is_floating_point():
                     raise TypeError(f"{where}: expected a floating-point tensor, got {t.dtype}")
                 if not t.requires_grad:
-                    raise ValueError(f"{where} does not require grad; call .requires_grad_() on it "
-                                     "(hparams receive the hypergradient, params are differentiated)")
+                    raise ValueError(
+                        f"{where} does not require grad; call .requires_grad_() on it "
+                        "(hparams receive the hypergradient, params are differentiated)"
+                    )
                 if t.device != reference.device:
-                    raise ValueError(f"{where} is on {t.device} but hparams[0] is on "
-                                     f"{reference.device}; move params and hparams to one device")
+                    raise ValueError(
+                        f"{where} is on {t.device} but hparams[0] is on "
+                        f"{reference.device}; move params and hparams to one device"
+                    )
                 if t.dtype != reference.dtype:
-                    raise ValueError(f"{where} has dtype {t.dtype} but hparams[0] has "
-                                     f"{reference.dtype}; use one floating dtype for params and hparams")
+                    raise ValueError(
+                        f"{where} has dtype {t.dtype} but hparams[0] has "
+                        f"{reference.dtype}; use one floating dtype for params and hparams"
+                    )
         seen: dict[int, tuple[str, int]] = {}  # each tensor's first place
         for argument, tensors in (("params", self.theta0), ("hparams", self.phi0)):
             for j, t in enumerate(tensors):
@@ -132,12 +157,15 @@ class BilevelProblem:
                     raise ValueError(
                         f"{argument}[{i}] and {argument}[{j}] are the same tensor (shape {tuple(t.shape)}); "
                         f"pass each tensor once. Modules that share a weight: put them in one module "
-                        f"(an nn.ModuleList), whose parameters() lists the shared weight once")
-                raise ValueError(f"params[{i}] and hparams[{j}] are the same tensor (shape "
-                                 f"{tuple(t.shape)}); a tensor is either trained by the inner "
-                                 "problem or a hyperparameter, not both: pass it in only one of them (if "
-                                 "hparams is a submodule of the params module, pass the model's other "
-                                 "submodules as params)")
+                        f"(an nn.ModuleList), whose parameters() lists the shared weight once"
+                    )
+                raise ValueError(
+                    f"params[{i}] and hparams[{j}] are the same tensor (shape "
+                    f"{tuple(t.shape)}); a tensor is either trained by the inner "
+                    "problem or a hyperparameter, not both: pass it in only one of them (if "
+                    "hparams is a submodule of the params module, pass the model's other "
+                    "submodules as params)"
+                )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -148,12 +176,16 @@ class BilevelProblem:
         return self.phi0[0].device
 
     # ------------------------------------------------------------ evaluation
-    def leaf_copies(self, theta: Tensors | None = None, phi: Tensors | None = None) -> tuple[Tensors, Tensors]:
+    def leaf_copies(
+        self, theta: Tensors | None = None, phi: Tensors | None = None
+    ) -> tuple[Tensors, Tensors]:
         """Fresh leaves (detached, requiring grad) at θ and φ (by default the user's values)."""
         theta = self.theta0 if theta is None else theta
         phi = self.phi0 if phi is None else phi
-        return (tuple(t.detach().requires_grad_() for t in theta),
-                tuple(t.detach().requires_grad_() for t in phi))
+        return (
+            tuple(t.detach().requires_grad_() for t in theta),
+            tuple(t.detach().requires_grad_() for t in phi),
+        )
 
     def add_closure(self, name: str, closure: Callable[..., Any]) -> None:
         """Register another closure ``(params, hparams, *extra)`` evaluated like the losses
@@ -166,7 +198,9 @@ class BilevelProblem:
         """The closure registered as ``name`` at (θ, φ), unchecked."""
         return self._evaluate(name, theta, phi, extra, check=False)
 
-    def _evaluate(self, name: str, theta: Tensors, phi: Tensors, extra: tuple = (), check: bool = True) -> Any:
+    def _evaluate(
+        self, name: str, theta: Tensors, phi: Tensors, extra: tuple = (), check: bool = True
+    ) -> Any:
         try:
             loss = self.call(name, theta, phi, extra)
         except RuntimeError as error:
@@ -176,14 +210,16 @@ class BilevelProblem:
                     f"{name} combined tensors of different dtypes: params and hparams are "
                     f"{self.dtype}, so every floating tensor and module the closure uses (data, "
                     f"constants) must be too; convert them with .to({self.dtype}). "
-                    f"Original error: {error}") from error
+                    f"Original error: {error}"
+                ) from error
             if not devices:
                 raise
             raise ValueError(
                 f"{name} combined tensors on different devices: params and hparams are on "
                 f"{self.device}, so every tensor and module the closure uses (data, targets, "
                 f"constants) must be there too; move them with .to({str(self.device)!r}). "
-                f"Original error: {error}") from error
+                f"Original error: {error}"
+            ) from error
         if not check:
             return loss
         loss = _check_loss(loss, name)
@@ -191,8 +227,14 @@ class BilevelProblem:
             screen_once(self.inner_loss, loss)
         return loss
 
-    def call(self, name: str, theta: Tensors, phi: Tensors, extra: tuple = (),
-             buffers: dict[str, Tensor] | None = None) -> Any:
+    def call(
+        self,
+        name: str,
+        theta: Tensors,
+        phi: Tensors,
+        extra: tuple = (),
+        buffers: dict[str, Tensor] | None = None,
+    ) -> Any:
         """The closure ``name`` at (θ, φ), modules rebound to them and to ``buffers`` (by
         default the private copies), with no checks or error translation: a pure function
         that ``torch.func`` transforms and ``torch.compile`` can trace."""
@@ -203,7 +245,7 @@ class BilevelProblem:
         sources = {"theta": theta, "phi": phi}
         bindings = dict(self.buffers if buffers is None else buffers)
         for i, (source, s, offset) in enumerate(self._bound):
-            leaves = sources[source][offset:offset + len(s.names)]
+            leaves = sources[source][offset : offset + len(s.names)]
             bindings.update({f"bound.{i}.{k}": t for k, t in zip(s.names, leaves)})
         return functional_call(self._calls[name], bindings, (p_arg, h_arg, *extra))
 
@@ -230,9 +272,14 @@ class BilevelProblem:
         """What a compiled program of this problem depends on besides tensor values: the
         closures' code (a closure made anew each step with the same code counts as the same),
         the structures (modules by identity), and the tensors' shapes and dtypes."""
-        return (code_of(self.inner_loss), code_of(self.outer_loss), self.params_structure, self.hparams_structure,
-                tuple((t.shape, t.dtype) for t in self.theta0 + self.phi0),
-                tuple((k, b.shape, b.dtype) for k, b in self.buffers.items()))
+        return (
+            code_of(self.inner_loss),
+            code_of(self.outer_loss),
+            self.params_structure,
+            self.hparams_structure,
+            tuple((t.shape, t.dtype) for t in self.theta0 + self.phi0),
+            tuple((k, b.shape, b.dtype) for k, b in self.buffers.items()),
+        )
 
     def write_back(self, theta: Tensors, buffers: dict[str, Tensor] | None = None) -> None:
         """Copy ``theta`` (detached) into the user's params, and ``buffers`` (by default the
@@ -270,15 +317,18 @@ class BilevelProblem:
         for i, (g, t) in enumerate(zip(grads, theta)):
             where = f"params[{i}]" if len(theta) > 1 else "params"
             if g is None:
-                raise ValueError(f"{where} (shape {tuple(t.shape)}) does not affect inner_loss, so the "
-                                 "inner Hessian is singular; leave it out of params, or make sure "
-                                 "inner_loss uses the params it receives")
+                raise ValueError(
+                    f"{where} (shape {tuple(t.shape)}) does not affect inner_loss, so the "
+                    "inner Hessian is singular; leave it out of params, or make sure "
+                    "inner_loss uses the params it receives"
+                )
             if g.grad_fn is None:
                 raise ValueError(
                     f"the gradient of inner_loss w.r.t. {where} has no graph, so its Hessian "
                     "cannot be differentiated: inner_loss is linear in it, or it passes through "
                     f"an op without double backward{custom_functions(f)}. Replace that op by a "
-                    "twice-differentiable one")
+                    "twice-differentiable one"
+                )
         check_finite(grads, "the gradient of inner_loss w.r.t. params")
         return grads
 
@@ -288,18 +338,23 @@ class BilevelProblem:
             out = self.evaluate("stationarity", theta, phi)
         leaves = (out,) if isinstance(out, Tensor) else tuple(torch.utils._pytree.tree_leaves(out))
         shapes = [tuple(t.shape) for t in theta]
-        if len(leaves) != len(theta) or any(not isinstance(g, Tensor) or tuple(g.shape) != shape
-                                            for g, shape in zip(leaves, shapes)):
+        if len(leaves) != len(theta) or any(
+            not isinstance(g, Tensor) or tuple(g.shape) != shape for g, shape in zip(leaves, shapes)
+        ):
             got = [tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__ for g in leaves]
-            raise ValueError(f"the stationarity map must return one tensor per params tensor, shaped "
-                             f"like them ({shapes}), got {got}")
+            raise ValueError(
+                f"the stationarity map must return one tensor per params tensor, shaped "
+                f"like them ({shapes}), got {got}"
+            )
         check_finite(leaves, "the stationarity map")
         return leaves
 
 
 def _no_scalar_inner(*args: Any) -> Tensor:
-    raise ValueError("this problem is defined by a stationarity map, not by one inner loss (its "
-                     "update is not a gradient), so only implicit modes for non-symmetric systems apply")
+    raise ValueError(
+        "this problem is defined by a stationarity map, not by one inner loss (its "
+        "update is not a gradient), so only implicit modes for non-symmetric systems apply"
+    )
 
 
 def _bound_modules(params: Tree, hparams: Tree) -> list[tuple[str, ModuleSlot, int]]:
@@ -311,12 +366,16 @@ def _check_loss(loss: Any, name: str) -> Tensor:
     if not isinstance(loss, Tensor):
         raise TypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
     if loss.numel() != 1:
-        raise ValueError(f"{name} must return a scalar, got a tensor of shape {tuple(loss.shape)}; "
-                         "reduce it, e.g. with .mean() or .sum()")
+        raise ValueError(
+            f"{name} must return a scalar, got a tensor of shape {tuple(loss.shape)}; "
+            "reduce it, e.g. with .mean() or .sum()"
+        )
     if not loss.is_floating_point():
         raise TypeError(f"{name} must return a floating-point scalar, got {loss.dtype}")
     if not loss.requires_grad:
-        raise ValueError(f"{name} returned a tensor without a graph: it depends on neither params "
-                         "nor hparams. Compute it from the arguments the closure receives "
-                         "(or, for modules, by calling the module), not from detached copies")
+        raise ValueError(
+            f"{name} returned a tensor without a graph: it depends on neither params "
+            "nor hparams. Compute it from the arguments the closure receives "
+            "(or, for modules, by calling the module), not from detached copies"
+        )
     return loss if loss.dim() == 0 else loss.reshape(())

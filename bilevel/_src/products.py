@@ -7,9 +7,11 @@ once with ``create_graph=True`` and reused by every product (reverse-over-revers
 faster per product than forward-over-reverse, which rebuilds the first-order graph each time
 (benchmarks/README.md); in compiled code it is the pullback of ``torch.func.vjp`` of ``G``.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Literal, Protocol, Sequence, cast
+from collections.abc import Callable, Sequence
+from typing import Literal, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -47,9 +49,16 @@ class StationarityJacobian:
     Build it with :meth:`from_field` (eager autograd) or :meth:`from_vjp` (``torch.func``).
     """
 
-    def __init__(self, pullback: Pullback, theta: Tensors, phi: Tensors,
-                 suspects: str | Callable[[], str] = "", strict: bool = True, checked: bool = True,
-                 batched: bool = False) -> None:
+    def __init__(
+        self,
+        pullback: Pullback,
+        theta: Tensors,
+        phi: Tensors,
+        suspects: str | Callable[[], str] = "",
+        strict: bool = True,
+        checked: bool = True,
+        batched: bool = False,
+    ) -> None:
         self.pullback = pullback
         self.theta, self.phi = theta, phi
         self.suspects = suspects
@@ -60,8 +69,14 @@ class StationarityJacobian:
         self.unused: tuple[bool, ...] = ()
 
     @classmethod
-    def from_field(cls, field: Sequence[Tensor | None], theta: Tensors, phi: Tensors,
-                   suspects: str | Callable[[], str] = "", strict: bool = True) -> StationarityJacobian:
+    def from_field(
+        cls,
+        field: Sequence[Tensor | None],
+        theta: Tensors,
+        phi: Tensors,
+        suspects: str | Callable[[], str] = "",
+        strict: bool = True,
+    ) -> StationarityJacobian:
         """The operator of ``G`` given as tensors with their graph (``create_graph=True``).
         Entries of ``field`` that are None or constant count as zero."""
         live = [i for i, g in enumerate(field) if g is not None and g.grad_fn is not None]
@@ -71,16 +86,25 @@ class StationarityJacobian:
             inputs = theta if wrt == "theta" else phi
             if not outputs:
                 return (None,) * len(inputs)
-            return torch.autograd.grad(outputs, inputs, grad_outputs=[x[i] for i in live],
-                                       retain_graph=True, allow_unused=True, is_grads_batched=batched)
+            return torch.autograd.grad(
+                outputs,
+                inputs,
+                grad_outputs=[x[i] for i in live],
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=batched,
+            )
 
         # batched products: one pass on CUDA, where it is several times faster for small
         # models; a loop on the CPU, where batching is slower (benchmarks/README.md)
-        return cls(pullback, theta, phi, suspects, strict, checked=True, batched=theta[0].device.type == "cuda")
+        return cls(
+            pullback, theta, phi, suspects, strict, checked=True, batched=theta[0].device.type == "cuda"
+        )
 
     @classmethod
-    def from_vjp(cls, vjp: Callable[[Tensors], tuple[Tensors, Tensors]], theta: Tensors,
-                 phi: Tensors) -> StationarityJacobian:
+    def from_vjp(
+        cls, vjp: Callable[[Tensors], tuple[Tensors, Tensors]], theta: Tensors, phi: Tensors
+    ) -> StationarityJacobian:
         """The operator of the pullback of ``torch.func.vjp(G, θ, φ)``, for traced code."""
 
         def pullback(x: Tensors, wrt: Wrt, batched: bool) -> Sequence[Tensor | None]:
@@ -99,8 +123,10 @@ class StationarityJacobian:
         if self.strict and wrt == "theta" and any(self.unused):
             self._refuse_unused()
         batch = (x[0].shape[0],) if batched else ()
-        return tuple(torch.zeros(batch + w.shape, dtype=w.dtype, device=w.device) if g is None else g
-                     for g, w in zip(grads, inputs))
+        return tuple(
+            torch.zeros(batch + w.shape, dtype=w.dtype, device=w.device) if g is None else g
+            for g, w in zip(grads, inputs)
+        )
 
     def _refuse_unused(self) -> None:
         i = self.unused.index(True)
@@ -110,7 +136,8 @@ class StationarityJacobian:
             f"the gradient of inner_loss does not depend on {where}, so the inner Hessian has a "
             "zero block and the implicit system is singular: inner_loss is linear in it, or an "
             f"op without double backward cut the graph{suspects}. Replace that op by a "
-            "twice-differentiable one, or leave the tensor out of params")
+            "twice-differentiable one, or leave the tensor out of params"
+        )
 
     def matvec(self, x: Tensors) -> Tensors:
         """``Jᵀ x`` (``H x`` for a gradient field)."""
@@ -124,8 +151,9 @@ class StationarityJacobian:
         k = rows.shape[0]
         if self.batched:
             try:
-                out = self._pull(unflat(rows, self.theta), "theta", "a batch of Hessian-vector products",
-                                 batched=True)
+                out = self._pull(
+                    unflat(rows, self.theta), "theta", "a batch of Hessian-vector products", batched=True
+                )
                 self.products += k
                 return torch.cat([o.reshape(k, -1) for o in out], dim=1)
             except RuntimeError:

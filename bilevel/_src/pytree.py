@@ -8,6 +8,7 @@ compare and store without module objects. ``nn.Module`` itself stays unregistere
 registry is global, and other code (``torch.compile``, user code) must keep seeing modules as
 leaves.
 """
+
 from __future__ import annotations
 
 import collections
@@ -52,8 +53,12 @@ def _module_unflatten(children: Iterable[Tensor], context: tuple[str, tuple[str,
 
 if _Module not in pytree.SUPPORTED_NODES:  # a reloaded module defines a new class anyway
     pytree.register_pytree_node(
-        _Module, _module_flatten, _module_unflatten, serialized_type_name="bilevel._src.pytree._Module",
-        flatten_with_keys_fn=_module_flatten_with_keys)
+        _Module,
+        _module_flatten,
+        _module_unflatten,
+        serialized_type_name="bilevel._src.pytree._Module",
+        flatten_with_keys_fn=_module_flatten_with_keys,
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,8 +88,13 @@ class Tree:
 
     __slots__ = ("_call_spec", "_form", "_hash", "_kept", "_plan", "modules", "num_leaves", "spec")
 
-    def __init__(self, spec: TreeSpec, call_spec: TreeSpec, modules: tuple[ModuleSlot, ...],
-                 plan: tuple[int | nn.Module, ...]) -> None:
+    def __init__(
+        self,
+        spec: TreeSpec,
+        call_spec: TreeSpec,
+        modules: tuple[ModuleSlot, ...],
+        plan: tuple[int | nn.Module, ...],
+    ) -> None:
         self.spec, self.modules, self.num_leaves = spec, modules, spec.num_leaves
         self._call_spec = call_spec  # modules as leaves
         self._plan = plan  # for each leaf of call_spec: its index in the flat leaves, or its module
@@ -102,8 +112,11 @@ class Tree:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Tree):
             return NotImplemented
-        return (self.spec == other.spec and len(self.modules) == len(other.modules)
-                and all(a.module is b.module for a, b in zip(self.modules, other.modules)))
+        return (
+            self.spec == other.spec
+            and len(self.modules) == len(other.modules)
+            and all(a.module is b.module for a, b in zip(self.modules, other.modules))
+        )
 
     def __hash__(self) -> int:
         return self._hash
@@ -135,8 +148,9 @@ class Tree:
             return self.modules[0].module
         if len(leaves) != self.num_leaves:
             raise ValueError(f"expected {self.num_leaves} tensors, got {len(leaves)}")
-        return pytree.tree_unflatten([leaves[p] if type(p) is int else p for p in self._plan],
-                                     self._call_spec)
+        return pytree.tree_unflatten(
+            [leaves[p] if type(p) is int else p for p in self._plan], self._call_spec
+        )
 
 
 def flatten(obj: Any, argument: str) -> tuple[Tensors, Tree]:
@@ -176,8 +190,10 @@ def _module_node(module: nn.Module, path: Callable[[], str]) -> _Module:
     """``module`` as a node of its trainable parameters; ``path()`` names it in the error."""
     named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
     if not named:
-        raise ValueError(f"{path()}: module {type(module).__name__} has no parameters that require "
-                         "grad; call .requires_grad_() on the ones to differentiate")
+        raise ValueError(
+            f"{path()}: module {type(module).__name__} has no parameters that require "
+            "grad; call .requires_grad_() on the ones to differentiate"
+        )
     return _Module(module, tuple(name for name, _ in named), tuple(p for _, p in named))
 
 
@@ -194,20 +210,26 @@ def _paths(obj: Any, argument: str, count: int) -> list[str]:
 
 
 def _empty(obj: Any, argument: str) -> ValueError:
-    return ValueError(f"{argument}: no tensors found in {type(obj).__name__}; pass a tensor, "
-                      "a tuple/list/dict of tensors or an nn.Module with trainable parameters")
+    return ValueError(
+        f"{argument}: no tensors found in {type(obj).__name__}; pass a tensor, "
+        "a tuple/list/dict of tensors or an nn.Module with trainable parameters"
+    )
 
 
 def _bad_leaf(leaf: Any, path: str) -> TypeError:
     name = type(leaf).__name__
     if isinstance(leaf, (dict, list, tuple)):  # a subclass the pytree registry does not know
         base = next(t for t in (dict, list, tuple) if isinstance(leaf, t)).__name__
-        return TypeError(f"{path}: got a {name}, a subclass of {base} that torch.utils._pytree does "
-                         f"not know; pass a plain {base} (e.g. {base}(...) of it) or register {name} "
-                         "with torch.utils._pytree.register_pytree_node")
+        return TypeError(
+            f"{path}: got a {name}, a subclass of {base} that torch.utils._pytree does "
+            f"not know; pass a plain {base} (e.g. {base}(...) of it) or register {name} "
+            "with torch.utils._pytree.register_pytree_node"
+        )
     if hasattr(leaf, "__next__") or (hasattr(leaf, "__iter__") and not isinstance(leaf, (str, bytes))):
-        return TypeError(f"{path}: got an iterator/generator ({name}); pass a list, "
-                         "e.g. list(model.parameters()), so that it can be read more than once")
+        return TypeError(
+            f"{path}: got an iterator/generator ({name}); pass a list, "
+            "e.g. list(model.parameters()), so that it can be read more than once"
+        )
     return TypeError(f"{path}: expected a tensor, a tuple/list/dict of tensors or an nn.Module, got {name}")
 
 

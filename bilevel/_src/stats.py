@@ -1,4 +1,5 @@
 """What one hypergradient call did, for users comparing modes."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field

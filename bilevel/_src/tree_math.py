@@ -6,9 +6,11 @@ bound by there, and on the CPU one dispatch. Under ``torch.compile`` they use pl
 per-tensor ops, which inductor fuses itself. Inner products use ``torch.dot`` on CUDA only:
 on the CPU its BLAS threads slow the whole process down (benchmarks/README.md).
 """
+
 from __future__ import annotations
 
-from typing import Sequence, cast
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -74,7 +76,7 @@ def unflat(vector: Tensor, like: Sequence[Tensor]) -> Tensors:
     batch = vector.shape[:-1]
     for t in like:
         n = t.numel()
-        out.append(vector[..., start:start + n].reshape(batch + t.shape))
+        out.append(vector[..., start : start + n].reshape(batch + t.shape))
         start += n
     return tuple(out)
 

@@ -1,7 +1,9 @@
 """The types the package passes around, in one place."""
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor
 

@@ -4,8 +4,10 @@ Inputs are losses of shape (B, T) (batch, tasks; column 0 is the main task) or p
 loss maps (B, T, H, W). Each combiner returns a scalar: the batch (and pixel) mean of the
 combined loss. Their parameters are the hyperparameters φ learned by hypergradients.
 """
+
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -22,14 +24,17 @@ def _inverse_softplus(value: float) -> float:
 
 def _check_num_tasks(num_tasks: int, least: int = 1) -> None:
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < least:
-        raise ValueError(f"num_tasks must be an int >= {least} (the main task and the auxiliary "
-                         f"ones), got {num_tasks!r}")
+        raise ValueError(
+            f"num_tasks must be an int >= {least} (the main task and the auxiliary ones), got {num_tasks!r}"
+        )
 
 
 def _check_losses(losses: Tensor, num_tasks: int, dims: int) -> None:
     if losses.dim() != dims or losses.shape[1] != num_tasks:
         shape = "(B, T)" if dims == 2 else "(B, T, H, W)"
-        raise ValueError(f"losses must have shape {shape} with T={num_tasks} tasks, got {tuple(losses.shape)}")
+        raise ValueError(
+            f"losses must have shape {shape} with T={num_tasks} tasks, got {tuple(losses.shape)}"
+        )
 
 
 class LinearCombiner(nn.Module):
@@ -43,8 +48,10 @@ class LinearCombiner(nn.Module):
         super().__init__()
         _check_num_tasks(num_tasks, 2 if main_skip else 1)  # main_skip: something left to learn
         if isinstance(init, bool) or not isinstance(init, (int, float)) or not 0 < init < math.inf:
-            raise ValueError(f"init must be a finite number > 0 (the weights are softplus(raw), "
-                             f"positive), got {init!r}; a weight near 0 is e.g. init=1e-3")
+            raise ValueError(
+                f"init must be a finite number > 0 (the weights are softplus(raw), "
+                f"positive), got {init!r}; a weight near 0 is e.g. init=1e-3"
+            )
         self.num_tasks, self.main_skip = num_tasks, main_skip
         learned = num_tasks - 1 if main_skip else num_tasks
         self.raw = nn.Parameter(torch.full((learned,), _inverse_softplus(init)))
@@ -82,7 +89,7 @@ class NonlinearCombiner(nn.Module):
         layer = _MonotoneLinear if monotone else nn.Linear
         sizes = (num_tasks, *hidden, 1)
         blocks: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             blocks.append(layer(a, b))
             if i < len(sizes) - 2:
                 blocks.append(nn.Softplus() if monotone else nn.Tanh())
@@ -104,8 +111,10 @@ class ConvCombiner(nn.Module):
         self.num_tasks = num_tasks
         # "same" padding keeps the map's size for every kernel size (an even one pads unevenly)
         self.net = nn.Sequential(
-            nn.Conv2d(num_tasks, hidden_channels, kernel_size, padding="same"), nn.Tanh(),
-            nn.Conv2d(hidden_channels, num_tasks, kernel_size, padding="same"))
+            nn.Conv2d(num_tasks, hidden_channels, kernel_size, padding="same"),
+            nn.Tanh(),
+            nn.Conv2d(hidden_channels, num_tasks, kernel_size, padding="same"),
+        )
 
     def forward(self, losses: Tensor) -> Tensor:
         _check_losses(losses, self.num_tasks, 4)

@@ -1,8 +1,10 @@
 """``AuxiliaryLearner``: one object that runs the primary/auxiliary training loop with any mode."""
+
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -42,21 +44,33 @@ class AuxiliaryLearner:
     the data order and random number generators are the caller's.
     """
 
-    def __init__(self, primary: nn.Module, auxiliary: nn.Module, train_loss: Callable[[nn.Module, nn.Module, Any], Tensor],
-                 main_loss: Callable[[nn.Module, Any], Tensor], primary_optimizer: torch.optim.Optimizer,
-                 auxiliary_optimizer: torch.optim.Optimizer, hypergradient: HyperGradient | None = None,
-                 update_every: int = 10) -> None:
+    def __init__(
+        self,
+        primary: nn.Module,
+        auxiliary: nn.Module,
+        train_loss: Callable[[nn.Module, nn.Module, Any], Tensor],
+        main_loss: Callable[[nn.Module, Any], Tensor],
+        primary_optimizer: torch.optim.Optimizer,
+        auxiliary_optimizer: torch.optim.Optimizer,
+        hypergradient: HyperGradient | None = None,
+        update_every: int = 10,
+    ) -> None:
         for name, module in (("primary", primary), ("auxiliary", auxiliary)):
             if not isinstance(module, nn.Module):
                 raise TypeError(f"{name} must be an nn.Module, got {type(module).__name__}")
         for name, fn in (("train_loss", train_loss), ("main_loss", main_loss)):
             if not callable(fn):
                 raise TypeError(f"{name} must be a function, got {type(fn).__name__}")
-        for name, opt in (("primary_optimizer", primary_optimizer), ("auxiliary_optimizer", auxiliary_optimizer)):
+        for name, opt in (
+            ("primary_optimizer", primary_optimizer),
+            ("auxiliary_optimizer", auxiliary_optimizer),
+        ):
             if not isinstance(opt, torch.optim.Optimizer):
                 raise TypeError(f"{name} must be a torch.optim.Optimizer, got {type(opt).__name__}")
         if hypergradient is not None and not isinstance(hypergradient, HyperGradient):
-            raise TypeError(f"hypergradient must be a bilevel.HyperGradient, got {type(hypergradient).__name__}")
+            raise TypeError(
+                f"hypergradient must be a bilevel.HyperGradient, got {type(hypergradient).__name__}"
+            )
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
         self.primary, self.auxiliary = primary, auxiliary
@@ -88,8 +102,11 @@ class AuxiliaryLearner:
         for (_, p), g in zip(named, grads):  # the auxiliary model's .grad stays untouched
             p.grad = None if g is None else g.detach()
         self.primary_optimizer.step()
-        info: dict[str, Any] = {"step": self.steps, "train_loss": float(loss.detach()),
-                                "auxiliary_updated": False}
+        info: dict[str, Any] = {
+            "step": self.steps,
+            "train_loss": float(loss.detach()),
+            "auxiliary_updated": False,
+        }
         if auxiliary_step:
             held = [p for (_, p), g in zip(named, grads) if g is None]
             info.update(self._auxiliary_step(train_batch, aux_batch, held))
@@ -103,21 +120,36 @@ class AuxiliaryLearner:
             for p in held:
                 p.requires_grad_(False)
             self.hypergradient.backward(
-                lambda primary, auxiliary, *batch: self.train_loss(primary, auxiliary, batch[0] if batch else train_batch),
+                lambda primary, auxiliary, *batch: self.train_loss(
+                    primary, auxiliary, batch[0] if batch else train_batch
+                ),
                 lambda primary, auxiliary: self.main_loss(primary, aux_batch),
-                self.primary, self.auxiliary)
+                self.primary,
+                self.auxiliary,
+            )
         finally:
             for p in held:
                 p.requires_grad_(True)
-        norm = torch.linalg.vector_norm(torch.stack([
-            torch.linalg.vector_norm(p.grad) for p in self.auxiliary.parameters() if p.grad is not None]))
+        norm = torch.linalg.vector_norm(
+            torch.stack(
+                [torch.linalg.vector_norm(p.grad) for p in self.auxiliary.parameters() if p.grad is not None]
+            )
+        )
         self.auxiliary_optimizer.step()
-        return {"auxiliary_updated": True, "hypergradient_norm": float(norm), "stats": self.hypergradient.stats}
+        return {
+            "auxiliary_updated": True,
+            "hypergradient_norm": float(norm),
+            "stats": self.hypergradient.stats,
+        }
 
     def _check_unused(self, unused: list[str]) -> None:
         """Holding other parameters fixed than at the last auxiliary step changes the inner
         problem's layout, which a mode carrying state shaped by it cannot follow."""
-        if self._unused is None or unused == self._unused or not self.hypergradient.mode.state_fits_one_layout():
+        if (
+            self._unused is None
+            or unused == self._unused
+            or not self.hypergradient.mode.state_fits_one_layout()
+        ):
             return
         raise ValueError(
             f"train_loss uses other primary parameters than at the last auxiliary step (unused "
@@ -125,21 +157,35 @@ class AuxiliaryLearner:
             f"are held fixed, so the inner problem changed shape; mode "
             f"{self.hypergradient.mode.name!r} carries state shaped by the last one (warm_start, "
             "update_params). Turn that option off, or make train_loss use the same parameters "
-            "at every auxiliary step")
+            "at every auxiliary step"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: models, optimizers, step counter, mode state."""
-        return {"primary": self.primary.state_dict(), "auxiliary": self.auxiliary.state_dict(),
-                "primary_optimizer": self.primary_optimizer.state_dict(),
-                "auxiliary_optimizer": self.auxiliary_optimizer.state_dict(),
-                "steps": self.steps, "unused": self._unused, "hypergradient": self.hypergradient.state_dict()}
+        return {
+            "primary": self.primary.state_dict(),
+            "auxiliary": self.auxiliary.state_dict(),
+            "primary_optimizer": self.primary_optimizer.state_dict(),
+            "auxiliary_optimizer": self.auxiliary_optimizer.state_dict(),
+            "steps": self.steps,
+            "unused": self._unused,
+            "hypergradient": self.hypergradient.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; if any part is refused, the learner stays as it was."""
-        missing = {"primary", "auxiliary", "primary_optimizer", "auxiliary_optimizer", "steps",
-                   "hypergradient"} - set(state)
+        missing = {
+            "primary",
+            "auxiliary",
+            "primary_optimizer",
+            "auxiliary_optimizer",
+            "steps",
+            "hypergradient",
+        } - set(state)
         if missing:
-            raise ValueError(f"state is missing {sorted(missing)}; pass a dict from AuxiliaryLearner.state_dict()")
+            raise ValueError(
+                f"state is missing {sorted(missing)}; pass a dict from AuxiliaryLearner.state_dict()"
+            )
         previous = copy.deepcopy(self.state_dict())
         try:
             self._load(state)

@@ -8,9 +8,10 @@ Jacobian: ``dg/dφ = −(∂G/∂φ)ᵀ x`` with ``Jᵀ x = ∂g/∂θ``, ``J = 
 non-symmetric systems: implicit-neumann, implicit-gmres, implicit-exact, implicit-identity;
 the others refuse.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -55,8 +56,10 @@ def _check_groups(groups: dict[str, list[str]]) -> None:
             raise ValueError(f"groups[{module!r}] must be a non-empty list of parameter names, got {names!r}")
         for name in names:
             if name in owner:
-                raise ValueError(f"parameter {name!r} is in two modules, {owner[name]!r} and {module!r}; "
-                                 "put each parameter in one group")
+                raise ValueError(
+                    f"parameter {name!r} is in two modules, {owner[name]!r} and {module!r}; "
+                    "put each parameter in one group"
+                )
             owner[name] = module
 
 
@@ -65,8 +68,9 @@ class ModuleAwareWeights(nn.Module):
     ``scale`` to 1/A, for A auxiliary losses and the modules in ``groups`` (name -> parameter
     names of the model, e.g. from :func:`module_groups`)."""
 
-    def __init__(self, num_aux: int, groups: dict[str, list[str]], init: float = 1.0,
-                 scale: float | None = None) -> None:
+    def __init__(
+        self, num_aux: int, groups: dict[str, list[str]], init: float = 1.0, scale: float | None = None
+    ) -> None:
         super().__init__()
         if num_aux < 1:
             raise ValueError(f"num_aux must be >= 1, got {num_aux}")
@@ -77,8 +81,9 @@ class ModuleAwareWeights(nn.Module):
         self.raw = nn.Parameter(torch.full((num_aux, len(groups)), float(init)))
 
     @classmethod
-    def from_model(cls, model: nn.Module, num_aux: int, by: str = "child", exclude: Iterable[str] = (),
-                   **kwargs) -> "ModuleAwareWeights":
+    def from_model(
+        cls, model: nn.Module, num_aux: int, by: str = "child", exclude: Iterable[str] = (), **kwargs
+    ) -> ModuleAwareWeights:
         return cls(num_aux, module_groups(model, by, exclude), **kwargs)
 
     def weights(self, raw: Tensor | None = None) -> Tensor:
@@ -91,22 +96,36 @@ class ModuleAwareWeights(nn.Module):
         column = {n: j for j, members in enumerate(self.groups.values()) for n in members}
         unknown = sorted(set(column) - set(names))
         if unknown:
-            raise ValueError(f"groups name parameters the model does not have (or that do not require "
-                             f"grad): {', '.join(unknown)}; its parameters are: {', '.join(names)}")
+            raise ValueError(
+                f"groups name parameters the model does not have (or that do not require "
+                f"grad): {', '.join(unknown)}; its parameters are: {', '.join(names)}"
+            )
         return [weights[:, column[n]] if n in column else None for n in names]
 
-    def field(self, names: list[str], params: Tensors, losses: Tensor, raw: Tensor | None = None,
-              create_graph: bool = False) -> Tensors:
+    def field(
+        self,
+        names: list[str],
+        params: Tensors,
+        losses: Tensor,
+        raw: Tensor | None = None,
+        create_graph: bool = False,
+    ) -> Tensors:
         """``G`` for each parameter from the (1 + A,) task losses evaluated at ``params``."""
         if losses.shape != (1 + self.num_aux,):
-            raise ValueError(f"task losses must have shape ({1 + self.num_aux},): the main loss, then "
-                             f"{self.num_aux} auxiliary losses; got {tuple(losses.shape)}")
-        per_task = [torch.autograd.grad(loss, params, create_graph=create_graph, retain_graph=True,
-                                        allow_unused=True) for loss in losses]
+            raise ValueError(
+                f"task losses must have shape ({1 + self.num_aux},): the main loss, then "
+                f"{self.num_aux} auxiliary losses; got {tuple(losses.shape)}"
+            )
+        per_task = [
+            torch.autograd.grad(loss, params, create_graph=create_graph, retain_graph=True, allow_unused=True)
+            for loss in losses
+        ]
         out = []
         for i, (p, coef) in enumerate(zip(params, self.coefficients(names, raw))):
             grads = [torch.zeros_like(p) if g[i] is None else g[i] for g in per_task]
-            weights = torch.ones(self.num_aux, dtype=p.dtype, device=p.device) if coef is None else coef.to(p.dtype)
+            weights = (
+                torch.ones(self.num_aux, dtype=p.dtype, device=p.device) if coef is None else coef.to(p.dtype)
+            )
             out.append(grads[0] + sum(w * g for w, g in zip(weights, grads[1:])))
         return tuple(out)
 
@@ -120,8 +139,13 @@ class ModuleAwareWeights(nn.Module):
         for p, g in zip(params, grads):
             p.grad = g.detach()
 
-    def backward(self, hypergradient: HyperGradient, model: nn.Module, task_losses: TaskLosses,
-                 dev_loss: Callable[[nn.Module], Tensor]) -> None:
+    def backward(
+        self,
+        hypergradient: HyperGradient,
+        model: nn.Module,
+        task_losses: TaskLosses,
+        dev_loss: Callable[[nn.Module], Tensor],
+    ) -> None:
         """The upper-level step: accumulate the implicit hypergradient of ``dev_loss`` through
         the fixed point ``G = 0`` into ``self.raw.grad``. ``task_losses(model)`` returns the
         (1 + A,) losses on a training batch."""
@@ -136,8 +160,13 @@ class ModuleAwareProblem(BilevelProblem):
     ``stationarity`` hook of :class:`~bilevel.BilevelProblem`: ``G = 0`` (a non-symmetric
     Jacobian), with ``G`` the module-weighted gradient of the task losses."""
 
-    def __init__(self, model: nn.Module, weights: ModuleAwareWeights, task_losses: TaskLosses,
-                 dev_loss: Callable[[nn.Module], Tensor]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        weights: ModuleAwareWeights,
+        task_losses: TaskLosses,
+        dev_loss: Callable[[nn.Module], Tensor],
+    ) -> None:
         def field(model: nn.Module, weights: ModuleAwareWeights) -> Tensors:
             # called with both modules bound to the point of evaluation (θ, φ)
             names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])

@@ -15,7 +15,16 @@ from .truncated_unroll import TruncatedUnroll
 from .unroll import Unroll
 
 __all__ = [
-    "ImplicitCG", "ImplicitExact", "ImplicitGMRES", "ImplicitIdentity", "ImplicitNeumann",
-    "ImplicitNystrom", "Mode", "TruncatedUnroll", "Unroll", "available_modes", "get_mode",
+    "ImplicitCG",
+    "ImplicitExact",
+    "ImplicitGMRES",
+    "ImplicitIdentity",
+    "ImplicitNeumann",
+    "ImplicitNystrom",
+    "Mode",
+    "TruncatedUnroll",
+    "Unroll",
+    "available_modes",
+    "get_mode",
     "register_mode",
 ]

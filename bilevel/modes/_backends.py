@@ -5,6 +5,7 @@ A stepper maps θ_t, s_t ↦ θ_{t+1}, s_{t+1} = Φ(θ_t, s_t, φ) for one inner
 optimizer state s: ``init(θ)`` gives s_0, ``advance(loss, θ, s, graph, fresh_state)`` one
 step (differentiable when ``graph``), ``detach_state(s)`` cuts s from the graph.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -24,8 +25,9 @@ __all__ = ["Stepper", "check_loaded_state", "check_supported", "differentiates",
 Stepper = TorchoptStepper | HigherStepper
 
 
-def make_stepper(backend: str, optimizer: Any, options: Mapping[str, Any], hyper: Mapping[str, Tensor],
-                 theta: Tensors) -> Stepper:
+def make_stepper(
+    backend: str, optimizer: Any, options: Mapping[str, Any], hyper: Mapping[str, Tensor], theta: Tensors
+) -> Stepper:
     """The stepper of ``backend`` for ``optimizer`` with plain ``options`` and hyperparameter
     settings ``hyper``; configuration errors raise here."""
     if backend == "higher":
@@ -44,14 +46,20 @@ def check_supported(optimizer: Any, backend: str) -> None:
         return
     other = next(b for b in BACKENDS if b != backend)
     names = {b: ", ".join(c.__name__ for c in classes) for b, classes in supported.items()}
-    fix = (f"use backend={other!r}, which has it" if cls in supported[other] else
-           f"neither backend has it: use one of {names['torchopt']} (torchopt) or {names['higher']} (higher)")
-    raise TypeError(f"inner_optimizer {cls.__name__} has no differentiable version on backend={backend!r}; "
-                    f"{fix}")
+    fix = (
+        f"use backend={other!r}, which has it"
+        if cls in supported[other]
+        else f"neither backend has it: use one of {names['torchopt']} (torchopt) or "
+        f"{names['higher']} (higher)"
+    )
+    raise TypeError(
+        f"inner_optimizer {cls.__name__} has no differentiable version on backend={backend!r}; {fix}"
+    )
 
 
-def differentiates(backend: str, optimizer: Any, options: Mapping[str, Any], name: str,
-                   value: Tensor) -> bool:
+def differentiates(
+    backend: str, optimizer: Any, options: Mapping[str, Any], name: str, value: Tensor
+) -> bool:
     """Whether ``backend`` carries gradients from the setting ``name`` to the parameters:
     two steps on ½θ² from θ = 1 with the setting as a fresh leaf, then look for a graph path."""
     setting = value.detach().clone().requires_grad_()
@@ -86,11 +94,14 @@ def check_loaded_state(loaded: Any, stepper: Stepper, theta: Tensors) -> None:
             f"the loaded optimizer state does not fit this HyperGradient's inner optimizer: it is "
             f"{form}, but the optimizer with these options keeps {fresh_form}. Build the "
             "HyperGradient with the options the checkpoint was saved with (momentum, betas, "
-            "amsgrad, ...), or start without the checkpoint")
+            "amsgrad, ...), or start without the checkpoint"
+        )
     if not all(_same_layout(a, b) for a, b in zip(leaves, fresh_leaves)):
         shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in theta)
-        raise ValueError("the loaded optimizer state holds tensors whose shapes or dtypes differ "
-                         f"from the params' ({shapes}); load a checkpoint saved for these params")
+        raise ValueError(
+            "the loaded optimizer state holds tensors whose shapes or dtypes differ "
+            f"from the params' ({shapes}); load a checkpoint saved for these params"
+        )
 
 
 def _same_layout(a: Any, b: Any) -> bool:

@@ -5,6 +5,7 @@ The torch optimizer is built once on zero-valued placeholders of the params; hig
 its settings (hyperparameter settings come in through ``override``, so they stay
 differentiable) and the unrolled loop carries the per-parameter state between steps.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -28,18 +29,23 @@ def _check_not_ignored(cls: type[torch.optim.Optimizer], kwargs: Mapping[str, An
     signature = init_parameters(cls)
     for name in HIGHER_IGNORES:
         if name in kwargs and name in signature and kwargs[name] != signature[name].default:
-            raise TypeError(f"higher's differentiable {cls.__name__} ignores {name}={kwargs[name]!r}; "
-                            "use backend='torchopt' or leave it at its default")
+            raise TypeError(
+                f"higher's differentiable {cls.__name__} ignores {name}={kwargs[name]!r}; "
+                "use backend='torchopt' or leave it at its default"
+            )
 
 
 class HigherStepper:
     """θ, state ↦ θ', state' with higher's differentiable version of a torch optimizer."""
 
-    def __init__(self, optimizer: Any, options: Mapping[str, Any], hyper: Mapping[str, Tensor],
-                 theta: Tensors) -> None:
+    def __init__(
+        self, optimizer: Any, options: Mapping[str, Any], hyper: Mapping[str, Tensor], theta: Tensors
+    ) -> None:
         if is_transformation(optimizer):
-            raise TypeError("a torchopt GradientTransformation cannot run on backend='higher'; use "
-                            "backend='torchopt', or pass a torch optimizer class such as torch.optim.SGD")
+            raise TypeError(
+                "a torchopt GradientTransformation cannot run on backend='higher'; use "
+                "backend='torchopt', or pass a torch optimizer class such as torch.optim.SGD"
+            )
         cls = optimizer_class(optimizer)
         supported = higher_supported_optimizers()
         if cls is None or cls not in supported:
@@ -59,8 +65,8 @@ class HigherStepper:
 
         if graph not in self._diffopts:
             self._diffopts[graph] = higher.optim.get_diff_optim(
-                self.optimizer, self.placeholders, override=self.override or None,
-                track_higher_grads=graph)
+                self.optimizer, self.placeholders, override=self.override or None, track_higher_grads=graph
+            )
         return self._diffopts[graph]
 
     def init(self, theta: Tensors) -> HigherState:
@@ -68,8 +74,9 @@ class HigherStepper:
         with a tensor step count as a number: higher increments it in place."""
         return higher_initial_state(self.optimizer, self.placeholders)
 
-    def advance(self, loss: Tensor, theta: Tensors, state: HigherState, graph: bool,
-                fresh_state: bool) -> tuple[Tensors, HigherState]:
+    def advance(
+        self, loss: Tensor, theta: Tensors, state: HigherState, graph: bool, fresh_state: bool
+    ) -> tuple[Tensors, HigherState]:
         """One step on ``loss``; ``graph``: keep the step differentiable (``fresh_state``
         does not matter here: higher's optimizers keep everything in their state)."""
         return higher_step(self.diffopt(graph), loss, theta, state)

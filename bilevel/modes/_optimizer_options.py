@@ -6,6 +6,7 @@ those of the partial, overridden by the user's options. A scalar setting (``lr``
 ``momentum``, ...) is a hyperparameter when it is the very tensor that is in ``hparams``
 (differentiated through its copy in φ) or a callable of the hparams (evaluated at φ).
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,8 +21,17 @@ from .._src.problem import BilevelProblem
 from .._src.typing import Tensors
 
 __all__ = [
-    "BACKENDS", "DEFAULT_LR", "hparam_index", "hparams_view", "init_parameters", "is_transformation",
-    "is_zero", "optimizer_class", "optimizer_kwargs", "optimizer_option_names", "signature_parameters",
+    "BACKENDS",
+    "DEFAULT_LR",
+    "hparam_index",
+    "hparams_view",
+    "init_parameters",
+    "is_transformation",
+    "is_zero",
+    "optimizer_class",
+    "optimizer_kwargs",
+    "optimizer_option_names",
+    "signature_parameters",
     "split_settings",
 ]
 
@@ -83,8 +93,9 @@ def hparams_view(problem: BilevelProblem, phi: Tensors) -> Any:
     return problem.hparams_structure.unflatten(phi)
 
 
-def split_settings(problem: BilevelProblem, phi: Tensors,
-                   settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def split_settings(
+    problem: BilevelProblem, phi: Tensors, settings: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The optimizer's settings at φ, split into plain values and hyperparameters: a tensor of
     ``hparams`` (mapped to its differentiable copy in ``phi``) or a callable of the hparams
     (evaluated at ``phi``) that returns a scalar tensor requiring grad. A 1-element tensor
@@ -96,8 +107,10 @@ def split_settings(problem: BilevelProblem, phi: Tensors,
         value = _resolve(name, given, problem, phi, view)
         if isinstance(value, Tensor) and value.requires_grad:
             if value.numel() != 1:
-                raise ValueError(f"option {name} must be a scalar tensor to be a hyperparameter, "
-                                 f"got shape {tuple(value.shape)}")
+                raise ValueError(
+                    f"option {name} must be a scalar tensor to be a hyperparameter, "
+                    f"got shape {tuple(value.shape)}"
+                )
             hyper[name] = value.reshape(())
         else:
             options[name] = value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
@@ -118,9 +131,12 @@ def _resolve(name: str, value: Any, problem: BilevelProblem, phi: Tensors, view:
             raise ValueError(
                 f"option {name} is a tensor that requires grad but is not one of the hparams "
                 f"tensors; pass that very tensor (in hparams), a callable of the hparams such "
-                f"as {name}=lambda h: h['log_{name}'].exp(), or a float")
+                f"as {name}=lambda h: h['log_{name}'].exp(), or a float"
+            )
         return value
     if isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) and v.requires_grad for v in value):
-        raise ValueError(f"option {name} holds a tensor that requires grad; only scalar "
-                         "settings (lr, momentum, ...) can be hyperparameters: pass numbers")
+        raise ValueError(
+            f"option {name} holds a tensor that requires grad; only scalar "
+            "settings (lr, momentum, ...) can be hyperparameters: pass numbers"
+        )
     return value

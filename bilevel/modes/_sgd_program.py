@@ -6,8 +6,10 @@ It implements SGD's math only (``lr``, ``momentum``, ``dampening``, ``weight_dec
 ``nesterov``, ``maximize``, each a number or a hyperparameter), on either backend, since both
 agree with torch on SGD. :func:`not_compilable` names what else keeps a call eager.
 """
+
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,14 +26,27 @@ __all__ = ["ProgramSettings", "not_compilable", "program_settings", "sgd_unroll_
 ProgramSettings = dict[str, tuple[str, Any]]
 
 #: torch.optim.SGD's settings that the compiled program implements, with torch's defaults
-_SGD_SETTINGS = {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0,
-                 "nesterov": False, "maximize": False}
+_SGD_SETTINGS = {
+    "lr": 1e-3,
+    "momentum": 0.0,
+    "dampening": 0.0,
+    "weight_decay": 0.0,
+    "nesterov": False,
+    "maximize": False,
+}
 _SGD_SWITCHES = ("foreach", "fused", "differentiable")  # implementation switches, no math
 
 
-def sgd_unroll_program(problem: BilevelProblem, theta: Tensors, phi: Tensors, buffers: dict[str, Tensor],
-                       steps: int, graph_from: int, settings: ProgramSettings,
-                       batches: tuple | None) -> tuple[Tensors, Tensors]:
+def sgd_unroll_program(
+    problem: BilevelProblem,
+    theta: Tensors,
+    phi: Tensors,
+    buffers: dict[str, Tensor],
+    steps: int,
+    graph_from: int,
+    settings: ProgramSettings,
+    batches: tuple | None,
+) -> tuple[Tensors, Tensors]:
     """``(dg(θ_T, φ)/dφ, θ_T)`` through ``steps`` steps of ``torch.optim.SGD``, as one pure
     function (``torch.func``) for the compiled path; steps before ``graph_from`` carry no
     graph (truncation). ``settings`` maps an SGD option to ``("value", number)``,
@@ -56,15 +71,19 @@ def sgd_unroll_program(problem: BilevelProblem, theta: Tensors, phi: Tensors, bu
                 buf = None if buf is None else tuple(b.detach() for b in buf)
             at = ph if step >= graph_from else tuple(t.detach() for t in ph)
             extra = batches[step] if batches is not None else ()
-            grads = torch.func.grad(  # called at once, in this iteration: binding at/extra is right
-                lambda t: problem.call("inner_loss", t, at, extra, buffers).reshape(()))(th)  # noqa: B023
+            grads = torch.func.grad(functools.partial(_inner, problem, at=at, extra=extra, buffers=buffers))(
+                th
+            )
             lr, momentum = setting("lr", at), setting("momentum", at)
             decay, dampening = setting("weight_decay", at), setting("dampening", at)
             if not is_zero(decay):
                 grads = tuple(g + decay * t for g, t in zip(grads, th))
             if not is_zero(momentum):
-                buf = grads if buf is None else tuple(momentum * b + (1 - dampening) * g
-                                                      for b, g in zip(buf, grads))
+                buf = (
+                    grads
+                    if buf is None
+                    else tuple(momentum * b + (1 - dampening) * g for b, g in zip(buf, grads))
+                )
                 nesterov = setting("nesterov", at)
                 grads = tuple(g + momentum * b for g, b in zip(grads, buf)) if nesterov else buf
             sign = 1.0 if setting("maximize", at) else -1.0
@@ -75,8 +94,9 @@ def sgd_unroll_program(problem: BilevelProblem, theta: Tensors, phi: Tensors, bu
     return hypergradient, tuple(t.detach() for t in theta_final)
 
 
-def not_compilable(optimizer: Any, options: Mapping[str, Any], measure_memory: bool,
-                   update_params: bool) -> str | None:
+def not_compilable(
+    optimizer: Any, options: Mapping[str, Any], measure_memory: bool, update_params: bool
+) -> str | None:
     """Why :func:`sgd_unroll_program` cannot run this configuration (None if it can)."""
     if optimizer_class(optimizer) is not torch.optim.SGD:
         return "the compiled program implements torch.optim.SGD only"
@@ -91,8 +111,9 @@ def not_compilable(optimizer: Any, options: Mapping[str, Any], measure_memory: b
     return None
 
 
-def program_settings(problem: BilevelProblem, optimizer: Any,
-                     options: Mapping[str, Any]) -> ProgramSettings | None:
+def program_settings(
+    problem: BilevelProblem, optimizer: Any, options: Mapping[str, Any]
+) -> ProgramSettings | None:
     """The SGD options as :func:`sgd_unroll_program` takes them; None (run eagerly, which
     explains the error) for a tensor that requires grad but is not in the hparams."""
     spec: ProgramSettings = {}
@@ -109,3 +130,10 @@ def program_settings(problem: BilevelProblem, optimizer: Any,
         else:
             spec[name] = ("value", value)
     return spec
+
+
+def _inner(
+    problem: BilevelProblem, theta: Tensors, *, at: Tensors, extra: tuple, buffers: dict[str, Tensor]
+) -> Tensor:
+    """f(θ, φ) on a mini-batch, as the program differentiates it (a function of θ alone)."""
+    return problem.call("inner_loss", theta, at, extra, buffers).reshape(())

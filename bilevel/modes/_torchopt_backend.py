@@ -5,6 +5,7 @@ A torch optimizer class maps to torchopt's functional version of it, with the cl
 defaults where torchopt has none or another. Plain SGD (no momentum, weight decay or
 ``maximize``; ``lr`` a number) is stepped directly as θ − lr·g, which is torchopt's update.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -36,17 +37,25 @@ def torchopt_factories() -> dict[type[torch.optim.Optimizer], Callable[..., Any]
     """torch optimizer class -> the torchopt function that builds its transformation."""
     import torchopt
 
-    return {torch.optim.SGD: torchopt.sgd, torch.optim.Adam: torchopt.adam,
-            torch.optim.AdamW: torchopt.adamw, torch.optim.RMSprop: torchopt.rmsprop,
-            torch.optim.Adagrad: torchopt.adagrad}
+    return {
+        torch.optim.SGD: torchopt.sgd,
+        torch.optim.Adam: torchopt.adam,
+        torch.optim.AdamW: torchopt.adamw,
+        torch.optim.RMSprop: torchopt.rmsprop,
+        torch.optim.Adagrad: torchopt.adagrad,
+    }
 
 
 def is_plain_sgd(settings: Mapping[str, Any]) -> bool:
     """Whether torchopt.sgd with these settings (numbers) is θ ← θ − lr·g with an empty state."""
     lr = settings.get("lr")
-    return (isinstance(lr, (int, float)) and not isinstance(lr, bool)
-            and all(is_zero(settings.get(name, 0.0)) for name in ("momentum", "weight_decay"))
-            and not settings.get("maximize", False) and not settings.get("nesterov", False))
+    return (
+        isinstance(lr, (int, float))
+        and not isinstance(lr, bool)
+        and all(is_zero(settings.get(name, 0.0)) for name in ("momentum", "weight_decay"))
+        and not settings.get("maximize", False)
+        and not settings.get("nesterov", False)
+    )
 
 
 def _factory(optimizer: Any) -> tuple[type[torch.optim.Optimizer], Callable[..., Any]]:
@@ -54,14 +63,17 @@ def _factory(optimizer: Any) -> tuple[type[torch.optim.Optimizer], Callable[...,
     cls = optimizer_class(optimizer)
     factories = torchopt_factories()
     if cls is None or cls not in factories:
-        raise TypeError(f"inner_optimizer {cls.__name__ if cls else repr(optimizer)} has no torchopt "
-                        f"equivalent; use one of {', '.join(c.__name__ for c in factories)}, a "
-                        "torchopt GradientTransformation, or backend='higher'")
+        raise TypeError(
+            f"inner_optimizer {cls.__name__ if cls else repr(optimizer)} has no torchopt "
+            f"equivalent; use one of {', '.join(c.__name__ for c in factories)}, a "
+            "torchopt GradientTransformation, or backend='higher'"
+        )
     return cls, factories[cls]
 
 
-def _factory_kwargs(cls: type[torch.optim.Optimizer], factory: Callable[..., Any],
-                    kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def _factory_kwargs(
+    cls: type[torch.optim.Optimizer], factory: Callable[..., Any], kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
     """The keywords for ``factory``: the torch class's defaults where torchopt has none or
     another (torchopt.sgd needs ``lr``), then the user's; an option torchopt lacks is refused
     unless it is at the class's default."""
@@ -74,8 +86,10 @@ def _factory_kwargs(cls: type[torch.optim.Optimizer], factory: Callable[..., Any
         elif name in _SWITCHES:
             continue
         elif value != defaults.get(name, inspect.Parameter.empty):
-            raise TypeError(f"torchopt's {factory.__name__} has no option {name}={value!r}; "
-                            "use backend='higher' or leave it at its default")
+            raise TypeError(
+                f"torchopt's {factory.__name__} has no option {name}={value!r}; "
+                "use backend='higher' or leave it at its default"
+            )
     return passed
 
 
@@ -100,8 +114,9 @@ class TorchoptStepper:
         state = self.transform.init(theta)
         return torchopt_counts_as_float64(state) if theta[0].dtype == torch.float64 else state
 
-    def advance(self, loss: Tensor, theta: Tensors, state: Any, graph: bool,
-                fresh_state: bool) -> tuple[Tensors, Any]:
+    def advance(
+        self, loss: Tensor, theta: Tensors, state: Any, graph: bool, fresh_state: bool
+    ) -> tuple[Tensors, Any]:
         """One step on ``loss``; ``graph``: keep the step differentiable; ``fresh_state``:
         ``state`` is the transformation's initial one (torchopt's first-update rule applies)."""
         import torchopt

@@ -7,6 +7,7 @@ backends (torchopt's functional optimizers, higher's differentiable ones) live b
 ``_torchopt_backend.py`` and ``_higher_backend.py``, the compiled SGD program in
 ``_sgd_program.py``, the option handling in ``_optimizer_options.py``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,8 @@ from torch import Tensor
 
 from .._src.compiled import CompiledPath, compiled_path
 from .._src.errors import check_finite, deferred_finite_checks, second_order_guard
-from .._src.memory import SavedTensorMemory
 from .._src.graph import reached
+from .._src.memory import SavedTensorMemory
 from .._src.problem import BilevelProblem
 from .._src.stats import Stats
 from .._src.typing import Tensors
@@ -42,7 +43,8 @@ _NO_PARAMS_REACHED = (
     "inner_loss does not depend on params: the inner steps would leave them unchanged and the "
     "hypergradient would be only the direct term. If the closures call an nn.Module, pass the "
     "module itself as params (the library evaluates a module at the values it needs), not "
-    "list(module.parameters()); otherwise compute inner_loss from the params it receives")
+    "list(module.parameters()); otherwise compute inner_loss from the params it receives"
+)
 
 
 def _cut(theta: Tensors, state: Any, stepper: Stepper) -> tuple[Tensors, Any]:
@@ -57,7 +59,7 @@ def _total_gradient(outer: Tensor, phi: Tensors, originals: Tensors) -> Tensors:
     extra = [i for i, (t, c) in enumerate(zip(originals, phi)) if t is not c]
     grads = torch.autograd.grad(outer, tuple(phi) + tuple(originals[i] for i in extra), allow_unused=True)
     total = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, phi)]
-    for i, g in zip(extra, grads[len(phi):]):
+    for i, g in zip(extra, grads[len(phi) :]):
         if g is not None:
             total[i] = total[i] + g
     return tuple(total)
@@ -134,8 +136,10 @@ class UnrolledMode(Mode):
         check_flag("update_params", self.update_params)
         check_flag("measure_memory", self.measure_memory)
         if self.inner_batches is not None and not isinstance(self.inner_batches, Iterable):
-            raise TypeError("option inner_batches must be an iterable of mini-batches (a list, a "
-                            f"generator or a DataLoader), got {type(self.inner_batches).__name__}")
+            raise TypeError(
+                "option inner_batches must be an iterable of mini-batches (a list, a "
+                f"generator or a DataLoader), got {type(self.inner_batches).__name__}"
+            )
         if self.backend not in BACKENDS:
             raise ValueError(f"option backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.inner_optimizer is None:
@@ -152,18 +156,23 @@ class UnrolledMode(Mode):
         """Refuse an inner optimizer that is neither a torch class nor a transformation, or
         that the chosen backend cannot run."""
         if not is_transformation(self.inner_optimizer) and optimizer_class(self.inner_optimizer) is None:
-            raise TypeError("option inner_optimizer must be a torch optimizer class (or a "
-                            "functools.partial of one) or a torchopt GradientTransformation, got "
-                            f"{self.inner_optimizer!r}")
+            raise TypeError(
+                "option inner_optimizer must be a torch optimizer class (or a "
+                "functools.partial of one) or a torchopt GradientTransformation, got "
+                f"{self.inner_optimizer!r}"
+            )
         if self.backend == "higher" and is_transformation(self.inner_optimizer):
-            raise TypeError("a torchopt GradientTransformation cannot run on backend='higher'; use "
-                            "backend='torchopt', or pass a torch optimizer class")
+            raise TypeError(
+                "a torchopt GradientTransformation cannot run on backend='higher'; use "
+                "backend='torchopt', or pass a torch optimizer class"
+            )
         check_supported(self.inner_optimizer, self.backend)
 
     def _not_compilable(self) -> str | None:
         """Why the compiled SGD program cannot run this configuration (None if it can)."""
-        return not_compilable(self.inner_optimizer, self.optimizer_options, self.measure_memory,
-                              self.update_params)
+        return not_compilable(
+            self.inner_optimizer, self.optimizer_options, self.measure_memory, self.update_params
+        )
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -177,9 +186,11 @@ class UnrolledMode(Mode):
         valid = optimizer_option_names(optimizer)
         unknown = sorted(set(rest) - set(valid))
         if unknown:
-            raise TypeError(f"mode {cls.name!r} got unknown option(s) {', '.join(unknown)}; its options "
-                            f"are: {', '.join(cls.option_names())}" +
-                            (f"; the inner optimizer's are: {', '.join(valid)}" if valid else ""))
+            raise TypeError(
+                f"mode {cls.name!r} got unknown option(s) {', '.join(unknown)}; its options "
+                f"are: {', '.join(cls.option_names())}"
+                + (f"; the inner optimizer's are: {', '.join(valid)}" if valid else "")
+            )
         return cls(**own, optimizer_options=rest)
 
     # the number of final steps that carry the graph
@@ -198,8 +209,10 @@ class UnrolledMode(Mode):
         try:
             return (next(self._batches),)
         except StopIteration:
-            raise ValueError("inner_batches ran out of batches; pass a re-iterable (a list or a "
-                             "DataLoader) or an endless iterator") from None
+            raise ValueError(
+                "inner_batches ran out of batches; pass a re-iterable (a list or a "
+                "DataLoader) or an endless iterator"
+            ) from None
 
     def _check_differentiable(self, options: dict[str, Any], hyper: dict[str, Tensor]) -> None:
         """Refuse a hyperparameter setting that the backend would not differentiate (its
@@ -207,14 +220,21 @@ class UnrolledMode(Mode):
         for name, value in hyper.items():
             if (self.backend, name) not in self._probed:
                 self._probed[(self.backend, name)] = differentiates(
-                    self.backend, self.inner_optimizer, options, name, value)
+                    self.backend, self.inner_optimizer, options, name, value
+                )
             if not self._probed[(self.backend, name)]:
-                others = [b for b in BACKENDS if b != self.backend
-                          and not (b == "higher" and is_transformation(self.inner_optimizer))
-                          and differentiates(b, self.inner_optimizer, options, name, value)]
+                others = [
+                    b
+                    for b in BACKENDS
+                    if b != self.backend
+                    and not (b == "higher" and is_transformation(self.inner_optimizer))
+                    and differentiates(b, self.inner_optimizer, options, name, value)
+                ]
                 fix = f"use backend={others[0]!r}, which can" if others else "no backend can: pass a number"
-                raise ValueError(f"backend={self.backend!r} cannot differentiate the inner optimizer's "
-                                 f"{name} (a hyperparameter here); {fix}")
+                raise ValueError(
+                    f"backend={self.backend!r} cannot differentiate the inner optimizer's "
+                    f"{name} (a hyperparameter here); {fix}"
+                )
 
     # ------------------------------------------------------------------------- the call
     def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
@@ -238,8 +258,13 @@ class UnrolledMode(Mode):
         if settings is None:
             return None, None
         batches = [self._next_batch() for _ in range(self.steps)]
-        out = fast(problem, self.steps, self.steps - self.graph_steps(), settings,
-                   tuple(batches) if self.inner_batches is not None else None)
+        out = fast(
+            problem,
+            self.steps,
+            self.steps - self.graph_steps(),
+            settings,
+            tuple(batches) if self.inner_batches is not None else None,
+        )
         if out is None:
             return batches, None
         result, theta = out
@@ -258,8 +283,13 @@ class UnrolledMode(Mode):
         if batches is None:  # after the configuration checks: a refused call consumes none
             batches = [self._next_batch() for _ in range(self.steps)]
         # steps without graph use the settings' values only
-        cheap = make_stepper(self.backend, self.inner_optimizer, options,
-                             {k: v.detach() for k, v in hyper.items()}, theta) if hyper else stepper
+        cheap = (
+            make_stepper(
+                self.backend, self.inner_optimizer, options, {k: v.detach() for k, v in hyper.items()}, theta
+            )
+            if hyper
+            else stepper
+        )
         state, fresh_state = self._initial_state(stepper, theta)
         meter = SavedTensorMemory() if self.measure_memory else None
         measuring = contextlib.nullcontext() if meter is None else meter
@@ -288,8 +318,17 @@ class UnrolledMode(Mode):
             self._unverified = False
         return (self._state, False) if carried else (stepper.init(theta), True)
 
-    def _unroll(self, problem: BilevelProblem, stepper: Stepper, cheap: Stepper, theta: Tensors,
-                phi: Tensors, state: Any, fresh_state: bool, batches: list[tuple]) -> tuple[Tensors, Any]:
+    def _unroll(
+        self,
+        problem: BilevelProblem,
+        stepper: Stepper,
+        cheap: Stepper,
+        theta: Tensors,
+        phi: Tensors,
+        state: Any,
+        fresh_state: bool,
+        batches: list[tuple],
+    ) -> tuple[Tensors, Any]:
         """θ_T and its optimizer state after the T steps; the last ``graph_steps()`` carry the
         graph (through ``stepper``), the earlier ones none (through ``cheap``, at detached φ)."""
         first_graph_step = self.steps - self.graph_steps()

@@ -5,18 +5,19 @@ name with :func:`register_mode`. It implements ``hypergradient(problem, stats)``
 returns the hypergradient as a tuple aligned with ``problem.phi0`` and fills ``stats``; an
 implicit mode is a linear solve handed to :func:`bilevel.implicit.implicit_hypergradient`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, ClassVar, TypeVar
 
 from .._src.problem import BilevelProblem
-from .._src.typing import Tensors
 from .._src.stats import Stats
+from .._src.typing import Tensors
 
 __all__ = ["Mode", "available_modes", "check_flag", "check_positive", "get_mode", "register_mode"]
 
-_REGISTRY: dict[str, type["Mode"]] = {}
+_REGISTRY: dict[str, type[Mode]] = {}
 
 M = TypeVar("M", bound=type["Mode"])
 
@@ -38,12 +39,14 @@ class Mode:
         return [f.name for f in fields if f.init and not f.name.startswith("_")]
 
     @classmethod
-    def from_options(cls, **options: Any) -> "Mode":
+    def from_options(cls, **options: Any) -> Mode:
         """Build the mode from user keywords; unknown ones raise a ``TypeError`` naming the valid ones."""
         unknown = sorted(set(options) - set(cls.option_names()))
         if unknown:
-            raise TypeError(f"mode {cls.name!r} got unknown option(s) {', '.join(unknown)}; "
-                            f"its options are: {', '.join(cls.option_names())}")
+            raise TypeError(
+                f"mode {cls.name!r} got unknown option(s) {', '.join(unknown)}; "
+                f"its options are: {', '.join(cls.option_names())}"
+            )
         return cls(**options)
 
     def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
@@ -53,9 +56,11 @@ class Mode:
         """Refuse problems the mode cannot solve correctly."""
         if not problem.symmetric and not self.supports_nonsymmetric:
             capable = [n for n, c in _REGISTRY.items() if c.supports_nonsymmetric]
-            raise ValueError(f"mode {self.name!r} needs a symmetric inner Hessian, but this problem's "
-                             "stationarity map is not the gradient of one loss; use one of: "
-                             f"{', '.join(capable)}")
+            raise ValueError(
+                f"mode {self.name!r} needs a symmetric inner Hessian, but this problem's "
+                "stationarity map is not the gradient of one loss; use one of: "
+                f"{', '.join(capable)}"
+            )
 
     # Stateful modes (warm starts, optimizer state, random generators) override these.
     def state_dict(self) -> dict[str, Any]:

@@ -1,4 +1,5 @@
 """``implicit-cg``: IFT with the Hessian system solved by conjugate gradient."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -79,8 +80,9 @@ class ImplicitCG(Mode):
                 return finish_compiled(result, grads, stats, products, _SOLVE)
 
         def solve(operator: StationarityJacobian, v: Tensors) -> SolveResult:
-            result = conjugate_gradient(operator.matvec, v, self.iters, self.tol, self.damping,
-                                        x0=self._start(v))
+            result = conjugate_gradient(
+                operator.matvec, v, self.iters, self.tol, self.damping, x0=self._start(v)
+            )
             self._remember(result.x, bool(result.converged))
             return result
 
@@ -104,7 +106,8 @@ class ImplicitCG(Mode):
         return self.warm_start and self._previous is not None  # unused otherwise
 
 
-def _solve_on_device(operator: StationarityJacobian, v: Tensors, iters: int, tol: float, damping: float,
-                     x0: Tensors | None) -> SolveResult:
+def _solve_on_device(
+    operator: StationarityJacobian, v: Tensors, iters: int, tol: float, damping: float, x0: Tensors | None
+) -> SolveResult:
     """The compiled program's solve: the same CG, without host synchronisation."""
     return conjugate_gradient(operator.matvec, v, iters, tol, damping, x0=x0, sync=False)

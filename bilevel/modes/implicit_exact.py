@@ -1,4 +1,5 @@
 """``implicit-exact``: IFT with the inner Hessian materialised and solved densely."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,8 +11,8 @@ from .._src.implicit import implicit_hypergradient
 from .._src.problem import BilevelProblem
 from .._src.products import StationarityJacobian
 from .._src.solvers import SolveResult, dense_solve
-from .._src.typing import Tensors
 from .._src.stats import Stats
+from .._src.typing import Tensors
 from .base import Mode, check_positive, register_mode
 
 __all__ = ["ImplicitExact"]
@@ -39,10 +40,12 @@ class ImplicitExact(Mode):
         self.check_problem(problem)
         size = sum(t.numel() for t in problem.theta0)
         if size > self.max_params:
-            raise ValueError(f"implicit-exact materialises the {size}x{size} inner Hessian, above "
-                             f"max_params={self.max_params}; raise max_params if you can afford "
-                             f"{size} Hessian-vector products and {size * size} entries, or use "
-                             "mode='implicit-cg'")
+            raise ValueError(
+                f"implicit-exact materialises the {size}x{size} inner Hessian, above "
+                f"max_params={self.max_params}; raise max_params if you can afford "
+                f"{size} Hessian-vector products and {size * size} entries, or use "
+                "mode='implicit-cg'"
+            )
 
         def solve(operator: StationarityJacobian, v: Tensors) -> SolveResult:
             identity = torch.eye(size, dtype=v[0].dtype, device=v[0].device)

@@ -1,4 +1,5 @@
 """``implicit-gmres``: IFT with the (possibly non-symmetric) system solved by GMRES."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,8 +9,8 @@ from .._src.implicit import implicit_hypergradient
 from .._src.problem import BilevelProblem
 from .._src.products import StationarityJacobian
 from .._src.solvers import SolveResult, gmres
-from .._src.typing import Tensors
 from .._src.stats import Stats
+from .._src.typing import Tensors
 from .base import Mode, check_positive, register_mode
 
 __all__ = ["ImplicitGMRES"]

@@ -1,4 +1,5 @@
 """``implicit-identity``: the zeroth-order IFT approximation H⁻¹ ≈ α·I (no Hessian products)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,9 +9,9 @@ from .._src.implicit import implicit_hypergradient
 from .._src.problem import BilevelProblem
 from .._src.products import StationarityJacobian
 from .._src.solvers import SolveResult
+from .._src.stats import Stats
 from .._src.tree_math import scale
 from .._src.typing import Tensors
-from .._src.stats import Stats
 from .base import Mode, check_positive, register_mode
 
 __all__ = ["ImplicitIdentity"]

@@ -1,4 +1,5 @@
 """``implicit-neumann``: IFT with H⁻¹ approximated by a truncated Neumann series."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,16 +12,21 @@ from .._src.compiled import CompiledPath, compiled_path
 from .._src.implicit import check_autocast, finish_compiled, implicit_hypergradient, implicit_program
 from .._src.problem import BilevelProblem
 from .._src.products import StationarityJacobian
-from .._src.solvers import (SolveResult, neumann, neumann_report, power_iteration, power_iteration_estimate,
-                            random_start)
-from .._src.typing import Tensors
+from .._src.solvers import (
+    SolveResult,
+    neumann,
+    neumann_report,
+    power_iteration,
+    power_iteration_estimate,
+    random_start,
+)
 from .._src.stats import Stats
+from .._src.typing import Tensors
 from .base import Mode, check_flag, check_positive, register_mode
 
 __all__ = ["ImplicitNeumann"]
 
-_ZERO_CURVATURE = ("alpha='auto': the inner Hessian is zero along the power iteration; set alpha "
-                   "explicitly")
+_ZERO_CURVATURE = "alpha='auto': the inner Hessian is zero along the power iteration; set alpha explicitly"
 
 
 @register_mode
@@ -75,8 +81,16 @@ class ImplicitNeumann(Mode):
         if self._fast is not None:
             start = random_start(problem.theta0, _generator()) if self.alpha == "auto" else None
             fixed = None if isinstance(self.alpha, str) else float(self.alpha)
-            out = self._fast(problem, self.autocast, _solve_on_device, self.iters, fixed, self.power_iters,
-                             start, self.residual)
+            out = self._fast(
+                problem,
+                self.autocast,
+                _solve_on_device,
+                self.iters,
+                fixed,
+                self.power_iters,
+                start,
+                self.residual,
+            )
             if out is not None:
                 return self._finish_compiled(out, stats)
 
@@ -115,8 +129,15 @@ def _generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
-def _solve_on_device(operator: StationarityJacobian, v: Tensors, iters: int, alpha: float | None,
-                     power_iters: int, start: Tensors | None, residual: bool) -> SolveResult:
+def _solve_on_device(
+    operator: StationarityJacobian,
+    v: Tensors,
+    iters: int,
+    alpha: float | None,
+    power_iters: int,
+    start: Tensors | None,
+    residual: bool,
+) -> SolveResult:
     """The compiled program's solve: the power iteration (for ``alpha="auto"``, from
     ``start``) and the same series, without host synchronisation."""
     if start is None:

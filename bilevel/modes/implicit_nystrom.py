@@ -1,4 +1,5 @@
 """``implicit-nystrom``: IFT with a rank-k Nyström approximation of H (Hataya & Yamada, 2023)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,8 +11,8 @@ from .._src.implicit import implicit_hypergradient
 from .._src.problem import BilevelProblem
 from .._src.products import StationarityJacobian
 from .._src.solvers import SolveResult, nystrom
-from .._src.typing import Tensors
 from .._src.stats import Stats
+from .._src.typing import Tensors
 from .base import Mode, check_positive, register_mode
 
 __all__ = ["ImplicitNystrom"]
@@ -49,7 +50,9 @@ class ImplicitNystrom(Mode):
         elif self.generator is None or isinstance(self.generator, int):
             self._generator = torch.Generator().manual_seed(0 if self.generator is None else self.generator)
         else:
-            raise TypeError(f"option generator must be a torch.Generator or an int seed, got {self.generator!r}")
+            raise TypeError(
+                f"option generator must be a torch.Generator or an int seed, got {self.generator!r}"
+            )
 
     def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
         self.check_problem(problem)

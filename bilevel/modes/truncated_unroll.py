@@ -1,4 +1,5 @@
 """``truncated-unroll``: backpropagate through the last K inner optimizer steps only."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,8 +29,10 @@ class TruncatedUnroll(UnrolledMode):
         super().__post_init__()
         check_positive("truncate", self.truncate, integer=True)
         if self.truncate > self.steps:
-            raise ValueError(f"option truncate={self.truncate} exceeds steps={self.steps}: only steps "
-                             "that are run can carry the graph; lower truncate or raise steps")
+            raise ValueError(
+                f"option truncate={self.truncate} exceeds steps={self.steps}: only steps "
+                "that are run can carry the graph; lower truncate or raise steps"
+            )
 
     def graph_steps(self) -> int:
         return self.truncate

@@ -1,4 +1,5 @@
 """``unroll``: backpropagate through all inner optimizer steps."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -10,6 +10,7 @@ It writes one checkpoint per case (``HyperGradient.state_dict()`` after a call, 
 resumed run must reproduce. The problems are defined here, without random numbers, and
 imported by the tests.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,8 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CG_OPTIONS", "NYSTROM_OPTIONS", "UNROLL_OPTIONS", "cg_problem", "nystrom_problem",
-           "unroll_problem"]
+__all__ = [
+    "CG_OPTIONS",
+    "NYSTROM_OPTIONS",
+    "UNROLL_OPTIONS",
+    "cg_problem",
+    "nystrom_problem",
+    "unroll_problem",
+]
 
 HERE = Path(__file__).resolve().parent
 DTYPE = torch.float64
@@ -49,8 +56,11 @@ def cg_problem(step: int) -> Problem:
 
     def inner(p: dict[str, Any], h: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         residual = p["linear"](x).squeeze(-1) + p["offset"] - y
-        return (0.5 * (residual ** 2).mean() + 0.5 * (h[0].exp() * p["linear"].weight[0] ** 2).sum()
-                + 0.5 * h[1].exp() * p["offset"] ** 2)
+        return (
+            0.5 * (residual**2).mean()
+            + 0.5 * (h[0].exp() * p["linear"].weight[0] ** 2).sum()
+            + 0.5 * h[1].exp() * p["offset"] ** 2
+        )
 
     def outer(p: dict[str, Any], h: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return 0.5 * ((p["linear"](xv).squeeze(-1) + p["offset"] - yv) ** 2).mean()
@@ -72,7 +82,7 @@ def unroll_problem() -> Problem:
     lam = torch.full((4,), -1.0, dtype=DTYPE, requires_grad=True)
 
     def inner(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return 0.5 * ((x @ w - y) ** 2).mean() + 0.5 * (h.exp() * w ** 2).sum()
+        return 0.5 * ((x @ w - y) ** 2).mean() + 0.5 * (h.exp() * w**2).sum()
 
     def outer(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return 0.5 * ((xv @ w - yv) ** 2).mean()
@@ -108,8 +118,11 @@ def main() -> None:
     hg.compute(inner, outer, theta, lam)
     torch.save(hg.state_dict(), HERE / "unroll_momentum_0.1.0.pt")
     saved = theta.detach().clone()
-    expected["unroll"] = {"theta": saved, "next": hg.compute(inner, outer, theta, lam),
-                          "theta_after": theta.detach().clone()}
+    expected["unroll"] = {
+        "theta": saved,
+        "next": hg.compute(inner, outer, theta, lam),
+        "theta_after": theta.detach().clone(),
+    }
 
     hg = bilevel.HyperGradient("implicit-nystrom", **NYSTROM_OPTIONS)
     hg.compute(*nystrom_problem(0))

@@ -5,6 +5,7 @@ here knows about losses or models. In the implicit modes ``A`` is the inner Hess
 (or the transposed Jacobian ``Jᵀ`` of a non-gradient stationarity map). Each returns a
 :class:`SolveResult` with its own diagnostics: residual, verdict, breakdown and message.
 """
+
 from .cg import conjugate_gradient, conjugate_gradient_report, damped
 from .dense import dense_solve, nystrom
 from .gmres import gmres
@@ -12,7 +13,17 @@ from .neumann import neumann, neumann_report, power_iteration, power_iteration_e
 from .result import BREAKDOWNS, SolveResult
 
 __all__ = [
-    "BREAKDOWNS", "SolveResult", "conjugate_gradient", "conjugate_gradient_report", "damped", "dense_solve",
-    "gmres", "neumann", "neumann_report", "nystrom", "power_iteration", "power_iteration_estimate",
+    "BREAKDOWNS",
+    "SolveResult",
+    "conjugate_gradient",
+    "conjugate_gradient_report",
+    "damped",
+    "dense_solve",
+    "gmres",
+    "neumann",
+    "neumann_report",
+    "nystrom",
+    "power_iteration",
+    "power_iteration_estimate",
     "random_start",
 ]

@@ -5,6 +5,7 @@ early (``sync=True``); the device loop (``sync=False``, for compiled code) never
 them: an iteration that starts converged, or meets pᵀAp ≤ 0, takes a zero step instead, so
 its iterate is the host loop's up to rounding and it always makes ``iters`` products.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,8 @@ __all__ = ["NEGATIVE_CURVATURE", "conjugate_gradient", "conjugate_gradient_repor
 NEGATIVE_CURVATURE = (
     "the conjugate-gradient solve met negative curvature (pᵀHp ≤ 0): the inner Hessian is not "
     "positive definite at params (not a minimum, or a non-convex inner problem). The result used "
-    "the iterate before it; add damping, or use implicit-neumann")
+    "the iterate before it; add damping, or use implicit-neumann"
+)
 
 _State = tuple[Tensors, Tensors, Tensors, Tensor]  # x, r, p, ‖r‖²
 
@@ -34,9 +36,16 @@ def damped(matvec: MatVec, damping: float) -> MatVec:
     return lambda p: axpy(damping, p, matvec(p))
 
 
-def conjugate_gradient(matvec: MatVec, v: Tensors, iters: int, tol: float = 1e-10, damping: float = 0.0,
-                       x0: Tensors | None = None, overlap: bool | None = None,
-                       sync: bool = True) -> SolveResult:
+def conjugate_gradient(
+    matvec: MatVec,
+    v: Tensors,
+    iters: int,
+    tol: float = 1e-10,
+    damping: float = 0.0,
+    x0: Tensors | None = None,
+    overlap: bool | None = None,
+    sync: bool = True,
+) -> SolveResult:
     """Conjugate gradient for ``(A + damping·I) x = v`` with ``A`` symmetric.
 
     Stops after ``iters`` iterations or when ‖r‖ ≤ tol·‖v‖. On negative or zero curvature
@@ -72,8 +81,9 @@ def _iteration(apply: MatVec, state: _State) -> tuple[_State, Tensor]:
     return (x, r, axpy(rs_next / rs, p, r), rs_next), curvature
 
 
-def _host_loop(apply: MatVec, v: Tensors, x: Tensors, r: Tensors, iters: int, tol: float, products: int,
-               overlap: bool) -> SolveResult:
+def _host_loop(
+    apply: MatVec, v: Tensors, x: Tensors, r: Tensors, iters: int, tol: float, products: int, overlap: bool
+) -> SolveResult:
     rs = dot(r, r)
     v_norm, rs_host = torch.stack((norm(v), rs)).tolist()
     if v_norm == 0.0:
@@ -99,8 +109,9 @@ def _host_loop(apply: MatVec, v: Tensors, x: Tensors, r: Tensors, iters: int, to
         curvature, rs_host = flags.read()
         k += 1
         if not math.isfinite(curvature):
-            raise NonFiniteError(f"non-finite values in Hessian-vector product {k + offset} "
-                                 "of the conjugate-gradient solve")
+            raise NonFiniteError(
+                f"non-finite values in Hessian-vector product {k + offset} of the conjugate-gradient solve"
+            )
         if curvature <= 0.0:  # this iteration's step is discarded: keep the last iterate
             negative = True
             break
@@ -108,15 +119,23 @@ def _host_loop(apply: MatVec, v: Tensors, x: Tensors, r: Tensors, iters: int, to
     return _result(state[0], products, k, residual, tol, negative)
 
 
-def _result(x: Tensors, products: int, iters: int, residual: float, tol: float, negative: bool) -> SolveResult:
-    return SolveResult(x=x, products=products, iters=iters, residual=residual,
-                       converged=residual <= max(tol, 1e-12) and not negative,
-                       breakdown="negative_curvature" if negative else None,
-                       message=NEGATIVE_CURVATURE if negative else "")
+def _result(
+    x: Tensors, products: int, iters: int, residual: float, tol: float, negative: bool
+) -> SolveResult:
+    return SolveResult(
+        x=x,
+        products=products,
+        iters=iters,
+        residual=residual,
+        converged=residual <= max(tol, 1e-12) and not negative,
+        breakdown="negative_curvature" if negative else None,
+        message=NEGATIVE_CURVATURE if negative else "",
+    )
 
 
-def _device_loop(apply: MatVec, v: Tensors, x: Tensors, r: Tensors, iters: int, tol: float,
-                 products: int) -> SolveResult:
+def _device_loop(
+    apply: MatVec, v: Tensors, x: Tensors, r: Tensors, iters: int, tol: float, products: int
+) -> SolveResult:
     v_norm = norm(v)
     v_scale = torch.where(v_norm > 0, v_norm, torch.ones_like(v_norm))
     p, rs = r, dot(r, r)
@@ -144,8 +163,11 @@ def _device_loop(apply: MatVec, v: Tensors, x: Tensors, r: Tensors, iters: int, 
 
 def conjugate_gradient_report(result: SolveResult, tol: float) -> SolveResult:
     """The host numbers of a ``sync=False`` solve (one read of its ``info``)."""
-    residual, iters, negative = (float(result.info["residual"]), int(result.info["iters"]),
-                                 bool(result.info["negative_curvature"]))
+    residual, iters, negative = (
+        float(result.info["residual"]),
+        int(result.info["iters"]),
+        bool(result.info["negative_curvature"]),
+    )
     return _result(result.x, result.products, iters, residual, tol, negative)
 
 

@@ -1,4 +1,5 @@
 """Direct solves: a dense ``(P, P)`` system, and the Nyström low-rank approximation."""
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,10 @@ from .result import SolveResult
 
 __all__ = ["SINGULAR", "dense_solve", "nystrom"]
 
-SINGULAR = ("the linear system is numerically singular (a least-squares or pseudo-inverse solution "
-            "was used); add damping/rho or check that params is a strict minimum")
+SINGULAR = (
+    "the linear system is numerically singular (a least-squares or pseudo-inverse solution "
+    "was used); add damping/rho or check that params is a strict minimum"
+)
 
 
 def nystrom(columns: Tensor, indices: Tensor, v: Tensors, rho: float) -> SolveResult:
@@ -37,8 +40,9 @@ def nystrom(columns: Tensor, indices: Tensor, v: Tensors, rho: float) -> SolveRe
     cutoff = eigvals.abs().max() * m.shape[0] * torch.finfo(m.dtype).eps
     keep = eigvals.abs() > cutoff
     singular = bool((~keep).any())
-    inverse = torch.where(keep, 1.0 / torch.where(keep, eigvals, torch.ones_like(eigvals)),
-                          torch.zeros_like(eigvals))
+    inverse = torch.where(
+        keep, 1.0 / torch.where(keep, eigvals, torch.ones_like(eigvals)), torch.zeros_like(eigvals)
+    )
     q, r = torch.linalg.qr(c)
     rv = r @ eigvecs
     b = (rv * inverse) @ rv.T
@@ -50,10 +54,15 @@ def nystrom(columns: Tensor, indices: Tensor, v: Tensors, rho: float) -> SolveRe
     if c.shape[1] < c.shape[0]:  # the part of v outside the sampled columns' span; none at full rank
         x = x + (vf - q @ qtv) / rho
     if not bool(torch.isfinite(x).all()):
-        raise NonFiniteError("non-finite values in the Nyström solve: its core matrix is singular; "
-                             "raise rho")
-    return SolveResult(x=unflat(x, v), products=columns.shape[0], iters=1, converged=not singular,
-                       breakdown="singular" if singular else None, message=SINGULAR if singular else "")
+        raise NonFiniteError("non-finite values in the Nyström solve: its core matrix is singular; raise rho")
+    return SolveResult(
+        x=unflat(x, v),
+        products=columns.shape[0],
+        iters=1,
+        converged=not singular,
+        breakdown="singular" if singular else None,
+        message=SINGULAR if singular else "",
+    )
 
 
 def dense_solve(matrix: Tensor, v: Tensors) -> SolveResult:
@@ -74,11 +83,21 @@ def dense_solve(matrix: Tensor, v: Tensors) -> SolveResult:
     r = vf - matrix @ solution
     v_norm, x_norm, a_max = float(vf.norm()), float(solution.norm()), float(matrix.abs().max())
     eps, size = torch.finfo(matrix.dtype).eps, matrix.shape[0]
-    singular = (bool(info != 0) or not float(r.norm()) <= 1e3 * eps * size * (a_max * x_norm + v_norm)
-                or not a_max * x_norm <= v_norm / (size * eps))
+    singular = (
+        bool(info != 0)
+        or not float(r.norm()) <= 1e3 * eps * size * (a_max * x_norm + v_norm)
+        or not a_max * x_norm <= v_norm / (size * eps)
+    )
     if singular:
         solution = torch.linalg.lstsq(matrix.cpu(), vf.cpu().unsqueeze(-1)).solution.squeeze(-1).to(vf.device)
         r = vf - matrix @ solution
     residual = float(r.norm()) / v_norm if v_norm > 0 else 0.0
-    return SolveResult(x=unflat(solution, v), products=0, iters=1, residual=residual, converged=not singular,
-                       breakdown="singular" if singular else None, message=SINGULAR if singular else "")
+    return SolveResult(
+        x=unflat(solution, v),
+        products=0,
+        iters=1,
+        residual=residual,
+        converged=not singular,
+        breakdown="singular" if singular else None,
+        message=SINGULAR if singular else "",
+    )

@@ -1,4 +1,5 @@
 """GMRES for ``A x = v`` with any invertible ``A`` (no symmetry needed), without restarts."""
+
 from __future__ import annotations
 
 import math
@@ -57,7 +58,9 @@ class _Arnoldi:
         k = len(self.triangle)
         y = [0.0] * k
         for i in reversed(range(k)):
-            y[i] = (self.rhs[i] - sum(self.triangle[j][i] * y[j] for j in range(i + 1, k))) / self.triangle[i][i]
+            y[i] = (self.rhs[i] - sum(self.triangle[j][i] * y[j] for j in range(i + 1, k))) / self.triangle[
+                i
+            ][i]
         q = self.basis[0]
         return torch.stack(self.basis[:k], dim=1) @ torch.tensor(y, dtype=q.dtype, device=q.device)
 
@@ -85,5 +88,10 @@ def gmres(matvec: MatVec, v: Tensors, iters: int, tol: float = 1e-10) -> SolveRe
         if residual <= tol or below <= 1e3 * torch.finfo(b.dtype).eps * w_norm:
             break  # converged, or the Krylov space is invariant (A q_k lies in it): x is exact
         arnoldi.basis.append(w / below)
-    return SolveResult(x=unflat(arnoldi.solution(), v), products=k, iters=k, residual=residual,
-                       converged=residual <= max(tol, 1e-12))
+    return SolveResult(
+        x=unflat(arnoldi.solution(), v),
+        products=k,
+        iters=k,
+        residual=residual,
+        converged=residual <= max(tol, 1e-12),
+    )

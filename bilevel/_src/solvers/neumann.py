@@ -1,5 +1,6 @@
 """The truncated Neumann series ``A⁻¹ v ≈ α Σ_{j<K} (I − αA)ʲ v`` and the power iteration
 that picks its step."""
+
 from __future__ import annotations
 
 import math
@@ -12,19 +13,27 @@ from ..tree_math import axpy, leaf_norms, norm, scale
 from ..typing import MatVec, Tensors
 from .result import SolveResult
 
-__all__ = ["DIVERGED", "neumann", "neumann_report", "power_iteration", "power_iteration_estimate",
-           "random_start"]
+__all__ = [
+    "DIVERGED",
+    "neumann",
+    "neumann_report",
+    "power_iteration",
+    "power_iteration_estimate",
+    "random_start",
+]
 
 DIVERGED = (
     "the Neumann series diverged (its terms grew): some eigenvalue λ of the inner Hessian has "
     "|1 − αλ| ≥ 1. Either alpha is above 2/λmax (lower alpha, or use alpha='auto'), or λ < 0: "
     "the Hessian is indefinite (params is not a minimum), which no alpha fixes; train params "
     "closer to a minimum, or solve the indefinite system with implicit-exact (small problems) "
-    "or implicit-gmres")
+    "or implicit-gmres"
+)
 
 
-def neumann(matvec: MatVec, v: Tensors, iters: int, alpha: float | Tensor, residual: bool = True,
-            sync: bool = True) -> SolveResult:
+def neumann(
+    matvec: MatVec, v: Tensors, iters: int, alpha: float | Tensor, residual: bool = True, sync: bool = True
+) -> SolveResult:
     """Truncated Neumann series ``x = α Σ_{j<K} (I − αA)ʲ v`` with ``K = iters`` terms.
 
     Uses ``K`` products: ``K − 1`` for the terms and one more for the exact residual
@@ -50,8 +59,12 @@ def neumann(matvec: MatVec, v: Tensors, iters: int, alpha: float | Tensor, resid
         if j < iters:
             total = axpy(1.0, term, total)
     table = torch.stack([n for row in norms for n in row]).reshape(len(norms), -1)
-    result = SolveResult(x=scale(alpha, total), products=iters if residual else iters - 1, iters=iters,
-                         info={"norms": torch.linalg.vector_norm(table, dim=1)})
+    result = SolveResult(
+        x=scale(alpha, total),
+        products=iters if residual else iters - 1,
+        iters=iters,
+        info={"norms": torch.linalg.vector_norm(table, dim=1)},
+    )
     return neumann_report(result, float(alpha), residual) if sync else result
 
 
@@ -63,8 +76,10 @@ def neumann_report(result: SolveResult, alpha: float, residual: bool = True) -> 
     v_norm, norms_host = norms_host[0], norms_host[1:]
     for j, value in enumerate(norms_host, start=1):
         if not math.isfinite(value):
-            raise NonFiniteError(f"non-finite values in term {j} of the Neumann series (product {j}); "
-                                 f"alpha={alpha:g} may be above 2/λmax: lower it or use alpha='auto'")
+            raise NonFiniteError(
+                f"non-finite values in term {j} of the Neumann series (product {j}); "
+                f"alpha={alpha:g} may be above 2/λmax: lower it or use alpha='auto'"
+            )
     x, iters = result.x, result.iters
     if not norms_host:  # one term and no residual: x = αv, nothing to judge
         return SolveResult(x=x, products=0, iters=iters)
@@ -76,26 +91,42 @@ def neumann_report(result: SolveResult, alpha: float, residual: bool = True) -> 
     diverged = last > 1.0 or growing
     breakdown, message = ("diverged", DIVERGED) if diverged else (None, "")
     if not residual:
-        return SolveResult(x=x, products=iters - 1, iters=iters, converged=False if diverged else None,
-                           breakdown=breakdown, message=message)
-    return SolveResult(x=x, products=iters, iters=iters, residual=last, converged=last < 1.0 and not diverged,
-                       breakdown=breakdown, message=message)
+        return SolveResult(
+            x=x,
+            products=iters - 1,
+            iters=iters,
+            converged=False if diverged else None,
+            breakdown=breakdown,
+            message=message,
+        )
+    return SolveResult(
+        x=x,
+        products=iters,
+        iters=iters,
+        residual=last,
+        converged=last < 1.0 and not diverged,
+        breakdown=breakdown,
+        message=message,
+    )
 
 
-def power_iteration(matvec: MatVec, like: Tensors, iters: int = 10,
-                    generator: torch.Generator | None = None) -> float:
+def power_iteration(
+    matvec: MatVec, like: Tensors, iters: int = 10, generator: torch.Generator | None = None
+) -> float:
     """Estimate the largest |eigenvalue| of ``A`` by ``iters`` products from a random start."""
     value = float(power_iteration_estimate(matvec, random_start(like, generator), iters))
     if not math.isfinite(value):
-        raise NonFiniteError("non-finite values in the power iteration that estimates the largest "
-                             "curvature for alpha='auto'")
+        raise NonFiniteError(
+            "non-finite values in the power iteration that estimates the largest curvature for alpha='auto'"
+        )
     return value
 
 
 def random_start(like: Tensors, generator: torch.Generator | None = None) -> Tensors:
     """A random unit vector shaped like ``like``, drawn on the CPU (reproducible on any device)."""
-    u = tuple(torch.randn(t.shape, generator=generator, dtype=t.dtype, device="cpu").to(t.device)
-              for t in like)
+    u = tuple(
+        torch.randn(t.shape, generator=generator, dtype=t.dtype, device="cpu").to(t.device) for t in like
+    )
     return scale(1.0 / norm(u), u)
 
 

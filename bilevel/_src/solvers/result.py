@@ -1,4 +1,5 @@
 """What a linear solve returns: the solution and its own diagnostics."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -36,7 +37,9 @@ class SolveResult:
 
     def __post_init__(self) -> None:
         if self.breakdown is not None and self.breakdown not in BREAKDOWNS:
-            raise ValueError(f"breakdown must be None or one of {', '.join(BREAKDOWNS)}, got {self.breakdown!r}")
+            raise ValueError(
+                f"breakdown must be None or one of {', '.join(BREAKDOWNS)}, got {self.breakdown!r}"
+            )
 
     @property
     def negative_curvature(self) -> bool:

@@ -269,3 +269,21 @@ def roundtrip(state, weights_only: bool = True, **load):
 def rel_error(a: Tensor, b: Tensor) -> float:
     """‖a − b‖ / ‖b‖."""
     return float((a - b).norm() / b.norm())
+
+
+def symmetric_system(eigenvalues, seed: int = 0):
+    """A symmetric matrix with the given spectrum, its matvec on a 2-tensor tuple, and v."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(eigenvalues)
+    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    matrix = basis @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ basis.T
+    v = (
+        torch.randn(n - 2, generator=g, dtype=torch.float64),
+        torch.randn(2, generator=g, dtype=torch.float64),
+    )
+
+    def matvec(x):
+        out = matrix @ torch.cat(x)
+        return out[:-2], out[-2:]
+
+    return matrix, matvec, v

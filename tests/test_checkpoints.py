@@ -4,8 +4,6 @@ round-trips through ``torch.save``, and a loaded layout still binds the next cal
 
 import collections
 import copy
-import importlib.util
-import io
 from pathlib import Path
 
 import pytest
@@ -13,10 +11,10 @@ import torch
 
 from bilevel import HyperGradient
 
+from problems import load_script, roundtrip
+
 DATA = Path(__file__).resolve().parent / "data"
-_spec = importlib.util.spec_from_file_location("make_checkpoints", DATA / "make_checkpoints.py")
-made = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(made)  # the problems the 0.1.0 checkpoints were computed for
+made = load_script(DATA / "make_checkpoints.py")  # the problems the 0.1.0 checkpoints were computed for
 
 EXPECTED = torch.load(DATA / "expected_0.1.0.pt", weights_only=True)
 CLOSE = {"rtol": 1e-9, "atol": 1e-13}  # the next call of 0.1.0 within solver round-off
@@ -24,13 +22,6 @@ CLOSE = {"rtol": 1e-9, "atol": 1e-13}  # the next call of 0.1.0 within solver ro
 
 def _load(name, weights_only=True):
     return torch.load(DATA / name, weights_only=weights_only)
-
-
-def _roundtrip(state, weights_only=True):
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=weights_only)
 
 
 def test_the_stored_checkpoints_are_those_of_0_1_0():
@@ -137,7 +128,7 @@ def test_the_current_format_round_trips_with_other_containers():
     hg = HyperGradient("implicit-cg", **made.CG_OPTIONS)
     first = hg.compute(*_drifting(0))
     assert type(first).__name__ == "Penalties" and first.weights.shape == (4,)
-    checkpoint = _roundtrip(hg.state_dict())  # weights_only: the layout is plain data
+    checkpoint = roundtrip(hg.state_dict())  # weights_only: the layout is plain data
     assert checkpoint["format"] == 2
     assert checkpoint["layout"]["hparams_described"] == "Penalties(weights=tensor, offset=tensor)"
     expected = hg.compute(*_drifting(1))

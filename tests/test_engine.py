@@ -9,22 +9,9 @@ from bilevel import BilevelProblem, HyperGradient, HypergradientWarning, SolverB
 from bilevel.modes import ImplicitCG, ImplicitNeumann, Unroll
 from bilevel.solvers import conjugate_gradient, neumann
 
-from problems import ridge
+from problems import ridge, symmetric_system
 
 f64 = torch.float64
-
-
-def _spd(n=12, seed=0, low=1e-2):
-    g = torch.Generator().manual_seed(seed)
-    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=f64))
-    matrix = basis @ torch.diag(torch.logspace(0, torch.log10(torch.tensor(low)), n, dtype=f64)) @ basis.T
-    v = (torch.randn(n - 3, generator=g, dtype=f64), torch.randn(3, generator=g, dtype=f64))
-
-    def matvec(x):
-        out = matrix @ torch.cat(x)
-        return out[:-3], out[-3:]
-
-    return matrix, matvec, v
 
 
 def test_a_mode_object_is_the_mode_string():
@@ -122,7 +109,7 @@ def test_solvers_report_their_own_breakdowns():
 
 @pytest.mark.parametrize("start", [False, True])
 def test_one_cg_host_and_device_loops_agree(start):
-    matrix, matvec, v = _spd()
+    matrix, matvec, v = symmetric_system([10.0 ** (-k / 5) for k in range(12)])
     x0 = tuple(0.1 * t for t in v) if start else None
     host = conjugate_gradient(matvec, v, 8, tol=0.0, damping=0.3, x0=x0)
     device = conjugate_gradient(matvec, v, 8, tol=0.0, damping=0.3, x0=x0, sync=False)
@@ -140,7 +127,7 @@ def test_one_cg_host_and_device_loops_agree(start):
 
 
 def test_one_neumann_host_and_device_loops_agree():
-    _, matvec, v = _spd(low=0.2)
+    _, matvec, v = symmetric_system([0.2 + k / 10 for k in range(12)])
     host = neumann(matvec, v, 15, 0.5)
     device = bilevel._src.solvers.neumann_report(neumann(matvec, v, 15, 0.5, sync=False), 0.5)
     assert (host.residual, host.converged, host.products) == (

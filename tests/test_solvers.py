@@ -6,22 +6,9 @@ import torch
 from bilevel.errors import NonFiniteError
 from bilevel.solvers import conjugate_gradient
 
+from problems import symmetric_system
+
 f64 = torch.float64
-
-
-def _system(eigenvalues, seed=0):
-    """A symmetric matrix with the given spectrum, its matvec on a 2-tensor tuple, and v."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(eigenvalues)
-    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=f64))
-    matrix = basis @ torch.diag(torch.tensor(eigenvalues, dtype=f64)) @ basis.T
-    v = (torch.randn(n - 2, generator=g, dtype=f64), torch.randn(2, generator=g, dtype=f64))
-
-    def matvec(x):
-        out = matrix @ torch.cat(x)
-        return out[:-2], out[-2:]
-
-    return matrix, matvec, v
 
 
 SPD = [10.0 ** (-k / 3) for k in range(12)]  # κ = 2e3
@@ -29,7 +16,7 @@ INDEFINITE = [3.0, 2.0, 1.0, 0.5, -0.2, 0.1, 1.5, 2.5]
 
 
 def test_cg_solves_spd_systems_from_zero_and_from_a_start():
-    matrix, matvec, v = _system(SPD)
+    matrix, matvec, v = symmetric_system(SPD)
     exact = torch.linalg.solve(matrix, torch.cat(v))
     result = conjugate_gradient(matvec, v, 200, tol=1e-12)
     assert result.converged and torch.allclose(torch.cat(result.x), exact, rtol=1e-8, atol=1e-10)
@@ -43,14 +30,14 @@ def test_cg_solves_spd_systems_from_zero_and_from_a_start():
 
 
 def test_cg_stops_at_negative_curvature_and_says_so():
-    _, matvec, v = _system(INDEFINITE)
+    _, matvec, v = symmetric_system(INDEFINITE)
     result = conjugate_gradient(matvec, v, 20)
     assert result.negative_curvature and not result.converged and result.iters == result.products < 20
 
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_a_non_finite_product_stops_the_solve_and_names_it(overlap):
-    _, matvec, v = _system(SPD)
+    _, matvec, v = symmetric_system(SPD)
     calls = {"n": 0}
 
     def broken(x):
@@ -68,7 +55,7 @@ def test_a_non_finite_product_stops_the_solve_and_names_it(overlap):
 def test_overlapped_cg_reads_one_iteration_late_and_returns_the_same_iterate(eigenvalues, tol, iters):
     """overlap=True (the default on CUDA) queues iteration k+1 before reading iteration k: the
     same iterate, and one extra (discarded) product exactly when the solve stops early."""
-    _, matvec, v = _system(eigenvalues)
+    _, matvec, v = symmetric_system(eigenvalues)
     plain = conjugate_gradient(matvec, v, iters, tol=tol, overlap=False)
     ahead = conjugate_gradient(matvec, v, iters, tol=tol, overlap=True)
     assert all(torch.equal(a, b) for a, b in zip(plain.x, ahead.x))

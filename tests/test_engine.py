@@ -78,7 +78,7 @@ def test_the_hook_binds_modules_like_the_losses():
         (grad,) = HyperGradient(mode, **({"tol": 1e-12} if mode == "implicit-cg" else {})).solve(hook)
         torch.testing.assert_close(grad, expected, rtol=1e-8, atol=1e-12)
     fast = HyperGradient("implicit-neumann", iters=5, compile=True)
-    with pytest.warns(HypergradientWarning, match="BilevelProblem defines its own stationarity map"):
+    with pytest.warns(HypergradientWarning, match="BilevelProblem defines its own stationarity, which"):
         for _ in range(2):
             fast.solve(hook)
     assert "compiled" not in fast.stats.extra
@@ -143,3 +143,59 @@ def test_unrolled_mode_objects_keep_their_optimizer_options():
     args = (problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
     by_name = HyperGradient("unroll", steps=4, lr=0.05).compute(*args)
     assert torch.equal(HyperGradient(Unroll.from_options(steps=4, lr=0.05)).compute(*args), by_name)
+
+
+def test_a_mode_of_ones_own_that_sets_only_the_flags_still_warns_and_raises(monkeypatch):
+    """Modes written for 0.1.0 set ``stats.diverged`` (or return ``SolveResult(diverged=True)``)
+    without a breakdown name or message: the solver's standard message is used."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from bilevel.implicit import implicit_hypergradient
+    from bilevel.modes import base
+    from bilevel.solvers import SolveResult
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+    @bilevel.register_mode
+    @dataclass
+    class FlagsOnly(bilevel.Mode):
+        name: ClassVar[str] = "test-flags-only"
+        through_result: bool = False
+
+        def hypergradient(self, problem, stats):
+            if self.through_result:
+                return implicit_hypergradient(
+                    problem, lambda op, v: SolveResult(x=v, products=0, iters=0, diverged=True), stats
+                )
+            stats.diverged = True
+            return tuple(torch.zeros_like(t) for t in problem.phi0)
+
+    problem = ridge(p=3)
+    args = (problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    for through_result in (False, True):
+        with pytest.warns(HypergradientWarning, match="test-flags-only: the Neumann series diverged"):
+            HyperGradient("test-flags-only", through_result=through_result).compute(*args)
+        with pytest.raises(SolverBreakdownError, match="test-flags-only: the Neumann series diverged"):
+            HyperGradient("test-flags-only", strict=True, through_result=through_result).compute(*args)
+    result = SolveResult(x=(torch.ones(1),), products=0, iters=0, singular=True)
+    assert result.breakdown == "singular" and result.singular
+    named = SolveResult(x=(torch.ones(1),), products=0, iters=0, breakdown="diverged")
+    assert named.diverged and not named.singular
+    with pytest.raises(ValueError, match="breakdown must be None or one of"):
+        SolveResult(x=(torch.ones(1),), products=0, iters=0, breakdown="exploded")
+
+
+def test_containers_the_pytree_registry_does_not_know_are_read_as_plain_ones():
+    """A subclass of dict or list (0.1.0 read it as the plain container; so does this)."""
+    MyDict, MyList = type("MyDict", (dict,), {}), type("MyList", (list,), {})
+    problem = ridge(p=3)
+    args = (problem.inner_loss, problem.outer_loss, problem.params_star())
+    expected = HyperGradient("implicit-exact").compute(*args, problem.hparams)
+    got = HyperGradient("implicit-exact").compute(
+        lambda w, h: problem.inner_loss(w, h["a"][0]),
+        lambda w, h: problem.outer_loss(w, h["a"][0]),
+        args[2],
+        MyDict(a=MyList([problem.hparams])),
+    )
+    assert type(got) is dict and type(got["a"]) is list and torch.equal(got["a"][0], expected)

@@ -12,6 +12,7 @@ from ..modes.base import Mode, get_mode
 from .checkpoint import check_state_devices, differences, layout_of, pack, upgrade
 from .errors import HypergradientWarning, SolverBreakdownError
 from .problem import BilevelProblem
+from .solvers import BREAKDOWNS, MESSAGES
 from .stats import Stats
 from .typing import Closure, Tensors
 
@@ -136,13 +137,14 @@ class HyperGradient:
         self._layout, self._layout_source = layout, "the last call"
 
     def _report(self, stats: Stats) -> None:
-        if stats.breakdown is not None:  # the solver's own account of what went wrong
-            message = f"{stats.mode}: {stats.breakdown_message or stats.breakdown}"
+        # the solver's own account of what went wrong; a mode of one's own may set only the flags
+        kinds = [stats.breakdown] if stats.breakdown else [k for k in BREAKDOWNS if getattr(stats, k)]
+        for kind in kinds:
+            explanation = stats.breakdown_message if kind == stats.breakdown else ""
+            message = f"{stats.mode}: {explanation or MESSAGES.get(kind, kind)}"
             if self.strict:
                 raise SolverBreakdownError(message)
-            self._warn_once(
-                stats.breakdown, f"{message} (warned once per HyperGradient; pass strict=True to raise)"
-            )
+            self._warn_once(kind, f"{message} (warned once per HyperGradient; pass strict=True to raise)")
         if stats.extra.get("hparams_unused_by_inner"):
             self._warn_once(
                 "unused",

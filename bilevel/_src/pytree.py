@@ -161,6 +161,9 @@ def flatten(obj: Any, argument: str) -> tuple[Tensors, Tree]:
     Containers are those registered with ``torch.utils._pytree`` (dicts keep their order).
     """
     leaves, call_spec = pytree.tree_flatten(obj)
+    if any(_unknown_container(leaf) for leaf in leaves):
+        obj = pytree.tree_map(_as_plain, obj)
+        leaves, call_spec = pytree.tree_flatten(obj)
     if all(isinstance(leaf, Tensor) for leaf in leaves):  # no module: one pass suffices
         if not leaves:
             raise _empty(obj, argument)
@@ -184,6 +187,22 @@ def flatten(obj: Any, argument: str) -> tuple[Tensors, Tree]:
             raise _bad_leaf(leaf, _paths(obj, argument, len(leaves))[i])
     flat, spec = pytree.tree_flatten(pytree.tree_unflatten(nodes, call_spec))
     return tuple(flat), Tree(spec, call_spec, tuple(modules), tuple(plan))
+
+
+def _unknown_container(leaf: Any) -> bool:
+    """A subclass of dict, list or tuple that torch's pytree registry does not know."""
+    return isinstance(leaf, (dict, list, tuple)) and not isinstance(leaf, Tensor)
+
+
+def _as_plain(leaf: Any) -> Any:
+    """Such a subclass as the plain container (its contents likewise), as 0.1.0 read it; the
+    result comes back in the plain container too."""
+    if isinstance(leaf, dict):
+        return {key: pytree.tree_map(_as_plain, value) for key, value in leaf.items()}
+    if isinstance(leaf, (list, tuple)):
+        items = [pytree.tree_map(_as_plain, value) for value in leaf]
+        return items if isinstance(leaf, list) else tuple(items)
+    return leaf
 
 
 def _module_node(module: nn.Module, path: Callable[[], str]) -> _Module:
@@ -218,13 +237,6 @@ def _empty(obj: Any, argument: str) -> ValueError:
 
 def _bad_leaf(leaf: Any, path: str) -> TypeError:
     name = type(leaf).__name__
-    if isinstance(leaf, (dict, list, tuple)):  # a subclass the pytree registry does not know
-        base = next(t for t in (dict, list, tuple) if isinstance(leaf, t)).__name__
-        return TypeError(
-            f"{path}: got a {name}, a subclass of {base} that torch.utils._pytree does "
-            f"not know; pass a plain {base} (e.g. {base}(...) of it) or register {name} "
-            "with torch.utils._pytree.register_pytree_node"
-        )
     if hasattr(leaf, "__next__") or (hasattr(leaf, "__iter__") and not isinstance(leaf, (str, bytes))):
         return TypeError(
             f"{path}: got an iterator/generator ({name}); pass a list, "

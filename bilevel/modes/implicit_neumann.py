@@ -80,7 +80,7 @@ class ImplicitNeumann(Mode):
         self.check_problem(problem)
         if self._fast is not None:
             start = random_start(problem.theta0, _generator()) if self.alpha == "auto" else None
-            fixed = None if isinstance(self.alpha, str) else float(self.alpha)
+            fixed = None if isinstance(self.alpha, str) else self.alpha
             out = self._fast(
                 problem,
                 self.autocast,
@@ -99,7 +99,7 @@ class ImplicitNeumann(Mode):
                 largest = power_iteration(operator.matvec, v, self.power_iters, _generator())
                 alpha = self._auto_alpha(largest, stats)
             else:
-                alpha = float(self.alpha)
+                alpha = self.alpha
             stats.extra["alpha"] = alpha
             return neumann(operator.matvec, v, self.iters, alpha, self.residual)
 
@@ -117,7 +117,7 @@ class ImplicitNeumann(Mode):
         if isinstance(self.alpha, str):
             alpha = self._auto_alpha(float(info["lambda_max"]), stats)
         else:
-            alpha = float(self.alpha)
+            alpha = self.alpha
         stats.extra["alpha"] = alpha
         result = neumann_report(SolveResult(x, 0, self.iters, info=info), alpha, self.residual)
         hvps = result.products + (self.power_iters if self.alpha == "auto" else 0)

@@ -6,14 +6,25 @@ here knows about losses or models. In the implicit modes ``A`` is the inner Hess
 :class:`SolveResult` with its own diagnostics: residual, verdict, breakdown and message.
 """
 
-from .cg import conjugate_gradient, conjugate_gradient_report, damped
-from .dense import dense_solve, nystrom
+from .cg import NEGATIVE_CURVATURE, conjugate_gradient, conjugate_gradient_report, damped
+from .dense import SINGULAR, dense_solve, nystrom
 from .gmres import gmres
-from .neumann import neumann, neumann_report, power_iteration, power_iteration_estimate, random_start
+from .neumann import (
+    DIVERGED,
+    neumann,
+    neumann_report,
+    power_iteration,
+    power_iteration_estimate,
+    random_start,
+)
 from .result import BREAKDOWNS, SolveResult
+
+#: each breakdown's explanation, as its solver gives it (for a solve that sets only the flag)
+MESSAGES = {"negative_curvature": NEGATIVE_CURVATURE, "diverged": DIVERGED, "singular": SINGULAR}
 
 __all__ = [
     "BREAKDOWNS",
+    "MESSAGES",
     "SolveResult",
     "conjugate_gradient",
     "conjugate_gradient_report",

@@ -21,9 +21,10 @@ class SolveResult:
     ``products`` counts products with ``A``; ``residual`` is ‖v − A x‖ / ‖v‖ where the solver
     knows it (None otherwise); ``converged`` is the solver's own verdict (None where it has no
     test). ``breakdown`` names what went wrong (one of :data:`BREAKDOWNS`, or None) and
-    ``message`` explains it and names the fix. A solve that runs without host
-    synchronisation (``sync=False``) leaves the host numbers unset and keeps its diagnostics
-    as device tensors in ``info``; the solver's ``*_report`` function reads them.
+    ``message`` explains it and names the fix; the flags ``negative_curvature``, ``diverged``
+    and ``singular`` say the same (a solve may set either: each sets the other). A solve that
+    runs without host synchronisation (``sync=False``) leaves the host numbers unset and keeps
+    its diagnostics as device tensors in ``info``; the solver's ``*_report`` function reads them.
     """
 
     x: Tensors
@@ -31,27 +32,19 @@ class SolveResult:
     iters: int
     residual: float | None = None
     converged: bool | None = None
+    negative_curvature: bool = False
+    diverged: bool = False
+    singular: bool = False
     breakdown: str | None = None
     message: str = ""
     info: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if self.breakdown is not None and self.breakdown not in BREAKDOWNS:
+        if self.breakdown is None:  # a solve that set a flag: the first one set names it
+            self.breakdown = next((kind for kind in BREAKDOWNS if getattr(self, kind)), None)
+        elif self.breakdown in BREAKDOWNS:
+            setattr(self, self.breakdown, True)
+        else:
             raise ValueError(
                 f"breakdown must be None or one of {', '.join(BREAKDOWNS)}, got {self.breakdown!r}"
             )
-
-    @property
-    def negative_curvature(self) -> bool:
-        """The conjugate-gradient solve met pᵀAp ≤ 0 (``A`` is not positive definite)."""
-        return self.breakdown == "negative_curvature"
-
-    @property
-    def diverged(self) -> bool:
-        """An iteration grew instead of shrinking."""
-        return self.breakdown == "diverged"
-
-    @property
-    def singular(self) -> bool:
-        """The system (or a core matrix) was numerically singular: a pseudo-inverse was used."""
-        return self.breakdown == "singular"

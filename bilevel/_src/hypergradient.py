@@ -67,7 +67,8 @@ class HyperGradient:
         Args:
             inner_loss: ``f(params, hparams) -> scalar`` (the training loss).
             outer_loss: ``g(params, hparams) -> scalar`` (the validation loss).
-            params: θ: a tensor, a tuple/list/dict of tensors or an ``nn.Module``. Implicit
+            params: θ: a tensor, an ``nn.Module``, or a pytree of them (tuples, lists, dicts,
+                named tuples, ...: the containers ``torch.utils._pytree`` knows). Implicit
                 modes assume it is (close to) a minimiser of ``inner_loss``.
             hparams: φ: same kinds as ``params``; its tensors must require grad.
         """
@@ -95,8 +96,9 @@ class HyperGradient:
                     leaf.grad.add_(grad)
 
     def solve(self, problem: BilevelProblem) -> Tensors:
-        """The hypergradient of a prepared :class:`~bilevel.problem.BilevelProblem`, flat and
-        aligned with ``problem.phi0`` (for adapters that build their own problems)."""
+        """The hypergradient of a prepared :class:`~bilevel.BilevelProblem` (one with a
+        ``stationarity`` map, say), flat and aligned with ``problem.phi0``; for adapters that
+        build their own problems."""
         return self._run(problem)
 
     def _run(self, problem: BilevelProblem) -> Tensors:

@@ -46,7 +46,7 @@ class BilevelProblem:
     Args:
         inner_loss: ``f(params, hparams) -> scalar``; may be None when ``stationarity`` is given.
         outer_loss: ``g(params, hparams) -> scalar``.
-        params: θ: a tensor, a tuple/list/dict of tensors or an ``nn.Module``.
+        params: θ: a tensor, an ``nn.Module``, or a pytree of them (see ``HyperGradient.compute``).
         hparams: φ: same kinds as ``params``.
         stationarity: the extension hook for inner problems whose solution is not the
             minimiser of one loss: ``G(params, hparams)``, with ``θ*(φ)`` defined by

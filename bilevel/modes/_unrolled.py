@@ -87,7 +87,7 @@ class UnrolledMode(Mode):
         graph of the unrolled steps holds (any device; costs a hook per saved tensor).
     compile: run the call as one compiled program (``torch.compile``; a CUDA graph on CUDA)
         after a first eager call; ``True`` or a dict of ``torch.compile`` keywords (see
-        :mod:`bilevel.compiled`). For ``torch.optim.SGD`` (``lr``, ``momentum``,
+        :mod:`bilevel._src.compiled`). For ``torch.optim.SGD`` (``lr``, ``momentum``,
         ``dampening``, ``weight_decay``, ``nesterov``, ``maximize``, as numbers or
         hyperparameters), written directly in ``torch.func`` on either backend; other
         optimizers, ``measure_memory`` and ``update_params`` with momentum run eagerly, with

@@ -37,7 +37,7 @@ class ImplicitCG(Mode):
             needs fewer products (benchmarks/warm_start.py measures it).
         compile: run the call as one compiled program (``torch.compile``; a CUDA graph on
             CUDA) after a first eager call; ``True`` or a dict of ``torch.compile`` keywords.
-            The solve then always makes ``iters`` products (see :mod:`bilevel.compiled`).
+            The solve then always makes ``iters`` products (see :mod:`bilevel._src.compiled`).
         autocast: ``torch.bfloat16`` (or ``torch.float16``): build the inner gradient graph
             under ``torch.autocast``, so the Hessian products run in that precision while the
             solver accumulates in the params' dtype (opt-in; ``benchmarks/precision.py``

@@ -47,7 +47,7 @@ class ImplicitNeumann(Mode):
         power_iters: power iterations for ``alpha="auto"`` (default 10).
         compile: run the call as one compiled program (``torch.compile``; a CUDA graph on
             CUDA) after a first eager call; ``True`` or a dict of ``torch.compile`` keywords
-            (see :mod:`bilevel.compiled`).
+            (see :mod:`bilevel._src.compiled`).
         autocast: ``torch.bfloat16`` (or ``torch.float16``): build the inner gradient graph
             under ``torch.autocast``, so the Hessian products run in that precision while the
             solver accumulates in the params' dtype (opt-in; ``benchmarks/precision.py``

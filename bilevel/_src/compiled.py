@@ -69,7 +69,7 @@ class CompiledPath:
         if not problem.traceable:
             # the programs rebuild the problem from its closures and ∇θ f; a problem with its
             # own stationarity map or evaluation would be silently misread
-            what = ", ".join(problem._redefines) or "stationarity"
+            what = ", ".join(problem.redefined) or "stationarity"
             self._warn_once(
                 "subclass",
                 f"{type(problem).__name__} defines its own {what}, which "

@@ -67,8 +67,8 @@ class BilevelProblem:
     """
 
     symmetric = True  # the stationarity map is a gradient, so its Jacobian is symmetric
-    #: evaluation methods a subclass redefines (then a compiled program cannot rebuild it)
-    _redefines: ClassVar[tuple[str, ...]] = ()
+    #: the evaluation methods a subclass redefines (then a compiled program cannot rebuild it)
+    redefined: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -77,7 +77,7 @@ class BilevelProblem:
             for n in ("stationarity", "call", "_evaluate", "leaf_copies", "inner", "outer")
             if n in cls.__dict__
         )
-        cls._redefines = tuple(dict.fromkeys(cls._redefines + own))
+        cls.redefined = tuple(dict.fromkeys(cls.redefined + own))
 
     def __init__(
         self,
@@ -298,7 +298,7 @@ class BilevelProblem:
         """Whether a compiled program may rebuild the problem from its closures alone, with
         ``G = ∇θ f``: False for a ``stationarity`` map, or a subclass that redefines how
         the problem is evaluated."""
-        return self.stationarity_map is None and not self._redefines
+        return self.stationarity_map is None and not self.redefined
 
     def stationarity(self, theta: Tensors, phi: Tensors) -> Tensors:
         """G(θ, φ) with its graph (``create_graph=True``), one tensor per θ leaf: ``∇θ f``, or

@@ -161,7 +161,7 @@ def flatten(obj: Any, argument: str) -> tuple[Tensors, Tree]:
     Containers are those registered with ``torch.utils._pytree`` (dicts keep their order).
     """
     leaves, call_spec = pytree.tree_flatten(obj)
-    if any(_unknown_container(leaf) for leaf in leaves):
+    if any(isinstance(leaf, (dict, list, tuple)) for leaf in leaves):  # subclasses pytree does not know
         obj = pytree.tree_map(_as_plain, obj)
         leaves, call_spec = pytree.tree_flatten(obj)
     if all(isinstance(leaf, Tensor) for leaf in leaves):  # no module: one pass suffices
@@ -187,11 +187,6 @@ def flatten(obj: Any, argument: str) -> tuple[Tensors, Tree]:
             raise _bad_leaf(leaf, _paths(obj, argument, len(leaves))[i])
     flat, spec = pytree.tree_flatten(pytree.tree_unflatten(nodes, call_spec))
     return tuple(flat), Tree(spec, call_spec, tuple(modules), tuple(plan))
-
-
-def _unknown_container(leaf: Any) -> bool:
-    """A subclass of dict, list or tuple that torch's pytree registry does not know."""
-    return isinstance(leaf, (dict, list, tuple)) and not isinstance(leaf, Tensor)
 
 
 def _as_plain(leaf: Any) -> Any:

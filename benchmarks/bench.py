@@ -153,9 +153,9 @@ def floor_implicit(solver: str):
     return run
 
 
-def floor_unroll(inner, outer, params, logs):
+def floor_unroll(inner, outer, params, logs, steps=STEPS):
     ps, ls = leaves(params), leaves(logs)
-    for _ in range(STEPS):
+    for _ in range(steps):
         grads = torch.autograd.grad(inner(ps, ls), ps, create_graph=True)
         ps = tuple(p - LR * g for p, g in zip(ps, grads))
     return torch.autograd.grad(outer(ps, ls), ls)
@@ -187,22 +187,22 @@ def torchopt_implicit(solver: str):
     return run
 
 
-def torchopt_unroll(inner, outer, params, logs):
+def torchopt_unroll(inner, outer, params, logs, steps=STEPS):
     ps, ls = leaves(params), leaves(logs)
     opt = torchopt.sgd(LR)
     state = opt.init(ps)
-    for _ in range(STEPS):
+    for _ in range(steps):
         grads = torch.autograd.grad(inner(ps, ls), ps, create_graph=True)
         updates, state = opt.update(grads, state, inplace=False)
         ps = torchopt.apply_updates(ps, updates, inplace=False)
     return torch.autograd.grad(outer(ps, ls), ls)
 
 
-def higher_unroll(inner, outer, params, logs):
+def higher_unroll(inner, outer, params, logs, steps=STEPS):
     ps, ls = leaves(params), leaves(logs)
     diffopt = higher.optim.DifferentiableSGD(torch.optim.SGD(list(ps), lr=LR), list(ps))
     ps = list(ps)
-    for _ in range(STEPS):
+    for _ in range(steps):
         ps = diffopt.step(inner(ps, ls), params=ps)
     return torch.autograd.grad(outer(ps, ls), ls)
 

@@ -5,21 +5,33 @@ Hessian (or the transposed Jacobian of a stationarity map).
 """
 
 from ._src.solvers import (
+    Sketch,
     SolveResult,
+    column_sketch,
     conjugate_gradient,
+    damping_ramp,
     dense_solve,
+    gaussian_sketch,
     gmres,
+    minres,
     neumann,
-    nystrom,
+    nystrom_preconditioner,
     power_iteration,
+    sketch_solve,
 )
 
 __all__ = [
+    "Sketch",
     "SolveResult",
+    "column_sketch",
     "conjugate_gradient",
+    "damping_ramp",
     "dense_solve",
+    "gaussian_sketch",
     "gmres",
+    "minres",
     "neumann",
-    "nystrom",
+    "nystrom_preconditioner",
     "power_iteration",
+    "sketch_solve",
 ]

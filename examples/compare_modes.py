@@ -7,8 +7,9 @@ Inner: training cross-entropy + ½ Σⱼ exp(φⱼ) ‖W[:, j]‖². Outer: vali
 1. Solve the inner problem to machine precision (float64, L-BFGS), take the exact
    hypergradient (dense Hessian solve) as the reference, and for every registered mode and a
    sweep of its budget report relative error and cosine against it, Hessian-vector products,
-   median wall time and the memory held by autograd graphs. Prints a table and saves a plot
-   of error against time, one line per mode.
+   median wall time and the memory held: by autograd graphs, plus the states that a
+   checkpointed unroll (``checkpoint="auto"``, rows of its own) stores between them. Prints
+   a table and saves a plot of error against time, one line per mode.
 2. Run a short hyperparameter optimisation with a few modes; print validation and test loss
    and accuracy before and after.
 
@@ -46,6 +47,12 @@ SWEEPS = {
 # directions (error > 1) at every rank below 400 (measured with this script's problem).
 FIXED = {"truncated-unroll": {"steps": 100}, "implicit-nystrom": {"rho": 0.3}}
 QUICK_SWEEPS = {name: (option, values[:2]) for name, (option, values) in SWEEPS.items()}
+# Other ways to run a mode, with the budgets swept: (mode, tag, options, budgets). The
+# checkpointed unroll gives the plain unroll's result in memory that grows with √steps;
+# forward mode (direction="forward") is left out: with 64 hyperparameters it would carry 64
+# tangents, about 64 times the unroll's time (it suits a few learning rates or decays).
+VARIANTS = [("unroll", "ckpt=auto", {"checkpoint": "auto"}, [80])]
+QUICK_VARIANTS = [("unroll", "ckpt=auto", {"checkpoint": "auto"}, [5])]
 
 
 def load_data(device: str, seed: int = 0):
@@ -109,7 +116,8 @@ def evaluate(params, data):
 
 
 def time_mode(hg, args, repeats):
-    """Median seconds of ``repeats`` calls, the last result, and the graph memory it held."""
+    """Median seconds of ``repeats`` calls, the last result, and the memory it held: the
+    graph's peak, plus the segment starts a checkpointed unroll stores outside it."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -117,7 +125,7 @@ def time_mode(hg, args, repeats):
         times.append(time.perf_counter() - start)
     with SavedTensorMemory() as meter:
         hg.compute(*args)
-    return grad, statistics.median(times), meter.peak
+    return grad, statistics.median(times), meter.peak + hg.stats.extra.get("checkpoint_bytes", 0)
 
 
 def compare(args, inner_loss, outer_loss, params, log_decay):
@@ -136,9 +144,14 @@ def compare(args, inner_loss, outer_loss, params, log_decay):
                 options[option] = value
             if mode in ("unroll", "truncated-unroll"):
                 options["lr"] = args.inner_lr
-            jobs.append((mode, option, value, options))
+            jobs.append((mode, option, value, options, mode))
+    for mode, tag, extra, values in QUICK_VARIANTS if args.quick else VARIANTS:
+        option = sweeps[mode][0]
+        for value in values:
+            options = {**FIXED.get(mode, {}), "lr": args.inner_lr, option: value, **extra}
+            jobs.append((mode, option, value, options, f"{mode} ({tag})"))
     rows = []
-    for mode, option, value, options in tqdm(jobs, desc="modes x budgets", leave=False, disable=None):
+    for mode, option, value, options, line in tqdm(jobs, desc="modes x budgets", leave=False, disable=None):
         hg = HyperGradient(mode, **options)
         with bilevel_quiet():
             grad, seconds, graph_bytes = time_mode(
@@ -147,7 +160,9 @@ def compare(args, inner_loss, outer_loss, params, log_decay):
         error = float((grad - exact).norm() / exact.norm())
         cosine = float(F.cosine_similarity(grad.flatten(), exact.flatten(), dim=0))
         budget = f"{option}={value}" if option else "defaults"
-        rows.append((mode, budget, error, cosine, hg.stats.hvps, seconds, graph_bytes))
+        if line != mode:  # a variant: its tag
+            budget += f",{line[len(mode) + 2 : -1]}"
+        rows.append((mode, budget, error, cosine, hg.stats.hvps, seconds, graph_bytes, line))
     return rows
 
 
@@ -167,13 +182,13 @@ class bilevel_quiet:
 
 def print_table(rows):
     print(
-        f"\n{'mode':<18} {'budget':<14} {'rel. error':>10} {'cosine':>8} {'HVPs':>6} {'time ms':>8} "
-        f"{'graph MiB':>9}"
+        f"\n{'mode':<18} {'budget':<18} {'rel. error':>10} {'cosine':>8} {'HVPs':>6} {'time ms':>8} "
+        f"{'memory MiB':>10}"
     )
-    for mode, budget, error, cosine, hvps, seconds, graph_bytes in rows:
+    for mode, budget, error, cosine, hvps, seconds, held_bytes, _ in rows:
         print(
-            f"{mode:<18} {budget:<14} {error:10.2e} {cosine:8.4f} {hvps:6d} {seconds * 1e3:8.1f} "
-            f"{graph_bytes / 2**20:9.2f}"
+            f"{mode:<18} {budget:<18} {error:10.2e} {cosine:8.4f} {hvps:6d} {seconds * 1e3:8.1f} "
+            f"{held_bytes / 2**20:10.2f}"
         )
 
 
@@ -184,9 +199,9 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for mode in dict.fromkeys(r[0] for r in rows):
-        points = [(r[5] * 1e3, max(r[2], 1e-17)) for r in rows if r[0] == mode]  # budget order
-        ax.plot(*zip(*points), marker="o", label=mode)
+    for line in dict.fromkeys(r[7] for r in rows):
+        points = [(r[5] * 1e3, max(r[2], 1e-17)) for r in rows if r[7] == line]  # budget order
+        ax.plot(*zip(*points), marker="o", label=line)
     ax.set(
         xscale="log",
         yscale="log",

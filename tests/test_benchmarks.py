@@ -53,3 +53,42 @@ def test_ratio_interval_is_the_binomial_order_statistic_interval():
         times = [float(i) for i in range(n, 0, -1)]  # unsorted on purpose
         assert bench.ratio_interval(times, [1.0] * n) == expected
     assert bench.paired_ratio([2.0, 9.0, 3.0], [1.0, 3.0, 1.0]) == 3.0  # ratios 2, 3, 3
+
+
+@pytest.mark.slow
+def test_unroll_memory_quick_run_agrees_and_bounds_the_memory(capsys):
+    """benchmarks/unroll_memory.py: every implementation computes the plain unroll's
+    hypergradient, the checkpointed one holds less, and forward mode's memory is flat."""
+    import torch
+
+    load_script(SCRIPT)  # bench, which the script imports
+    threads = torch.get_num_threads()
+    rows = load_script(SCRIPT.parent / "unroll_memory.py").main(["--quick"])
+    assert torch.get_num_threads() == threads  # the script's settings do not leak
+    names = {row["implementation"] for row in rows}
+    assert names == {"ours", "ours (ckpt)", "torchopt", "higher", "ours (1)", "ours (fwd, 1)"}
+    for row in rows:
+        assert row["diff"] < 1e-4 and row["seconds"] > 0, row  # float32, the same steps
+        if row["implementation"] == "ours (ckpt)":
+            assert row["memory_ratio"] < 1 and row["k"] == {4: 2, 9: 3}[row["steps"]], row
+    forward = [row["held"] for row in rows if row["implementation"] == "ours (fwd, 1)"]
+    assert len(forward) == 2 and forward[0] == forward[1]
+    assert "/plain" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_first_order_quick_run_matches_autograd_products(capsys):
+    """benchmarks/first_order.py --quick: with the default step, finite-difference products give
+    the autograd products' hypergradient to 1e-6 relative in float64 (both solvers), and the
+    cost table reports two gradient evaluations per product (20 products and the mixed one)."""
+    load_script(SCRIPT)  # first_order imports bench
+    module = load_script(SCRIPT.parent / "first_order.py")
+    rows = module.main(["--quick"])
+    accuracy = [r for r in rows if isinstance(r, module.AccuracyRow)]
+    default64 = {r.algorithm: r.error for r in accuracy if r.default and r.dtype == "float64"}
+    assert set(default64) == {"cg", "neumann"}
+    assert all(error < 1e-6 for error in default64.values()), default64
+    cost = [r for r in rows if isinstance(r, module.CostRow) and r.hvp == "finite-difference"]
+    assert {r.algorithm for r in cost} == {"cg", "neumann"}
+    assert all(r.evaluations == 2 * (r.products + 1) and r.seconds > 0 for r in cost)
+    assert "relative error of finite-difference products" in capsys.readouterr().out

@@ -46,7 +46,8 @@ def test_nystrom_full_rank_matches_exact():
     hg = HyperGradient("implicit-nystrom", rank=8, rho=1e-9)
     grad = hg.compute(problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
     assert rel_error(grad, problem.exact_hypergradient()) < 1e-6
-    assert hg.stats.hvps == 8 and not hg.stats.singular
+    assert hg.stats.hvps == 8 + 1 and not hg.stats.singular  # the columns and the residual
+    assert hg.stats.converged and hg.stats.residual < 1e-6
 
 
 def test_nystrom_rank_is_capped_and_low_rank_is_an_approximation():
@@ -54,11 +55,15 @@ def test_nystrom_rank_is_capped_and_low_rank_is_an_approximation():
     exact = problem.exact_hypergradient()
     hg = HyperGradient("implicit-nystrom", rank=100, rho=1e-9)
     hg.compute(problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
-    assert hg.stats.hvps == 8
+    assert hg.stats.hvps == 8 + 1  # the capped rank and the residual
     low = HyperGradient("implicit-nystrom", rank=3, rho=0.1).compute(
         problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams
     )
     assert rel_error(low, exact) > 1e-3 and bool(torch.isfinite(low).all())
+    hg = HyperGradient("implicit-nystrom", rank=3, rho=0.1)
+    with pytest.warns(HypergradientWarning, match="stopped above its tolerance"):
+        hg.compute(problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    assert hg.stats.converged is False and hg.stats.residual > 1e-3
 
 
 def test_errors_shrink_with_budget():

@@ -25,7 +25,8 @@ __all__ = [
 
 
 class NoDoubleBackwardError(TypeError):
-    """An op in a loss has no second derivative in PyTorch, which every mode needs."""
+    """An op in a loss has no second derivative in PyTorch, which the mode's products need;
+    ``hvp="finite-difference"`` and ``mode="penalty"`` need first derivatives only."""
 
 
 class NonFiniteError(FloatingPointError):
@@ -58,7 +59,9 @@ class FiniteChecks:
         self._pending: list[tuple[list[Tensor], str]] = []
 
     def add(self, tensors: Sequence[Tensor | None], where: str) -> None:
-        present = [t for t in tensors if t is not None and (t.is_floating_point() or t.is_complex())]
+        # detached: a check reads values only, and must not keep a loss's graph alive until
+        # the block ends (a finite-difference call evaluates the loss at many points)
+        present = [t.detach() for t in tensors if t is not None and (t.is_floating_point() or t.is_complex())]
         if present:
             self._pending.append((present, where))
 
@@ -139,8 +142,9 @@ class second_order_guard:  # noqa: N801 (used as a function: ``with second_order
         op = match.group(1) if match else "an op in the loss"
         raise NoDoubleBackwardError(
             f"{self.what} needs the second derivative of {op!r}, which PyTorch does not implement. "
-            "Every hypergradient mode differentiates the inner gradient, so replace that op by a "
-            "twice-differentiable equivalent (write it from elementary tensor ops); if it touches "
-            "only params and not hparams, mode='implicit-identity' avoids Hessian-vector "
-            f"products altogether. Original error: {message}"
+            "Ways out that need first derivatives only: hvp='finite-difference' on an implicit "
+            "mode (its Hessian products become differences of gradients, e.g. "
+            "HyperGradient('implicit-cg', hvp='finite-difference')), or mode='penalty' (a "
+            "first-order penalty method, biased by O(1/penalty)); or replace the op by a "
+            f"twice-differentiable equivalent. Original error: {message}"
         ) from error

@@ -13,7 +13,7 @@ from .checkpoint import check_state_devices, differences, layout_of, pack, upgra
 from .errors import HypergradientWarning, SolverBreakdownError
 from .problem import BilevelProblem
 from .solvers import BREAKDOWNS, MESSAGES
-from .stats import Stats
+from .stats import Stats, not_converged
 from .typing import Closure, Tensors
 
 __all__ = ["HyperGradient"]
@@ -26,7 +26,8 @@ class HyperGradient:
         mode: a name from :func:`bilevel.available_modes` (default ``"implicit-cg"``), or a
             mode object such as ``ImplicitCG(iters=20)`` (then ``options`` must be empty).
         strict: raise :class:`~bilevel.errors.SolverBreakdownError` instead of warning when a
-            solver diverges, meets negative curvature or a singular system.
+            solver diverges, meets negative curvature or a singular system, or stops above
+            its tolerance (``stats.converged`` False).
         **options: the mode's options (see each mode's docstring); unknown ones raise
             ``TypeError``.
 
@@ -141,9 +142,12 @@ class HyperGradient:
     def _report(self, stats: Stats) -> None:
         # the solver's own account of what went wrong; a mode of one's own may set only the flags
         kinds = [stats.breakdown] if stats.breakdown else [k for k in BREAKDOWNS if getattr(stats, k)]
+        if not kinds and stats.converged is False:  # measured above its tolerance
+            kinds = ["not_converged"]
         for kind in kinds:
             explanation = stats.breakdown_message if kind == stats.breakdown else ""
-            message = f"{stats.mode}: {explanation or MESSAGES.get(kind, kind)}"
+            fallback = not_converged(stats.residual) if kind == "not_converged" else MESSAGES.get(kind, kind)
+            message = f"{stats.mode}: {explanation or fallback}"
             if self.strict:
                 raise SolverBreakdownError(message)
             self._warn_once(kind, f"{message} (warned once per HyperGradient; pass strict=True to raise)")

@@ -9,6 +9,8 @@ A call is a :class:`Linearization` at (θ, φ) (the right-hand side ∂g/∂θ, 
 ∂g/∂φ and the product operator), a linear solve with that operator, and :func:`combine`.
 The eager path linearizes with autograd (:func:`linearize`), the compiled path with
 ``torch.func`` (:func:`linearize_traced`); both then run the same solvers and ``combine``.
+With ``ProductRule("finite-difference")`` both linearize from first-order gradients only
+(:meth:`StationarityJacobian.from_differences`): no second derivative is taken anywhere.
 """
 
 from __future__ import annotations
@@ -23,17 +25,19 @@ from torch import Tensor
 
 from .errors import check_finite, deferred_finite_checks
 from .problem import BilevelProblem
-from .products import StationarityJacobian
+from .products import ProductRule, StationarityJacobian, Wrt
 from .solvers import SolveResult
 from .stats import Stats
 from .tree_math import axpy, scale
 from .typing import Tensors
 
 __all__ = [
+    "AUTOGRAD",
     "LOW_PRECISION",
     "Linearization",
     "Solve",
     "check_autocast",
+    "check_differences",
     "combine",
     "finish_compiled",
     "implicit_hypergradient",
@@ -42,12 +46,14 @@ __all__ = [
     "linearize_traced",
     "low_precision",
     "outer_gradients",
+    "record_rule",
     "subtract_mixed",
 ]
 
 #: ``solve(operator, v) -> SolveResult``: ``x ≈ (Jᵀ)⁻¹ v`` from products with ``operator``
 Solve = Callable[[StationarityJacobian, Tensors], SolveResult]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+AUTOGRAD = ProductRule()
 
 
 @dataclass
@@ -74,10 +80,25 @@ def subtract_mixed(direct: Sequence[Tensor | None], mixed: Tensors) -> Tensors:
     return tuple(-m if d is None else d - m for d, m in zip(direct, mixed))
 
 
-def check_autocast(value: object) -> None:
-    """Validate an ``autocast`` option."""
+def check_autocast(value: object, rule: ProductRule = AUTOGRAD) -> None:
+    """Validate an ``autocast`` option (and its combination with the product rule)."""
     if value is not None and value not in LOW_PRECISION:
         raise TypeError(f"option autocast must be None, torch.bfloat16 or torch.float16, got {value!r}")
+    if value is not None and rule.first_order:
+        raise ValueError(
+            "autocast with hvp='finite-difference' would difference low-precision gradients, "
+            "whose rounding (about 1e-2 relative in bfloat16) swamps the difference; use one of them"
+        )
+
+
+def check_differences(problem: BilevelProblem, rule: ProductRule) -> None:
+    """Refuse finite-difference products where they would compute the wrong matrix."""
+    if rule.first_order and (not problem.symmetric or "stationarity" in problem.redefined):
+        raise ValueError(
+            "hvp='finite-difference' differences the gradient of inner_loss, which gives J x, "
+            "but this problem's stationarity map is not a gradient, so its implicit system needs "
+            "Jᵀx (J is not symmetric); use hvp='autograd'"
+        )
 
 
 def low_precision(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -109,13 +130,38 @@ def outer_gradients(
 
 
 def linearize(
-    problem: BilevelProblem, theta: Tensors, phi: Tensors, autocast: torch.dtype | None = None
+    problem: BilevelProblem,
+    theta: Tensors,
+    phi: Tensors,
+    autocast: torch.dtype | None = None,
+    rule: ProductRule = AUTOGRAD,
 ) -> Linearization:
     """The eager linearization: the graph of ``G`` (under ``torch.autocast`` to ``autocast``,
-    so every product runs its matmuls in that dtype) and the outer gradients."""
+    so every product runs its matmuls in that dtype) and the outer gradients; with a
+    first-order ``rule``, the outer gradients and an operator of finite differences."""
+    if rule.first_order:
+        check_differences(problem, rule)
+        v, direct = outer_gradients(problem, theta, phi)
+
+        def gradient(point: Tensors, wrt: Wrt) -> Sequence[Tensor | None]:
+            with torch.enable_grad():
+                leaves = tuple(t.detach().requires_grad_() for t in point)
+                f = problem.inner(leaves, phi, second_order=False)
+                check_finite((f,), "the value of inner_loss at a finite-difference point")
+                return torch.autograd.grad(f, leaves if wrt == "theta" else phi, allow_unused=True)
+
+        step = rule.relative_step(problem.dtype)
+        if step <= torch.finfo(problem.dtype).eps:
+            raise ValueError(
+                f"fd_eps={step:g} is below the rounding of {problem.dtype} "
+                f"({torch.finfo(problem.dtype).eps:.1e}): the differences would be noise; use the "
+                "default (None: the cube root of the machine epsilon) or a larger step"
+            )
+        return Linearization(StationarityJacobian.from_differences(gradient, theta, phi, step), v, direct)
+    # the outer gradients first: their graph is freed before the graph of G is built
+    v, direct = outer_gradients(problem, theta, phi)
     with low_precision(problem.device, autocast):
         field = problem.stationarity(theta, phi)
-    v, direct = outer_gradients(problem, theta, phi)
     operator = StationarityJacobian.from_field(field, theta, phi, lambda: problem.suspects(theta, phi))
     return Linearization(operator, v, direct)
 
@@ -126,9 +172,11 @@ def linearize_traced(
     phi: Tensors,
     buffers: dict[str, Tensor],
     autocast: torch.dtype | None = None,
+    rule: ProductRule = AUTOGRAD,
 ) -> Linearization:
     """The same with ``torch.func`` (traceable): one ``vjp`` of ``∇θ f`` serves every Hessian
-    product and the mixed product, reverse-over-reverse as in the eager path."""
+    product and the mixed product, reverse-over-reverse as in the eager path; with a
+    first-order ``rule``, ``torch.func.grad`` of ``f`` at the finite-difference points."""
 
     def inner(th: Tensors, ph: Tensors) -> Tensor:
         return problem.call("inner_loss", th, ph, buffers=buffers).reshape(())
@@ -137,19 +185,33 @@ def linearize_traced(
         return problem.call("outer_loss", th, ph, buffers=buffers).reshape(())
 
     v, direct = torch.func.grad(outer, argnums=(0, 1))(theta, phi)
+    if rule.first_order:
+        by_theta, by_phi = (torch.func.grad(inner, argnums=i) for i in (0, 1))
+
+        def gradient(point: Tensors, wrt: Wrt) -> Sequence[Tensor | None]:
+            return (by_theta if wrt == "theta" else by_phi)(point, phi)
+
+        step = rule.relative_step(theta[0].dtype)
+        operator = StationarityJacobian.from_differences(gradient, theta, phi, step)
+        operator.checked = False  # compiled code checks after the call
+        return Linearization(operator, v, direct)
     with low_precision(theta[0].device, autocast):
         vjp = torch.func.vjp(torch.func.grad(inner, argnums=0), theta, phi)[1]
     return Linearization(StationarityJacobian.from_vjp(vjp, theta, phi), v, direct)
 
 
 def implicit_hypergradient(
-    problem: BilevelProblem, solve: Solve, stats: Stats, autocast: torch.dtype | None = None
+    problem: BilevelProblem,
+    solve: Solve,
+    stats: Stats,
+    autocast: torch.dtype | None = None,
+    rule: ProductRule = AUTOGRAD,
 ) -> Tensors:
     """The IFT hypergradient with ``x`` from ``solve(operator, ∂g/∂θ)``; fills ``stats``.
 
     With ``autocast`` (bf16/fp16) the inner loss and its gradient graph are built under
     ``torch.autocast``; the products come out in the params' dtype, where the solver
-    accumulates."""
+    accumulates. ``rule`` says how the products are differentiated."""
     if autocast is not None and problem.dtype != torch.float32:
         raise ValueError(
             f"autocast={autocast} lowers the precision of float32 products, but params "
@@ -161,12 +223,22 @@ def implicit_hypergradient(
     # A solver error on a NaN that the setup made (a non-finite product) gives way to the
     # setup's error, which names where the NaN appeared.
     with deferred_finite_checks():
-        linearization = linearize(problem, theta, phi, autocast)
+        linearization = linearize(problem, theta, phi, autocast, rule)
         result = solve(linearization.operator, linearization.v)
         grads = combine(linearization, result.x)
     stats.record(result, hvps=linearization.operator.products)
     stats.extra["hparams_unused_by_inner"] = all(linearization.operator.unused)
+    record_rule(stats, rule, problem.dtype, linearization.operator.evaluations)
     return grads
+
+
+def record_rule(stats: Stats, rule: ProductRule, dtype: torch.dtype, evaluations: int) -> None:
+    """Note finite-difference products in ``stats``: the relative step and the gradient
+    evaluations they made (two per product)."""
+    if rule.first_order:
+        stats.extra["hvp"] = rule.hvp
+        stats.extra["fd_eps"] = rule.relative_step(dtype)
+        stats.extra["gradient_evaluations"] = evaluations
 
 
 def implicit_program(
@@ -175,12 +247,13 @@ def implicit_program(
     phi: Tensors,
     buffers: dict[str, Tensor],
     autocast: torch.dtype | None,
+    rule: ProductRule,
     solve: Callable[..., SolveResult],
     *args: Any,
 ) -> tuple[Tensors, Tensors, dict[str, Tensor]]:
     """``(dg/dφ, x, info)`` with ``x`` from ``solve(operator, ∂g/∂θ, *args)``, a solve without
     host synchronisation, as one traceable function for the compiled path."""
-    linearization = linearize_traced(problem, theta, phi, buffers, autocast)
+    linearization = linearize_traced(problem, theta, phi, buffers, autocast, rule)
     result = solve(linearization.operator, linearization.v, *args)
     return combine(linearization, result.x), result.x, result.info
 
@@ -191,6 +264,7 @@ def finish_compiled(
     stats: Stats,
     hvps: int,
     solve: str = "the linear solve (a Hessian-vector product)",
+    rule: ProductRule = AUTOGRAD,
 ) -> Tensors:
     """Check and report a compiled call (``solve`` names the solve in a NaN error): its
     solve's host numbers in ``result``."""
@@ -199,4 +273,5 @@ def finish_compiled(
         check_finite(grads, "the mixed second-derivative product ∇²φθ f · x")
     stats.record(result, hvps=hvps)
     stats.extra["compiled"] = True
+    record_rule(stats, rule, grads[0].dtype, 2 * (hvps + 1))  # the products and the mixed one
     return grads

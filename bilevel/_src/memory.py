@@ -38,7 +38,10 @@ class SavedTensorMemory:
         self._hooks: Any = None
 
     def _pack(self, tensor: Tensor) -> _Saved:
-        key = tensor.untyped_storage().data_ptr()
+        try:
+            key = tensor.untyped_storage().data_ptr()
+        except RuntimeError:  # no storage of its own (some tensors forward-mode AD saves): no bytes
+            return _Saved(tensor.detach(), self, -1)
         entry = self._counts.get(key)
         if entry is None:
             nbytes = tensor.untyped_storage().nbytes()

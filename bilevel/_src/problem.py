@@ -220,12 +220,7 @@ class BilevelProblem:
                 f"constants) must be there too; move them with .to({str(self.device)!r}). "
                 f"Original error: {error}"
             ) from error
-        if not check:
-            return loss
-        loss = _check_loss(loss, name)
-        if name == "inner_loss":
-            screen_once(self.inner_loss, loss)
-        return loss
+        return _check_loss(loss, name) if check else loss
 
     def call(
         self,
@@ -249,9 +244,15 @@ class BilevelProblem:
             bindings.update({f"bound.{i}.{k}": t for k, t in zip(s.names, leaves)})
         return functional_call(self._calls[name], bindings, (p_arg, h_arg, *extra))
 
-    def inner(self, theta: Tensors, phi: Tensors, *extra: Any) -> Tensor:
-        """f(θ, φ) as a scalar tensor; ``extra`` arguments (a mini-batch) are passed on."""
-        return self._evaluate("inner_loss", theta, phi, extra)
+    def inner(self, theta: Tensors, phi: Tensors, *extra: Any, second_order: bool = True) -> Tensor:
+        """f(θ, φ) as a scalar tensor; ``extra`` arguments (a mini-batch) are passed on.
+        ``second_order``: the caller differentiates f twice, so the first evaluation of a
+        closure screens its graph for ``@once_differentiable`` Functions, whose second
+        derivative PyTorch silently drops (a caller of first-order gradients passes False)."""
+        loss = self._evaluate("inner_loss", theta, phi, extra)
+        if second_order:
+            screen_once(self.inner_loss, loss)
+        return loss
 
     def outer(self, theta: Tensors, phi: Tensors) -> Tensor:
         """g(θ, φ) as a scalar tensor."""

@@ -6,23 +6,70 @@ mode goes through :class:`StationarityJacobian`; how a product is differentiated
 once with ``create_graph=True`` and reused by every product (reverse-over-reverse), which is
 faster per product than forward-over-reverse, which rebuilds the first-order graph each time
 (benchmarks/README.md); in compiled code it is the pullback of ``torch.func.vjp`` of ``G``.
+Without second derivatives (``hvp="finite-difference"``) a product is a central difference
+of first-order gradients, :meth:`StationarityJacobian.from_differences`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol, cast
 
 import torch
 from torch import Tensor
 
 from .errors import check_finite, second_order_guard
-from .tree_math import flat, unflat
+from .tree_math import axpy, flat, norm, scale, unflat
 from .typing import Tensors
 
-__all__ = ["Pullback", "StationarityJacobian"]
+__all__ = ["HVP_RULES", "Gradient", "ProductRule", "Pullback", "StationarityJacobian"]
 
 Wrt = Literal["theta", "phi"]
+HVP_RULES = ("autograd", "finite-difference")
+
+#: ``(θ', wrt) ↦ ∇θ f(θ', φ)`` or ``∇φ f(θ', φ)``: first-order gradients of the inner loss at
+#: a point θ' (φ fixed), None for an input ``f`` does not depend on
+Gradient = Callable[[Tensors, Wrt], Sequence[Tensor | None]]
+
+
+@dataclass(frozen=True)
+class ProductRule:
+    """How an implicit mode differentiates its products (the ``hvp`` and ``fd_eps`` options).
+
+    ``"autograd"``: through the graph of ``G`` (second derivatives). ``"finite-difference"``:
+    central differences of first-order gradients of the inner loss, for models whose ops have
+    no double backward; ``fd_eps`` is the relative step ``c`` of
+    :meth:`StationarityJacobian.from_differences` (default ``∛(machine ε)`` of the dtype).
+    """
+
+    hvp: str = "autograd"
+    fd_eps: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.hvp not in HVP_RULES:
+            raise ValueError(f"option hvp must be one of {', '.join(map(repr, HVP_RULES))}, got {self.hvp!r}")
+        if self.fd_eps is None:
+            return
+        if not self.first_order:
+            raise ValueError(
+                "option fd_eps sets the step of hvp='finite-difference'; pass that too, or drop fd_eps"
+            )
+        if (
+            isinstance(self.fd_eps, bool)
+            or not isinstance(self.fd_eps, (int, float))
+            or not 0 < self.fd_eps < 1
+        ):
+            raise ValueError(f"option fd_eps must be a number in (0, 1), got {self.fd_eps!r}")
+
+    @property
+    def first_order(self) -> bool:
+        return self.hvp == "finite-difference"
+
+    def relative_step(self, dtype: torch.dtype) -> float:
+        """``c``: ``fd_eps``, or ``∛ε`` of ``dtype``, which balances the central difference's
+        truncation error (∝ c²) against the rounding of the two gradients (∝ ε/c)."""
+        return float(self.fd_eps) if self.fd_eps is not None else float(torch.finfo(dtype).eps) ** (1 / 3)
 
 
 class Pullback(Protocol):
@@ -67,6 +114,9 @@ class StationarityJacobian:
         self.batched = batched
         self.products = 0
         self.unused: tuple[bool, ...] = ()
+        #: first-order gradient evaluations made by the products (finite differences only)
+        self.evaluations = 0
+        self.first_order = False
 
     @classmethod
     def from_field(
@@ -112,9 +162,53 @@ class StationarityJacobian:
 
         return cls(pullback, theta, phi, checked=False)
 
+    @classmethod
+    def from_differences(
+        cls,
+        gradient: Gradient,
+        theta: Tensors,
+        phi: Tensors,
+        relative_step: float,
+        suspects: str | Callable[[], str] = "",
+    ) -> StationarityJacobian:
+        """The operator of ``G = ∇θ f`` from first-order gradients only: for a vector ``x``,
+
+            H x ≈ [∇θ f(θ + hx, φ) − ∇θ f(θ − hx, φ)] / 2h,
+            (∇²φθ f) x ≈ [∇φ f(θ + hx, φ) − ∇φ f(θ − hx, φ)] / 2h,
+
+        two gradient evaluations per product (``evaluations``), no second derivative anywhere.
+        The displacement has norm ``‖hx‖ = c·(1 + ‖θ‖)``, ``c = relative_step`` (taken along
+        ``x/‖x‖``, the difference then scaled by ``‖x‖``): a step
+        relative to the size of θ stays well above the rounding of θ + hx itself (ε‖θ‖),
+        and ``c = ∛ε`` balances the truncation error, O(‖hx‖²) in the third derivative,
+        against the rounding of the two gradients, O(ε‖∇f‖/‖hx‖). Exact up to rounding for
+        quadratic losses. Valid only where ``G`` is a gradient: a difference of ``G`` gives
+        ``J x``, which is ``Jᵀx`` only for a symmetric ``J``.
+
+        ``gradient``, ``h`` and the products are tensor computations (no host read), so the
+        same operator serves the eager and the compiled paths.
+        """
+        center = tuple(t.detach() for t in theta)  # the products are values, not graphs
+        displacement = relative_step * (1.0 + norm(center))
+        tiny = float(torch.finfo(center[0].dtype).tiny)
+
+        def pullback(x: Tensors, wrt: Wrt, batched: bool) -> Sequence[Tensor | None]:
+            # difference along the unit vector and scale back (the product is linear in x):
+            # the step is the same for every x, whatever its size; x = 0 gives zeros
+            direction, size = _unit(x, tiny)
+            plus = gradient(axpy(displacement, direction, center), wrt)
+            minus = gradient(axpy(-displacement, direction, center), wrt)
+            operator.evaluations += 2
+            factor = size / (2 * displacement)
+            return tuple(None if a is None or b is None else (a - b) * factor for a, b in zip(plus, minus))
+
+        operator = cls(pullback, theta, phi, suspects, checked=True)
+        operator.first_order = True
+        return operator
+
     def _pull(self, x: Tensors, wrt: Wrt, what: str, batched: bool = False) -> Tensors:
         inputs = self.theta if wrt == "theta" else self.phi
-        if self.checked:
+        if self.checked and not self.first_order:
             with second_order_guard(what):
                 grads = self.pullback(x, wrt, batched)
         else:
@@ -132,6 +226,12 @@ class StationarityJacobian:
         i = self.unused.index(True)
         suspects = self.suspects() if callable(self.suspects) else self.suspects
         where = f"params[{i}]" if len(self.theta) > 1 else "params"
+        if self.first_order:  # a first-order gradient is None only where f ignores the tensor
+            raise ValueError(
+                f"inner_loss does not depend on {where}, so the inner Hessian has a zero block and "
+                "the implicit system is singular; leave the tensor out of params, or make sure "
+                "inner_loss uses the params it receives"
+            )
         raise ValueError(
             f"the gradient of inner_loss does not depend on {where}, so the inner Hessian has a "
             "zero block and the implicit system is singular: inner_loss is linear in it, or an "
@@ -167,3 +267,12 @@ class StationarityJacobian:
         if self.checked:
             check_finite(out, "the mixed second-derivative product ∇²φθ f · x")
         return out
+
+
+def _unit(x: Tensors, tiny: float) -> tuple[Tensors, Tensor]:
+    """``(x/‖x‖, ‖x‖)``, scaled by ``max|x|`` first so that the norm of a tiny vector does not
+    underflow (its squares would); for ``x = 0`` a zero direction (so a zero product)."""
+    peak = torch.stack([t.abs().amax() for t in x]).amax().clamp_min(tiny)
+    scaled = scale(1.0 / peak, x)
+    length = norm(scaled).clamp_min(1.0)  # ≥ 1 unless x = 0: one entry of `scaled` is ±1
+    return scale(1.0 / length, scaled), peak * length

@@ -8,7 +8,17 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .solvers import SolveResult
 
-__all__ = ["Stats"]
+__all__ = ["Stats", "not_converged"]
+
+
+def not_converged(residual: float | None) -> str:
+    """The explanation of a solve that stopped above its tolerance."""
+    measured = f" (relative residual {residual:.1e})" if residual is not None else ""
+    return (
+        f"the linear solve stopped above its tolerance{measured}, so the hypergradient is "
+        "inaccurate: raise the mode's budget (iters; rank for implicit-nystrom), or bound an "
+        "ill-conditioned system with damping"
+    )
 
 
 @dataclass
@@ -19,13 +29,18 @@ class Stats:
         mode: the mode name.
         hvps: Hessian-vector (or Jacobian-vector) products used, power iterations included.
         residual: relative residual ‖v − H x‖/‖v‖ of the linear solve, where there is one.
-        converged: whether the solve succeeded by the solver's own test, which is not an
-            accuracy guarantee everywhere: CG and GMRES met ``tol``; Neumann's residual fell
-            below ‖v‖ without growing (it has no tolerance: read ``residual``); Nyström and
-            the dense solve were not singular (Nyström's low rank is an approximation it
-            cannot measure); None where the mode has no solver or no residual.
+        converged: one meaning in every mode: the relative residual ‖(A + damping)x − v‖/‖v‖
+            of the system the mode solved was measured and is at most the mode's ``tol``
+            (CG, GMRES, Neumann, Nyström with its residual product, the dense solve: not
+            singular, residual at rounding; the penalty mode: y's stationarity met ``tol``).
+            False when measured above it (or on a breakdown), None where nothing was
+            measured (implicit-identity, Neumann or Nyström with ``residual=False``, unrolled
+            modes); never True unmeasured. False warns once per ``HyperGradient``
+            (``strict=True`` raises).
         breakdown: how the solve broke down, if it did: ``"negative_curvature"``,
-            ``"diverged"`` or ``"singular"`` (the flags below say the same), and
+            ``"diverged"`` or ``"singular"`` (the flags below say the same), or
+            ``"not_converged"`` (the residual stayed above ``tol``; the penalty mode: its y
+            missed ``tol``, an error that the estimate multiplies by λ), and
             ``breakdown_message`` the solver's explanation with the fix.
         negative_curvature: CG met pᵀHp ≤ 0 (the inner Hessian is not positive definite).
         diverged: an iteration grew instead of shrinking (Neumann: α above 2/λmax, or an
@@ -33,7 +48,11 @@ class Stats:
         singular: a dense or Nyström core matrix was numerically singular.
         wall_time: seconds for the call.
         iters: solver iterations (or unrolled steps).
-        extra: mode-specific facts (chosen ``alpha``, Nyström indices, peak memory, ...).
+        extra: mode-specific facts: the chosen ``alpha``, ``rank`` and ``rho``, ``damping`` and
+            ``lambda_max`` (``damping="auto"``), ``min_residual_iterate`` (CG returned an
+            earlier iterate), ``preconditioner``, ``gradient_evaluations`` and ``fd_eps``
+            (finite-difference products; the penalty mode), ``saved_bytes_peak``,
+            ``checkpoint_segment``, ``tangent_bytes``, ...
     """
 
     mode: str
@@ -56,6 +75,9 @@ class Stats:
         self.residual = result.residual
         self.converged = result.converged
         self.breakdown, self.breakdown_message = result.breakdown, result.message
+        if result.converged is False and result.breakdown is None:
+            self.breakdown = "not_converged"
+            self.breakdown_message = not_converged(result.residual)
         self.negative_curvature = result.negative_curvature
         self.diverged = result.diverged
         self.singular = result.singular

@@ -16,6 +16,8 @@ from .._src.products import StationarityJacobian
 from .._src.solvers import neumann
 from .._src.typing import Tensors
 from ..modes._unrolled import UnrolledMode
+from ..modes.base import ImplicitMode, Mode
+from ..modes.penalty import Penalty
 
 __all__ = ["MetaOptimizer"]
 
@@ -88,13 +90,8 @@ class MetaOptimizer:
         self.max_grad_norm = max_grad_norm
         self._screened = False
         self.hypergradient = None if mode is None else HyperGradient(mode, **mode_options)
-        if self.hypergradient is not None and isinstance(self.hypergradient.mode, UnrolledMode):
-            raise ValueError(
-                f"mode {mode!r} unrolls inner steps, which needs the training loss as a "
-                "function, but MetaOptimizer.step receives loss tensors: use an implicit "
-                "mode here, or bilevel.auxiliary.AuxiliaryLearner, which takes loss "
-                "functions and runs any mode"
-            )
+        if self.hypergradient is not None:
+            _check_evaluates_only_here(self.hypergradient.mode)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the auxiliary parameters' gradients (the wrapped optimizer's ``zero_grad``)."""
@@ -239,6 +236,25 @@ class _GivenLosses(BilevelProblem):
         if theta is not self.theta0 or phi is not self.phi0 or extra or name not in self.losses:
             self._refuse()
         return self.losses[name]
+
+
+def _check_evaluates_only_here(mode: Mode) -> None:
+    """Refuse a mode that evaluates the losses away from the current parameters: ``step``
+    receives loss tensors, not functions."""
+    if isinstance(mode, UnrolledMode | Penalty):
+        raise ValueError(
+            f"mode {mode.name!r} runs inner steps, which needs the training loss as a "
+            "function, but MetaOptimizer.step receives loss tensors: use an implicit "
+            "mode here, or bilevel.auxiliary.AuxiliaryLearner, which takes loss "
+            "functions and runs any mode"
+        )
+    if isinstance(mode, ImplicitMode) and mode.rule.first_order:
+        raise ValueError(
+            "hvp='finite-difference' evaluates the training loss at points around the "
+            "parameters, but MetaOptimizer.step receives loss tensors computed at the "
+            "parameters: use bilevel.auxiliary.AuxiliaryLearner, which takes loss functions, "
+            "or hvp='autograd'"
+        )
 
 
 def _trainable(tensors: Iterable[Tensor], name: str) -> tuple[Tensors, list[int]]:

@@ -9,8 +9,10 @@ from .implicit_cg import ImplicitCG
 from .implicit_exact import ImplicitExact
 from .implicit_gmres import ImplicitGMRES
 from .implicit_identity import ImplicitIdentity
+from .implicit_minres import ImplicitMINRES
 from .implicit_neumann import ImplicitNeumann
 from .implicit_nystrom import ImplicitNystrom
+from .penalty import Penalty
 from .truncated_unroll import TruncatedUnroll
 from .unroll import Unroll
 
@@ -19,9 +21,11 @@ __all__ = [
     "ImplicitExact",
     "ImplicitGMRES",
     "ImplicitIdentity",
+    "ImplicitMINRES",
     "ImplicitNeumann",
     "ImplicitNystrom",
     "Mode",
+    "Penalty",
     "TruncatedUnroll",
     "Unroll",
     "available_modes",

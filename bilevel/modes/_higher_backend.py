@@ -38,6 +38,10 @@ def _check_not_ignored(cls: type[torch.optim.Optimizer], kwargs: Mapping[str, An
 class HigherStepper:
     """θ, state ↦ θ', state' with higher's differentiable version of a torch optimizer."""
 
+    #: whether a step without graph (``graph=False``) cuts θ' from θ, which would drop the
+    #: tangents of forward-mode AD: higher detaches the new params when it keeps no graph
+    cuts_without_graph = True
+
     def __init__(
         self, optimizer: Any, options: Mapping[str, Any], hyper: Mapping[str, Tensor], theta: Tensors
     ) -> None:
@@ -80,6 +84,10 @@ class HigherStepper:
         """One step on ``loss``; ``graph``: keep the step differentiable (``fresh_state``
         does not matter here: higher's optimizers keep everything in their state)."""
         return higher_step(self.diffopt(graph), loss, theta, state)
+
+    def restart(self) -> None:
+        """Steps rerun from a stored state: nothing to reset (higher keeps no flag outside
+        the state)."""
 
     @staticmethod
     def detach_state(state: HigherState) -> HigherState:

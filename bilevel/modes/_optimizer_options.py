@@ -32,6 +32,7 @@ __all__ = [
     "optimizer_kwargs",
     "optimizer_option_names",
     "signature_parameters",
+    "split_mode_options",
     "split_settings",
 ]
 
@@ -75,6 +76,24 @@ def optimizer_kwargs(optimizer: Any, options: Mapping[str, Any]) -> dict[str, An
     kwargs = dict(optimizer.keywords) if isinstance(optimizer, functools.partial) else {}
     kwargs.update(options)
     return kwargs
+
+
+def split_mode_options(
+    name: str, own_names: list[str], options: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A mode's own options and its inner optimizer's keywords (``lr``, ``momentum``, ...), from
+    the keywords given to ``HyperGradient``; one that neither knows raises ``TypeError`` listing
+    both."""
+    own = {k: v for k, v in options.items() if k in own_names}
+    rest = {k: v for k, v in options.items() if k not in own}
+    valid = optimizer_option_names(own.get("inner_optimizer") or torch.optim.SGD)
+    unknown = sorted(set(rest) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"mode {name!r} got unknown option(s) {', '.join(unknown)}; its options are: "
+            f"{', '.join(own_names)}" + (f"; the inner optimizer's are: {', '.join(valid)}" if valid else "")
+        )
+    return own, rest
 
 
 def is_zero(value: Any) -> bool:

@@ -96,6 +96,10 @@ def _factory_kwargs(
 class TorchoptStepper:
     """θ, state ↦ θ', state' with a torchopt GradientTransformation (out of place)."""
 
+    #: whether a step without graph (``graph=False``) cuts θ' from θ, which would drop the
+    #: tangents of forward-mode AD: not here (torchopt's update is out of place either way)
+    cuts_without_graph = False
+
     def __init__(self, optimizer: Any, options: Mapping[str, Any], hyper: Mapping[str, Tensor]) -> None:
         self.unused = True  # no update has run through this stepper yet
         self.plain_lr: float | None = None  # set for plain SGD: θ − lr·g, computed directly
@@ -132,6 +136,11 @@ class TorchoptStepper:
             self.unused = False
         updates, state = self.transform.update(grads, state, params=theta, inplace=False)
         return tuple(torchopt.apply_updates(theta, updates, inplace=False)), state
+
+    def restart(self) -> None:
+        """Steps rerun from a stored state (a checkpointed segment): the next ``advance``
+        sets the transformation's first-update flag from its ``fresh_state`` again."""
+        self.unused = True
 
     @staticmethod
     def detach_state(state: Any) -> Any:

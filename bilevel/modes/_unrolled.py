@@ -3,9 +3,11 @@
 θ_{t+1} = Φ(θ_t, φ) for t < T from θ_0 = params; the hypergradient is d g(θ_T, φ)/dφ through
 the steps. Truncation keeps the graph of the last K steps only (θ_{T−K} is detached), so
 memory grows with K, not T. Shared by the ``unroll`` and ``truncated-unroll`` modes; the
-backends (torchopt's functional optimizers, higher's differentiable ones) live beside it in
-``_torchopt_backend.py`` and ``_higher_backend.py``, the compiled SGD program in
-``_sgd_program.py``, the option handling in ``_optimizer_options.py``.
+loop and the plain backward pass are in ``_steps.py``, the checkpointed backward pass in
+``_checkpointed.py``, forward mode in ``_forward.py``, the backends (torchopt's functional
+optimizers, higher's differentiable ones) in ``_torchopt_backend.py`` and
+``_higher_backend.py``, the compiled SGD program in ``_sgd_program.py``, the option handling
+in ``_optimizer_options.py``.
 """
 
 from __future__ import annotations
@@ -20,49 +22,26 @@ from torch import Tensor
 
 from .._src.compiled import CompiledPath, compiled_path
 from .._src.errors import check_finite, deferred_finite_checks, second_order_guard
-from .._src.graph import reached
 from .._src.memory import SavedTensorMemory
 from .._src.problem import BilevelProblem
 from .._src.stats import Stats
 from .._src.typing import Tensors
 from ._backends import Stepper, check_loaded_state, check_supported, differentiates, make_stepper
+from ._checkpointed import CheckpointedRun, check_checkpoint, segment_length, segment_starts
+from ._forward import ForwardRun, check_direction, check_tangents
 from ._optimizer_options import (
     BACKENDS,
     DEFAULT_LR,
     is_transformation,
     optimizer_class,
-    optimizer_option_names,
+    split_mode_options,
     split_settings,
 )
 from ._sgd_program import not_compilable, program_settings, sgd_unroll_program
+from ._steps import PlainRun
 from .base import Mode, check_flag, check_positive
 
 __all__ = ["UnrolledMode"]
-
-_NO_PARAMS_REACHED = (
-    "inner_loss does not depend on params: the inner steps would leave them unchanged and the "
-    "hypergradient would be only the direct term. If the closures call an nn.Module, pass the "
-    "module itself as params (the library evaluates a module at the values it needs), not "
-    "list(module.parameters()); otherwise compute inner_loss from the params it receives"
-)
-
-
-def _cut(theta: Tensors, state: Any, stepper: Stepper) -> tuple[Tensors, Any]:
-    """θ and the optimizer state cut from the graph, θ as fresh leaves that require grad."""
-    return tuple(t.detach().requires_grad_() for t in theta), stepper.detach_state(state)
-
-
-def _total_gradient(outer: Tensor, phi: Tensors, originals: Tensors) -> Tensors:
-    """d outer / dφ through the copies ``phi`` plus any path through the user's own hparams
-    tensors ``originals``: a torchopt transformation built with one of them
-    (``torchopt.sgd(lr=lr_tensor)``) holds the original, not the copy, so both paths count."""
-    extra = [i for i, (t, c) in enumerate(zip(originals, phi)) if t is not c]
-    grads = torch.autograd.grad(outer, tuple(phi) + tuple(originals[i] for i in extra), allow_unused=True)
-    total = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, phi)]
-    for i, g in zip(extra, grads[len(phi) :]):
-        if g is not None:
-            total[i] = total[i] + g
-    return tuple(total)
 
 
 @dataclass
@@ -84,14 +63,37 @@ class UnrolledMode(Mode):
         user's params after the call, detached, and keep the optimizer state for the next
         call, so one call is one step of an online bilevel loop (default False).
     measure_memory: record in ``stats.extra["saved_bytes_peak"]`` the peak bytes that the
-        graph of the unrolled steps holds (any device; costs a hook per saved tensor).
+        graph of the unrolled steps holds (any device; costs a hook per saved tensor). What
+        is held outside the graph is always recorded: the stored segment starts of
+        ``checkpoint`` (``"checkpoint_bytes"``), the tangents of ``direction="forward"``
+        (``"tangent_bytes"``).
+    checkpoint: bound the graph's memory by recomputation (default None: keep every graph
+        step's graph). An int k cuts the graph steps into segments of k (the first one shorter
+        when k does not divide them); ``"auto"`` takes k ≈ √G for G graph steps. The forward
+        pass keeps θ and the optimizer state at each segment's start and the last segment's
+        graph; the backward pass reruns each earlier segment with graph, one at a time, and
+        carries the adjoint of θ and of the optimizer state through it. Memory
+        O(G/k·P + k·graph) instead of O(G·graph), for one extra pass without graph over
+        the first G − k steps; the result is the plain unroll's to rounding. ``stats.extra``
+        records ``"checkpoint_segment"`` (k). Assumes deterministic steps: a loss that draws
+        random numbers (dropout) draws others when a segment is rerun.
+    direction: ``"reverse"`` (default) backpropagates through the steps; ``"forward"``
+        carries dθ_t/dφ forward, one tangent per hyperparameter entry (forward-mode AD
+        through the inner gradient), so memory is O(P·n) for n entries whatever the steps,
+        and time about n times the reverse unroll's: for a few learning rates, momenta or
+        decays. ``checkpoint`` applies to ``"reverse"`` only; a torchopt transformation built
+        with a hparams tensor is refused (pass the optimizer class with that tensor).
+    max_tangents: the most hyperparameter entries ``direction="forward"`` accepts (default
+        64); more raise ``ValueError``, and as many as the graph steps warn that reverse is
+        likely cheaper.
     compile: run the call as one compiled program (``torch.compile``; a CUDA graph on CUDA)
         after a first eager call; ``True`` or a dict of ``torch.compile`` keywords (see
         :mod:`bilevel._src.compiled`). For ``torch.optim.SGD`` (``lr``, ``momentum``,
         ``dampening``, ``weight_decay``, ``nesterov``, ``maximize``, as numbers or
         hyperparameters), written directly in ``torch.func`` on either backend; other
-        optimizers, ``measure_memory`` and ``update_params`` with momentum run eagerly, with
-        a warning when the ``HyperGradient`` is built.
+        optimizers, ``measure_memory``, ``checkpoint``, ``direction="forward"`` and
+        ``update_params`` with momentum run eagerly, with a warning when the
+        ``HyperGradient`` is built.
 
     On the torchopt backend, plain SGD (no momentum, weight decay or ``maximize``; ``lr`` a
     number) is stepped directly as θ − lr·g, torchopt's own update, in one fused call per step.
@@ -123,6 +125,9 @@ class UnrolledMode(Mode):
     update_params: bool = False
     measure_memory: bool = False
     compile: bool | dict = False
+    checkpoint: int | str | None = None
+    direction: str = "reverse"
+    max_tangents: int = 64
     optimizer_options: dict[str, Any] = field(default_factory=dict)
     _state: Any = field(default=None, init=False, repr=False)
     _fast: CompiledPath | None = field(default=None, init=False, repr=False)
@@ -135,6 +140,9 @@ class UnrolledMode(Mode):
         check_positive("steps", self.steps, integer=True)
         check_flag("update_params", self.update_params)
         check_flag("measure_memory", self.measure_memory)
+        check_checkpoint(self.checkpoint)
+        check_direction(self.direction, self.checkpoint)
+        check_positive("max_tangents", self.max_tangents, integer=True)
         if self.inner_batches is not None and not isinstance(self.inner_batches, Iterable):
             raise TypeError(
                 "option inner_batches must be an iterable of mini-batches (a list, a "
@@ -170,6 +178,10 @@ class UnrolledMode(Mode):
 
     def _not_compilable(self) -> str | None:
         """Why the compiled SGD program cannot run this configuration (None if it can)."""
+        if self.direction == "forward":
+            return "direction='forward' steps tangents eagerly"
+        if self.checkpoint is not None:
+            return "checkpoint recomputes segments eagerly"
         return not_compilable(
             self.inner_optimizer, self.optimizer_options, self.measure_memory, self.update_params
         )
@@ -180,17 +192,7 @@ class UnrolledMode(Mode):
 
     @classmethod
     def from_options(cls, **options: Any) -> UnrolledMode:
-        own = {k: v for k, v in options.items() if k in cls.option_names()}
-        rest = {k: v for k, v in options.items() if k not in own}
-        optimizer = own.get("inner_optimizer") or torch.optim.SGD
-        valid = optimizer_option_names(optimizer)
-        unknown = sorted(set(rest) - set(valid))
-        if unknown:
-            raise TypeError(
-                f"mode {cls.name!r} got unknown option(s) {', '.join(unknown)}; its options "
-                f"are: {', '.join(cls.option_names())}"
-                + (f"; the inner optimizer's are: {', '.join(valid)}" if valid else "")
-            )
+        own, rest = split_mode_options(cls.name, cls.option_names(), options)
         return cls(**own, optimizer_options=rest)
 
     # the number of final steps that carry the graph
@@ -216,8 +218,11 @@ class UnrolledMode(Mode):
 
     def _check_differentiable(self, options: dict[str, Any], hyper: dict[str, Tensor]) -> None:
         """Refuse a hyperparameter setting that the backend would not differentiate (its
-        gradient would silently be zero), naming a backend that can; probes are cached."""
+        gradient would silently be zero), naming a backend that can; probes are cached. A
+        probe sees the other hyperparameter settings as their values (SGD's ``nesterov``
+        needs its ``momentum``)."""
         for name, value in hyper.items():
+            options = {**options, **{k: float(v.detach()) for k, v in hyper.items() if k != name}}
             if (self.backend, name) not in self._probed:
                 self._probed[(self.backend, name)] = differentiates(
                     self.backend, self.inner_optimizer, options, name, value
@@ -274,12 +279,14 @@ class UnrolledMode(Mode):
         return batches, result
 
     def _eager_call(self, problem: BilevelProblem, stats: Stats, batches: list[tuple] | None) -> Tensors:
-        """The steps with autograd: configuration checks, the unrolled loop, then the
-        backward pass from outer_loss at θ_T."""
+        """The steps with autograd: configuration checks, the unrolled loop (plain,
+        checkpointed or forward mode), then the hypergradient from outer_loss at θ_T."""
         theta, phi = problem.leaf_copies()
         options, hyper = split_settings(problem, phi, self.optimizer_options)
         stepper = make_stepper(self.backend, self.inner_optimizer, options, hyper, theta)  # errors first
         self._check_differentiable(options, hyper)
+        if self.direction == "forward":
+            check_tangents(sum(p.numel() for p in phi), self.graph_steps(), self.max_tangents)
         if batches is None:  # after the configuration checks: a refused call consumes none
             batches = [self._next_batch() for _ in range(self.steps)]
         # steps without graph use the settings' values only
@@ -291,23 +298,59 @@ class UnrolledMode(Mode):
             else stepper
         )
         state, fresh_state = self._initial_state(stepper, theta)
+        run = self._run(problem, (stepper, cheap), phi, batches, bool(hyper))
         meter = SavedTensorMemory() if self.measure_memory else None
         measuring = contextlib.nullcontext() if meter is None else meter
         # NaN/inf checks are read once, after the backward pass: no host sync per step
         with deferred_finite_checks(), torch.enable_grad(), measuring:
-            theta, state = self._unroll(problem, stepper, cheap, theta, phi, state, fresh_state, batches)
+            theta, state = run.forward(theta, state, fresh_state)
             inner_buffers = {k: v.clone() for k, v in problem.buffers.items()}  # before outer_loss runs
             outer = problem.outer(theta, phi)
             check_finite((outer,), "the value of outer_loss after the unrolled steps")
             with second_order_guard("backpropagating through the unrolled steps"):
-                result = _total_gradient(outer, phi, problem.phi0)
+                result = run.backward(outer)
             check_finite(result, "the unrolled hypergradient")
         if self.update_params:
             problem.write_back(theta, inner_buffers)
             self._state = stepper.detach_state(state)
+        self._record(stats, run, meter)
+        return result
+
+    def _run(
+        self,
+        problem: BilevelProblem,
+        steppers: tuple[Stepper, Stepper],
+        phi: Tensors,
+        batches: list[tuple],
+        hyper: bool,
+    ) -> PlainRun | CheckpointedRun | ForwardRun:
+        """The loop this configuration runs: forward mode, checkpointed (segments shorter than
+        the graph steps) or plain; ``hyper``: some optimizer setting is a hyperparameter."""
+        graph_from = self.steps - self.graph_steps()
+
+        def stepper_at(at: Tensors) -> Stepper:  # the settings evaluated at φ = ``at``
+            options, settings = split_settings(problem, at, self.optimizer_options)
+            return make_stepper(self.backend, self.inner_optimizer, options, settings, problem.theta0)
+
+        remake = stepper_at if hyper else None
+        if self.direction == "forward":
+            return ForwardRun(problem, steppers, remake, phi, batches, graph_from)
+        k = segment_length(self.checkpoint, self.graph_steps())
+        if k is not None and k < self.graph_steps():
+            starts = segment_starts(graph_from, self.steps, k)
+            return CheckpointedRun(problem, *steppers, phi, batches, starts, remake)
+        return PlainRun(problem, *steppers, phi, batches, graph_from)
+
+    @staticmethod
+    def _record(stats: Stats, run: PlainRun | CheckpointedRun | ForwardRun, meter: Any) -> None:
+        """What ``stats.extra`` reports of the run: the segment length, the bytes held."""
+        if isinstance(run, CheckpointedRun):
+            stats.extra["checkpoint_segment"] = run.segment
+            stats.extra["checkpoint_bytes"] = run.stored_bytes()
+        elif isinstance(run, ForwardRun):
+            stats.extra["tangent_bytes"] = run.tangent_bytes()
         if meter is not None:
             stats.extra["saved_bytes_peak"] = meter.peak
-        return result
 
     def _initial_state(self, stepper: Stepper, theta: Tensors) -> tuple[Any, bool]:
         """The optimizer state the steps start from, and whether it is fresh: the state kept
@@ -317,36 +360,6 @@ class UnrolledMode(Mode):
             check_loaded_state(self._state, stepper, theta)
             self._unverified = False
         return (self._state, False) if carried else (stepper.init(theta), True)
-
-    def _unroll(
-        self,
-        problem: BilevelProblem,
-        stepper: Stepper,
-        cheap: Stepper,
-        theta: Tensors,
-        phi: Tensors,
-        state: Any,
-        fresh_state: bool,
-        batches: list[tuple],
-    ) -> tuple[Tensors, Any]:
-        """θ_T and its optimizer state after the T steps; the last ``graph_steps()`` carry the
-        graph (through ``stepper``), the earlier ones none (through ``cheap``, at detached φ)."""
-        first_graph_step = self.steps - self.graph_steps()
-        phi_constant = tuple(t.detach() for t in phi)
-        for step in range(self.steps):
-            graph = step >= first_graph_step
-            if step == first_graph_step:
-                theta, state = _cut(theta, state, stepper)
-            loss = problem.inner(theta, phi if graph else phi_constant, *batches[step])
-            if step == 0 and not any(reached(loss, theta)):
-                raise ValueError(_NO_PARAMS_REACHED)
-            check_finite((loss,), f"the value of inner_loss at unrolled step {step}")
-            with second_order_guard("differentiating through an inner optimizer step"):
-                theta, state = (stepper if graph else cheap).advance(loss, theta, state, graph, fresh_state)
-            fresh_state = False
-            if not graph:
-                theta, state = _cut(theta, state, stepper)
-        return theta, state
 
     # ------------------------------------------------------------------------- the state
     def state_dict(self) -> dict[str, Any]:

@@ -12,10 +12,19 @@ import dataclasses
 from typing import Any, ClassVar, TypeVar
 
 from .._src.problem import BilevelProblem
+from .._src.products import ProductRule
 from .._src.stats import Stats
 from .._src.typing import Tensors
 
-__all__ = ["Mode", "available_modes", "check_flag", "check_positive", "get_mode", "register_mode"]
+__all__ = [
+    "ImplicitMode",
+    "Mode",
+    "available_modes",
+    "check_flag",
+    "check_positive",
+    "get_mode",
+    "register_mode",
+]
 
 _REGISTRY: dict[str, type[Mode]] = {}
 
@@ -36,7 +45,8 @@ class Mode:
     @classmethod
     def option_names(cls) -> list[str]:
         fields = dataclasses.fields(cls)  # type: ignore[arg-type]  # every mode class is a dataclass
-        return [f.name for f in fields if f.init and not f.name.startswith("_")]
+        ordered = sorted(fields, key=lambda f: f.kw_only is True)  # a mode's own options first
+        return [f.name for f in ordered if f.init and not f.name.startswith("_")]
 
     @classmethod
     def from_options(cls, **options: Any) -> Mode:
@@ -81,6 +91,30 @@ class Mode:
         structure. A state that fits any problem (a random generator) or that the options
         leave unused (a loaded warm start with ``warm_start=False``) does not count."""
         return bool(self.state_dict())
+
+
+@dataclasses.dataclass(kw_only=True)
+class ImplicitMode(Mode):
+    """Options shared by the implicit modes (keyword-only, after each mode's own).
+
+    hvp: how the Hessian (and mixed) products are differentiated. ``"autograd"`` (default):
+        exactly, through the graph of the inner gradient (a double backward).
+        ``"finite-difference"``: central differences of first-order gradients,
+        ``H x ≈ [∇θ f(θ + hx) − ∇θ f(θ − hx)] / 2h`` and the mixed product likewise from
+        ``∇φ f``, two gradient evaluations each and no second derivative anywhere: for ops
+        without a double backward (fused attention kernels, cuDNN RNNs, first-order custom
+        Functions) and compiled first-order programs. The step is ``‖hx‖ = c·(1 + ‖θ‖)``;
+        the relative error of a product is about ``c²`` (third derivatives) plus
+        ``ε/c`` (rounding), exact for quadratic losses. Only for gradient stationarity maps.
+    fd_eps: the relative step ``c`` (default ``∛ε`` of the dtype: 6e-6 in float64, 5e-3 in
+        float32).
+    """
+
+    hvp: str = "autograd"
+    fd_eps: float | None = None
+
+    def __post_init__(self) -> None:
+        self.rule = ProductRule(self.hvp, self.fd_eps)
 
 
 def register_mode(cls: M) -> M:

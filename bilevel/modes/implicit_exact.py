@@ -13,20 +13,22 @@ from .._src.products import StationarityJacobian
 from .._src.solvers import SolveResult, dense_solve
 from .._src.stats import Stats
 from .._src.typing import Tensors
-from .base import Mode, check_positive, register_mode
+from .base import ImplicitMode, check_positive, register_mode
 
 __all__ = ["ImplicitExact"]
 
 
 @register_mode
 @dataclass
-class ImplicitExact(Mode):
+class ImplicitExact(ImplicitMode):
     """Build the P×P matrix ``Jᵀ`` (the Hessian for a loss) from P products and solve it.
 
     The reference for the other modes on small problems. Option ``max_params`` (default
     5000): refuse larger problems, whose P products and P² memory would be prohibitive.
     Handles non-symmetric systems. A numerically singular matrix is reported in
     ``stats.singular`` (with a warning) and solved in the least-squares sense.
+
+    Also ``hvp`` and ``fd_eps``, as every implicit mode (:class:`~bilevel.modes.base.ImplicitMode`).
     """
 
     name: ClassVar[str] = "implicit-exact"
@@ -34,6 +36,7 @@ class ImplicitExact(Mode):
     max_params: int = 5000
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_positive("max_params", self.max_params, integer=True)
 
     def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
@@ -52,4 +55,4 @@ class ImplicitExact(Mode):
             rows = operator.matmat(identity)  # row i = Jᵀ e_i, so the stack is J
             return dense_solve(rows.T, v)
 
-        return implicit_hypergradient(problem, solve, stats)
+        return implicit_hypergradient(problem, solve, stats, rule=self.rule)

@@ -11,14 +11,14 @@ from .._src.products import StationarityJacobian
 from .._src.solvers import SolveResult, gmres
 from .._src.stats import Stats
 from .._src.typing import Tensors
-from .base import Mode, check_positive, register_mode
+from .base import ImplicitMode, check_positive, register_mode
 
 __all__ = ["ImplicitGMRES"]
 
 
 @register_mode
 @dataclass
-class ImplicitGMRES(Mode):
+class ImplicitGMRES(ImplicitMode):
     """Solve ``Jᵀ x = ∂g/∂θ`` by GMRES: the Krylov method for non-symmetric systems, such as
     the stationarity maps of module-aware auxiliary weighting (for a loss, ``Jᵀ = H``).
 
@@ -27,6 +27,8 @@ class ImplicitGMRES(Mode):
         tol: stop when ‖v − Jᵀx‖ ≤ tol·‖v‖ (default 1e-6).
 
     Needs only ``Jᵀ`` invertible: neither symmetry nor positive definiteness.
+
+    Also ``hvp`` and ``fd_eps``, as every implicit mode (:class:`~bilevel.modes.base.ImplicitMode`).
     """
 
     name: ClassVar[str] = "implicit-gmres"
@@ -35,6 +37,7 @@ class ImplicitGMRES(Mode):
     tol: float = 1e-6
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_positive("iters", self.iters, integer=True)
         check_positive("tol", self.tol, allow_zero=True)
 
@@ -44,4 +47,4 @@ class ImplicitGMRES(Mode):
         def solve(operator: StationarityJacobian, v: Tensors) -> SolveResult:
             return gmres(operator.matvec, v, self.iters, self.tol)
 
-        return implicit_hypergradient(problem, solve, stats)
+        return implicit_hypergradient(problem, solve, stats, rule=self.rule)

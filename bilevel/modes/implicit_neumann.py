@@ -22,7 +22,7 @@ from .._src.solvers import (
 )
 from .._src.stats import Stats
 from .._src.typing import Tensors
-from .base import Mode, check_flag, check_positive, register_mode
+from .base import ImplicitMode, check_flag, check_positive, register_mode
 
 __all__ = ["ImplicitNeumann"]
 
@@ -31,7 +31,7 @@ _ZERO_CURVATURE = "alpha='auto': the inner Hessian is zero along the power itera
 
 @register_mode
 @dataclass
-class ImplicitNeumann(Mode):
+class ImplicitNeumann(ImplicitMode):
     """``x = α Σ_{j<K} (I − αH)ʲ ∂g/∂θ`` with ``K = iters`` terms (``iters`` products).
 
     Options:
@@ -45,6 +45,9 @@ class ImplicitNeumann(Mode):
             iterations (counted in ``stats.hvps``) and take α = 1/λmax, inside the
             convergence region α < 2/λmax even if λmax is underestimated by half.
         power_iters: power iterations for ``alpha="auto"`` (default 10).
+        tol: ``stats.converged`` is residual ≤ tol (default 1e-3; a series of K terms is an
+            approximation, and this judges it: above tol the call warns). The series always
+            sums its K terms.
         compile: run the call as one compiled program (``torch.compile``; a CUDA graph on
             CUDA) after a first eager call; ``True`` or a dict of ``torch.compile`` keywords
             (see :mod:`bilevel._src.compiled`).
@@ -55,6 +58,8 @@ class ImplicitNeumann(Mode):
 
     Valid for non-symmetric systems. A residual that grows (α too large) is reported in
     ``stats.diverged`` with a warning.
+
+    Also ``hvp`` and ``fd_eps``, as every implicit mode (:class:`~bilevel.modes.base.ImplicitMode`).
     """
 
     name: ClassVar[str] = "implicit-neumann"
@@ -65,15 +70,18 @@ class ImplicitNeumann(Mode):
     power_iters: int = 10
     compile: bool | dict = False
     autocast: torch.dtype | None = None
+    tol: float = 1e-3
     _fast: CompiledPath | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_positive("iters", self.iters, integer=True)
+        check_positive("tol", self.tol, allow_zero=True)
         check_flag("residual", self.residual)
         check_positive("power_iters", self.power_iters, integer=True)
         if self.alpha != "auto":
             check_positive("alpha", self.alpha)
-        check_autocast(self.autocast)
+        check_autocast(self.autocast, self.rule)
         self._fast = compiled_path(implicit_program, self.compile)
 
     def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
@@ -84,6 +92,7 @@ class ImplicitNeumann(Mode):
             out = self._fast(
                 problem,
                 self.autocast,
+                self.rule,
                 _solve_on_device,
                 self.iters,
                 fixed,
@@ -101,9 +110,9 @@ class ImplicitNeumann(Mode):
             else:
                 alpha = self.alpha
             stats.extra["alpha"] = alpha
-            return neumann(operator.matvec, v, self.iters, alpha, self.residual)
+            return neumann(operator.matvec, v, self.iters, alpha, self.residual, tol=self.tol)
 
-        return implicit_hypergradient(problem, solve, stats, self.autocast)
+        return implicit_hypergradient(problem, solve, stats, self.autocast, self.rule)
 
     @staticmethod
     def _auto_alpha(largest: float, stats: Stats) -> float:
@@ -119,9 +128,9 @@ class ImplicitNeumann(Mode):
         else:
             alpha = self.alpha
         stats.extra["alpha"] = alpha
-        result = neumann_report(SolveResult(x, 0, self.iters, info=info), alpha, self.residual)
+        result = neumann_report(SolveResult(x, 0, self.iters, info=info), alpha, self.residual, self.tol)
         hvps = result.products + (self.power_iters if self.alpha == "auto" else 0)
-        return finish_compiled(result, grads, stats, hvps)
+        return finish_compiled(result, grads, stats, hvps, rule=self.rule)
 
 
 def _generator() -> torch.Generator:

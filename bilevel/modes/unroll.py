@@ -16,7 +16,9 @@ __all__ = ["Unroll"]
 class Unroll(UnrolledMode):
     """Run ``steps`` differentiable inner-optimizer steps from ``params`` and backpropagate
     ``outer_loss`` at the result to ``hparams`` through all of them (memory grows with
-    ``steps``). Does not assume ``params`` is a minimiser. Options: see
+    ``steps``; ``checkpoint="auto"`` bounds it to about √steps graphs by recomputation,
+    ``direction="forward"`` makes it independent of ``steps`` for a few hyperparameters).
+    Does not assume ``params`` is a minimiser. Options: see
     :class:`bilevel.modes._unrolled.UnrolledMode` (``steps=10``, SGD with ``lr=0.1``, torchopt).
     """
 

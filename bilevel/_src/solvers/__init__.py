@@ -6,9 +6,17 @@ here knows about losses or models. In the implicit modes ``A`` is the inner Hess
 :class:`SolveResult` with its own diagnostics: residual, verdict, breakdown and message.
 """
 
-from .cg import NEGATIVE_CURVATURE, conjugate_gradient, conjugate_gradient_report, damped
-from .dense import SINGULAR, dense_solve, nystrom
+from .cg import (
+    NEGATIVE_CURVATURE,
+    Precondition,
+    conjugate_gradient,
+    conjugate_gradient_report,
+    damped,
+    damping_ramp,
+)
+from .dense import SINGULAR, dense_solve
 from .gmres import gmres
+from .minres import MINRES_SINGULAR, minres
 from .neumann import (
     DIVERGED,
     neumann,
@@ -17,6 +25,7 @@ from .neumann import (
     power_iteration_estimate,
     random_start,
 )
+from .nystrom import Sketch, column_sketch, gaussian_sketch, nystrom_preconditioner, sketch_solve
 from .result import BREAKDOWNS, SolveResult
 
 #: each breakdown's explanation, as its solver gives it (for a solve that sets only the flag)
@@ -25,16 +34,24 @@ MESSAGES = {"negative_curvature": NEGATIVE_CURVATURE, "diverged": DIVERGED, "sin
 __all__ = [
     "BREAKDOWNS",
     "MESSAGES",
+    "MINRES_SINGULAR",
+    "Precondition",
+    "Sketch",
     "SolveResult",
+    "column_sketch",
     "conjugate_gradient",
     "conjugate_gradient_report",
     "damped",
+    "damping_ramp",
     "dense_solve",
+    "gaussian_sketch",
     "gmres",
+    "minres",
     "neumann",
     "neumann_report",
-    "nystrom",
+    "nystrom_preconditioner",
     "power_iteration",
     "power_iteration_estimate",
     "random_start",
+    "sketch_solve",
 ]

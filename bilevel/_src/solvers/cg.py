@@ -3,30 +3,48 @@
 One algorithm, two loops: the host loop reads pᵀAp and ‖r‖ after each iteration and stops
 early (``sync=True``); the device loop (``sync=False``, for compiled code) never reads
 them: an iteration that starts converged, or meets pᵀAp ≤ 0, takes a zero step instead, so
-its iterate is the host loop's up to rounding and it always makes ``iters`` products.
+its iterate is the host loop's up to rounding and it always makes ``iters`` products. Both
+return the same iterate: the last one, or the one with the smallest residual where the last
+cannot be trusted (:func:`conjugate_gradient`). Re-orthogonalisation, the damping ramp and
+the preconditioner read the host (or need its decisions) and exist on the host loop only.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..errors import NonFiniteError
-from ..tree_math import axpy, dot, norm, zeros_like
+from ..tree_math import axpy, dot, flat, norm, unflat, zeros_like
 from ..typing import MatVec, Tensors
 from .result import SolveResult
 
-__all__ = ["NEGATIVE_CURVATURE", "conjugate_gradient", "conjugate_gradient_report", "damped"]
+__all__ = [
+    "NEGATIVE_CURVATURE",
+    "Precondition",
+    "conjugate_gradient",
+    "conjugate_gradient_report",
+    "damped",
+    "damping_ramp",
+]
 
 NEGATIVE_CURVATURE = (
     "the conjugate-gradient solve met negative curvature (pᵀHp ≤ 0): the inner Hessian is not "
-    "positive definite at params (not a minimum, or a non-convex inner problem). The result used "
-    "the iterate before it; add damping, or use implicit-neumann"
+    "positive definite at params (not a minimum, or a non-convex inner problem), where CG does "
+    "not apply. The result is CG's iterate with the smallest residual (never above ‖∂g/∂θ‖), "
+    "not the solution. For the undamped IFT answer of an indefinite Hessian use "
+    "implicit-minres; for a bounded, damped answer add damping (damping='auto' raises it from "
+    "1e-2·λmax until CG meets no negative curvature, and reports it in stats.extra['damping'])"
 )
 
-_State = tuple[Tensors, Tensors, Tensors, Tensor]  # x, r, p, ‖r‖²
+_State = tuple[Tensors, Tensors, Tensors, Tensor]  # x, r, p, rᵀz (z = M⁻¹r; ‖r‖² unpreconditioned)
+_Project = Callable[[Tensors], Tensors]
+#: ``r ↦ M⁻¹r`` for a symmetric positive definite preconditioner ``M``
+Precondition = Callable[[Tensors], Tensors]
 
 
 def damped(matvec: MatVec, damping: float) -> MatVec:
@@ -45,57 +63,197 @@ def conjugate_gradient(
     x0: Tensors | None = None,
     overlap: bool | None = None,
     sync: bool = True,
+    reorthogonalize: bool = False,
+    preconditioner: Precondition | None = None,
 ) -> SolveResult:
     """Conjugate gradient for ``(A + damping·I) x = v`` with ``A`` symmetric.
 
     Stops after ``iters`` iterations or when ‖r‖ ≤ tol·‖v‖. On negative or zero curvature
-    (pᵀAp ≤ 0: ``A`` is not positive definite along p) it stops, keeps the last iterate and
-    reports the breakdown ``"negative_curvature"``. The host reads pᵀAp and ‖r‖ once per
-    iteration; with ``overlap`` (default: when ``v`` is on a GPU) it reads them while the
-    next iteration is already queued on the device, which then never idles waiting for the
-    host; a solve that stops early spends one more product there (counted in ``products``),
-    and the iterate is the same.
+    (pᵀAp ≤ 0: ``A`` is not positive definite along p) it stops and reports the breakdown
+    ``"negative_curvature"``. It returns the last iterate (for SPD ``A`` the one with the
+    smallest error in the A-norm), unless the solve met negative curvature or the last
+    residual exceeds ‖v‖ (near-zero curvature can blow an iterate up): then the iterate with
+    the smallest residual, ``x = 0`` included, so the residual returned is never above ‖v‖;
+    ``iterate`` says which one (0: the start). It costs one vector.
+
+    The host reads pᵀAp and ‖r‖ once per iteration; with ``overlap`` (default: when ``v`` is
+    on a GPU) it reads them while the next iteration is already queued on the device, which
+    then never idles waiting for the host; a solve that stops early spends one more product
+    there (counted in ``products``), and the iterate is the same.
+
+    ``reorthogonalize``: keep the normalised residuals (``iters`` vectors of size P) and
+    project each new residual against them. In exact arithmetic the residuals are orthogonal;
+    in floating point they lose it as soon as an extreme eigenvalue has converged, and CG
+    then spends products on directions it has already searched, which is most of its cost on
+    ill-conditioned systems. One more product then measures the true residual, which
+    ``residual`` and ``converged`` report.
 
     ``sync=False``: no host synchronisation at all (for compiled code); always ``iters``
     products (one more with ``x0``), diagnostics in ``info`` as 0-dim tensors (``residual``,
-    ``iters``, ``negative_curvature``), read by :func:`conjugate_gradient_report`.
+    ``iters``, ``negative_curvature``), read by :func:`conjugate_gradient_report`; no
+    ``reorthogonalize``.
+
+    ``preconditioner``: ``r ↦ M⁻¹r`` for an SPD ``M ≈ A + damping·I`` (preconditioned CG:
+    ``z = M⁻¹r``, ``α = rᵀz / pᵀAp``, ``β = r₊ᵀz₊ / rᵀz``, ``p = z₊ + βp``). The stopping test
+    and ``residual`` stay on the unpreconditioned ‖r‖/‖v‖, so ``converged`` means the same;
+    each iteration costs one more inner product. Host loop only, not with ``reorthogonalize``
+    (its projections would need the M-inner product).
     """
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
+    if reorthogonalize and not sync:
+        raise ValueError("reorthogonalize=True needs the host loop (sync=True)")
+    if preconditioner is not None and (reorthogonalize or not sync):
+        raise ValueError(
+            "a preconditioner needs the host loop (sync=True) without reorthogonalize; "
+            "pass sync=True and reorthogonalize=False with it"
+        )
     apply = damped(matvec, damping)
     x, r = (zeros_like(v), v) if x0 is None else (x0, axpy(-1.0, apply(x0), v))
     start = int(x0 is not None)  # the product that made the initial residual
     if not sync:
         return _device_loop(apply, v, x, r, iters, tol, start)
-    return _host_loop(apply, v, x, r, iters, tol, start, v[0].is_cuda if overlap is None else overlap)
+    overlap = v[0].is_cuda if overlap is None else overlap
+    basis_size = iters + 1 if reorthogonalize else 0
+    result = _host_loop(apply, v, (x, r), iters, tol, start, overlap, basis_size, preconditioner)
+    return _measured(apply, v, result, tol) if reorthogonalize else result
 
 
-def _iteration(apply: MatVec, state: _State) -> tuple[_State, Tensor]:
-    """One CG iteration and its curvature pᵀAp (no host read)."""
-    x, r, p, rs = state
+def _measured(apply: MatVec, v: Tensors, result: SolveResult, tol: float) -> SolveResult:
+    """``result`` with its true residual (one product). The projections change the residual
+    without changing ``x``: in low precision on ill-conditioned systems the recurrence's
+    residual then falls far below the true one, which ``converged`` must describe."""
+    if result.iters == 0:  # v = 0, or the start met tol: its residual came from a product
+        return result
+    residual = float(norm(axpy(-1.0, apply(result.x), v)) / norm(v))
+    if not math.isfinite(residual):
+        raise NonFiniteError("non-finite values in the residual product of the conjugate-gradient solve")
+    result.products, result.residual = result.products + 1, residual
+    result.converged = residual <= max(tol, 1e-12) and not result.negative_curvature
+    return result
+
+
+def damping_ramp(
+    matvec: MatVec,
+    v: Tensors,
+    iters: int,
+    tol: float,
+    damping: float,
+    growth: float = 4.0,
+    x0: Tensors | None = None,
+    overlap: bool | None = None,
+    reorthogonalize: bool = False,
+) -> tuple[SolveResult, float]:
+    """CG on ``(A + λI) x = v`` from ``λ = damping``, multiplying λ by ``growth`` and
+    restarting from zero each time CG meets negative curvature, which proves
+    ``λmin(A) ≤ −λ``; at most ``iters`` products in all. Returns the last solve (with the
+    products and iterations of all of them) and its λ; the other arguments are
+    :func:`conjugate_gradient`'s."""
+    if damping <= 0 or growth <= 1:
+        raise ValueError(f"the damping ramp needs damping > 0 and growth > 1, got {damping} and {growth}")
+    products, steps = 0, 0
+    while True:
+        result = conjugate_gradient(
+            matvec, v, iters - products, tol, damping, x0, overlap, reorthogonalize=reorthogonalize
+        )
+        products, steps, x0 = products + result.products, steps + result.iters, None
+        if not result.negative_curvature or products >= iters:
+            break
+        damping *= growth
+    result.products, result.iters = products, steps
+    return result, damping
+
+
+def _iteration(
+    apply: MatVec, state: _State, project: _Project | None = None, precondition: Precondition | None = None
+) -> tuple[_State, Tensor, Tensor]:
+    """One (preconditioned) CG iteration, its curvature pᵀAp and the new ‖r‖² (no host read)."""
+    x, r, p, rz = state
     ap = apply(p)
     curvature = dot(p, ap)
-    step = rs / curvature
+    step = rz / curvature
     x, r = axpy(step, p, x), axpy(-step, ap, r)
-    rs_next = dot(r, r)
-    return (x, r, axpy(rs_next / rs, p, r), rs_next), curvature
+    if project is not None:
+        r = project(r)
+    z = r if precondition is None else precondition(r)
+    rz_next = dot(r, z)
+    rs_next = rz_next if precondition is None else dot(r, r)
+    return (x, r, axpy(rz_next / rz, p, z), rz_next), curvature, rs_next
+
+
+def _first_state(x: Tensors, r: Tensors, rs: Tensor, precondition: Precondition | None) -> _State:
+    """``(x, r, p = z, rᵀz)`` with ``z = M⁻¹r`` (``z = r``, ``rᵀz = ‖r‖²`` without ``M``)."""
+    if precondition is None:
+        return x, r, r, rs
+    z = precondition(r)
+    return x, r, z, dot(r, z)
+
+
+class _Residuals:
+    """The normalised residuals so far, the rows of a ``(k, P)`` matrix that grows by
+    doubling up to ``capacity`` rows; :meth:`project` makes a new residual orthogonal to
+    them (classical Gram–Schmidt: two matrix-vector products) and adds it."""
+
+    def __init__(self, r: Tensors, rs: Tensor, capacity: int) -> None:
+        first = flat(r)
+        self.capacity = capacity
+        self.rows = first.new_empty((min(capacity, 16), first.numel()))
+        self.rows[0] = first / rs.sqrt().clamp_min(torch.finfo(first.dtype).tiny)
+        self.count = 1
+
+    def project(self, r: Tensors) -> Tensors:
+        basis = self.rows[: self.count]
+        f = flat(r)
+        f = f - basis.T @ (basis @ f)
+        if self.count == self.rows.shape[0]:
+            grown = self.rows.new_empty((min(2 * self.count, self.capacity), f.numel()))
+            grown[: self.count] = self.rows
+            self.rows = grown
+        if self.count < self.rows.shape[0]:  # the last residual of a full budget is not needed
+            self.rows[self.count] = f / torch.linalg.vector_norm(f).clamp_min(torch.finfo(f.dtype).tiny)
+            self.count += 1
+        return unflat(f, r)
+
+
+@dataclass
+class _Best:
+    """The iterate with the smallest residual so far and its iteration."""
+
+    x: Tensors
+    residual: float
+    index: int = 0
+
+    def offer(self, x: Tensors, residual: float, index: int) -> None:
+        if residual < self.residual:
+            self.x, self.residual, self.index = x, residual, index
 
 
 def _host_loop(
-    apply: MatVec, v: Tensors, x: Tensors, r: Tensors, iters: int, tol: float, products: int, overlap: bool
+    apply: MatVec,
+    v: Tensors,
+    start: tuple[Tensors, Tensors],
+    iters: int,
+    tol: float,
+    products: int,
+    overlap: bool,
+    basis_size: int,
+    precondition: Precondition | None = None,
 ) -> SolveResult:
+    x, r = start
     rs = dot(r, r)
     v_norm, rs_host = torch.stack((norm(v), rs)).tolist()
     if v_norm == 0.0:
         return SolveResult(x=zeros_like(v), products=products, iters=0, residual=0.0, converged=True)
     residual = math.sqrt(rs_host) / v_norm
-    state: _State = (x, r, r, rs)
+    best = _Best(x, residual) if residual <= 1.0 else _Best(zeros_like(v), 1.0)
+    project = _Residuals(r, rs, basis_size).project if basis_size else None
+    state = _first_state(x, r, rs, precondition)
     queued: tuple[_State, _HostRead] | None = None
     negative, k, offset = False, 0, products
 
     def launch(current: _State) -> tuple[_State, _HostRead]:
-        following, curvature = _iteration(apply, current)
-        return following, _HostRead(torch.stack((curvature, following[3])))
+        following, curvature, rs_next = _iteration(apply, current, project, precondition)
+        return following, _HostRead(torch.stack((curvature, rs_next)))
 
     while k < iters and residual > tol:
         if queued is None:
@@ -112,15 +270,24 @@ def _host_loop(
             raise NonFiniteError(
                 f"non-finite values in Hessian-vector product {k + offset} of the conjugate-gradient solve"
             )
-        if curvature <= 0.0:  # this iteration's step is discarded: keep the last iterate
+        if curvature <= 0.0:  # this iteration's step is discarded
             negative = True
             break
         state, residual = following, math.sqrt(rs_host) / v_norm
-    return _result(state[0], products, k, residual, tol, negative)
+        best.offer(state[0], residual, k)
+    if negative or residual > 1.0:  # the last iterate is not to be trusted: the best one
+        return _result(best.x, products, k, best.residual, tol, negative, best.index)
+    return _result(state[0], products, k, residual, tol, negative, k)
 
 
 def _result(
-    x: Tensors, products: int, iters: int, residual: float, tol: float, negative: bool
+    x: Tensors,
+    products: int,
+    iters: int,
+    residual: float,
+    tol: float,
+    negative: bool,
+    index: int | None = None,
 ) -> SolveResult:
     return SolveResult(
         x=x,
@@ -130,6 +297,7 @@ def _result(
         converged=residual <= max(tol, 1e-12) and not negative,
         breakdown="negative_curvature" if negative else None,
         message=NEGATIVE_CURVATURE if negative else "",
+        iterate=index,
     )
 
 
@@ -139,6 +307,9 @@ def _device_loop(
     v_norm = norm(v)
     v_scale = torch.where(v_norm > 0, v_norm, torch.ones_like(v_norm))
     p, rs = r, dot(r, r)
+    # the best iterate as in the host loop: the start, or zero where the start is worse
+    best_rs = torch.minimum(rs, v_scale**2)
+    best_x = tuple(torch.where(rs <= best_rs, t, torch.zeros_like(t)) for t in x)
     active = rs.sqrt() / v_scale > tol
     negative = torch.zeros_like(active)
     moved = torch.zeros((), dtype=torch.int64, device=v_norm.device)
@@ -153,11 +324,17 @@ def _device_loop(
         step = torch.where(active, rs / torch.where(active, curvature, one), torch.zeros_like(rs))
         x, r = axpy(step, p, x), axpy(-step, ap, r)
         rs_new = torch.where(active, dot(r, r), rs)
+        better = active & (rs_new < best_rs)
+        best_x = tuple(torch.where(better, xi, bi) for xi, bi in zip(x, best_x))
+        best_rs = torch.where(better, rs_new, best_rs)
         beta = torch.where(active, rs_new / torch.where(active, rs, one), one)
         p = tuple(torch.where(active, ri + beta * pi, pi) for ri, pi in zip(r, p))
         rs = rs_new
         active = active & (rs.sqrt() / v_scale > tol)
-    info = {"residual": rs.sqrt() / v_scale, "iters": moved, "negative_curvature": negative}
+    use_best = negative | (rs > v_scale**2)
+    x = tuple(torch.where(use_best, bi, xi) for xi, bi in zip(x, best_x))
+    residual = torch.where(use_best, best_rs, rs).sqrt() / v_scale
+    info = {"residual": residual, "iters": moved, "negative_curvature": negative}
     return SolveResult(x=x, products=products + iters, iters=iters, info=info)
 
 

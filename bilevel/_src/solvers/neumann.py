@@ -32,7 +32,13 @@ DIVERGED = (
 
 
 def neumann(
-    matvec: MatVec, v: Tensors, iters: int, alpha: float | Tensor, residual: bool = True, sync: bool = True
+    matvec: MatVec,
+    v: Tensors,
+    iters: int,
+    alpha: float | Tensor,
+    residual: bool = True,
+    sync: bool = True,
+    tol: float = 1e-3,
 ) -> SolveResult:
     """Truncated Neumann series ``x = α Σ_{j<K} (I − αA)ʲ v`` with ``K = iters`` terms.
 
@@ -41,7 +47,8 @@ def neumann(
     products) and reports no residual; divergence is then judged on the last term
     ``(I − αA)ᴷ⁻¹ v``, the residual of the first ``K − 1`` terms. Converges for any ``A``
     (symmetric or not) whose spectrum lies in the disc |1 − αλ| < 1, e.g. SPD ``A`` with
-    ``α < 2/λmax``. The breakdown ``"diverged"`` is set when the judged norm grew above
+    ``α < 2/λmax``. ``converged``: the residual is at most ``tol`` (None without it). The
+    breakdown ``"diverged"`` is set when the judged norm grew above
     ‖v‖, or to twice the smallest norm of the series (for SPD ``A`` with ``α < 2/λmax`` the
     terms never grow).
 
@@ -65,10 +72,12 @@ def neumann(
         iters=iters,
         info={"norms": torch.linalg.vector_norm(table, dim=1)},
     )
-    return neumann_report(result, float(alpha), residual) if sync else result
+    return neumann_report(result, float(alpha), residual, tol) if sync else result
 
 
-def neumann_report(result: SolveResult, alpha: float, residual: bool = True) -> SolveResult:
+def neumann_report(
+    result: SolveResult, alpha: float, residual: bool = True, tol: float = 1e-3
+) -> SolveResult:
     """The host numbers of a series (one read of its norms): raises on non-finite terms,
     flags divergence."""
     norms = result.info["norms"]
@@ -104,7 +113,7 @@ def neumann_report(result: SolveResult, alpha: float, residual: bool = True) -> 
         products=iters,
         iters=iters,
         residual=last,
-        converged=last < 1.0 and not diverged,
+        converged=last <= tol and not diverged,
         breakdown=breakdown,
         message=message,
     )

@@ -38,6 +38,8 @@ class SolveResult:
     breakdown: str | None = None
     message: str = ""
     info: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    #: which iterate ``x`` is, where the solver returns another than its last (0: the start)
+    iterate: int | None = None
 
     def __post_init__(self) -> None:
         if self.breakdown is None:  # a solve that set a flag: the first one set names it

@@ -1,0 +1,155 @@
+"""MINRES (Paige and Saunders, 1975) for ``(A + λI) x = v`` with ``A`` symmetric, possibly
+indefinite or singular, on tuples of tensors.
+
+The Lanczos process builds an orthonormal basis of the Krylov space ``K_k = span{r₀, A r₀, …}``
+and the tridiagonal ``T_k``; ``x_k`` minimises ‖v − (A + λI) x‖ over ``x₀ + K_k``, through a QR
+factorisation of ``T_k`` updated by one Givens rotation per product. Five vectors of size P.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import NonFiniteError
+from ..tree_math import axpy, dot, norm, scale, zeros_like
+from ..typing import MatVec, Tensors
+from .cg import damped
+from .result import SolveResult
+
+__all__ = ["MINRES_SINGULAR", "minres"]
+
+MINRES_SINGULAR = (
+    "the MINRES solve found the inner Hessian (plus damping) singular with ∂g/∂θ partly in its "
+    "null space: no x solves the system, and the result is a least-squares solution (its "
+    "residual is that null-space part). The hypergradient is not determined there; add damping "
+    "(damping > 0 makes the system solvable), or check that params is a minimum"
+)
+
+
+@dataclass
+class _Rotations:
+    """The two latest Givens rotations of the QR factorisation of ``T_k`` (host floats) and
+    the rotated right-hand side ``η``, whose magnitude is the residual norm of ``x_k``."""
+
+    eta: float
+    c_old: float = 1.0
+    s_old: float = 0.0
+    c: float = 1.0
+    s: float = 0.0
+
+    def column(self, beta: float, alpha: float) -> tuple[float, float, float]:
+        """Apply the two previous rotations to the column (β_k, α_k) of ``T_k``: returns the
+        entries ε (two rows up) and δ (one up) of ``R`` and the unrotated diagonal γ̄."""
+        epsilon, below = self.s_old * beta, self.c_old * beta
+        return epsilon, self.c * below + self.s * alpha, -self.s * below + self.c * alpha
+
+    def rotate(self, gamma_bar: float, beta_next: float, gamma: float) -> float:
+        """The rotation that zeroes β_{k+1} below the diagonal; returns the step along ``w_k``."""
+        c, s = gamma_bar / gamma, beta_next / gamma
+        self.c_old, self.s_old, self.c, self.s = self.c, self.s, c, s
+        step = c * self.eta
+        self.eta = -s * self.eta
+        return step
+
+
+def minres(
+    matvec: MatVec,
+    v: Tensors,
+    iters: int,
+    tol: float = 1e-10,
+    damping: float = 0.0,
+    x0: Tensors | None = None,
+) -> SolveResult:
+    """MINRES for ``(A + damping·I) x = v`` with ``A`` symmetric (no definiteness needed).
+
+    Returns the ``x`` in ``x₀ + K_k`` with the smallest residual. On a nonsingular system
+    (definite or indefinite) it converges to the solution. On a singular one with ``v`` in
+    the range (compatible) and ``x₀ = 0`` the iterates stay in the range, so the limit is
+    the minimum-norm solution ``A⁺v``; when ``v`` has a null-space part ``v_N`` no ``x``
+    solves the system: the Krylov space then becomes invariant with a singular ``T_k``, the
+    solve stops at a least-squares solution (residual ‖v_N‖), removes its component along
+    the residual ``v_N`` (the only null-space direction in ``K_k``), returns the minimum-norm
+    least-squares solution ``A⁺v`` and sets the breakdown ``"singular"``.
+
+    Stops after ``iters`` products, when the recurrence's residual is at most ``tol·‖v‖``, or
+    when the Krylov space is invariant. One more product then measures the true residual
+    ‖v − (A + λI) x‖/‖v‖, which is what ``residual`` and ``converged`` report (one more with
+    ``x0``, for its initial residual). The host reads two numbers per product.
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    apply = damped(matvec, damping)
+    x, r = (zeros_like(v), v) if x0 is None else (x0, axpy(-1.0, apply(x0), v))
+    v_norm, beta = torch.stack((norm(v), norm(r))).tolist()
+    if v_norm == 0.0:
+        return SolveResult(x=zeros_like(v), products=0, iters=0, residual=0.0, converged=True)
+    products = int(x0 is not None)
+    if beta <= tol * v_norm:  # the start solves the system (its residual is measured)
+        return SolveResult(x=x, products=products, iters=0, residual=beta / v_norm, converged=True)
+    eps = torch.finfo(v[0].dtype).eps
+    rotations = _Rotations(eta=beta)
+    q_prev, q = zeros_like(v), scale(1.0 / beta, r)
+    w_old, w = zeros_like(v), zeros_like(v)
+    a_norm, singular, k = 0.0, False, 0
+    while k < iters:
+        p = apply(q)
+        k += 1
+        alpha = dot(q, p)
+        p = axpy(-beta, q_prev, axpy(-alpha, q, p))
+        alpha_host, beta_next = torch.stack((alpha, norm(p))).tolist()
+        if not (math.isfinite(alpha_host) and math.isfinite(beta_next)):
+            raise NonFiniteError(
+                f"non-finite values in Hessian-vector product {k + products} of the MINRES solve"
+            )
+        a_norm = max(a_norm, math.sqrt(alpha_host**2 + beta**2 + beta_next**2))
+        floor = 100.0 * eps * a_norm  # below it a number is rounding: an invariant space, or a zero pivot
+        epsilon, delta, gamma_bar = rotations.column(beta, alpha_host)
+        gamma = math.hypot(gamma_bar, beta_next)
+        if gamma <= floor:  # T_k is singular on an invariant space: x_{k-1} is a least-squares solution
+            singular = True
+            break
+        # w_k = (q_k − δ w_{k−1} − ε w_{k−2}) / γ: the columns of V_k R_k⁻¹
+        w_old, w = w, scale(1.0 / gamma, axpy(-epsilon, w_old, axpy(-delta, w, q)))
+        x = axpy(rotations.rotate(gamma_bar, beta_next, gamma), w, x)
+        if abs(rotations.eta) <= tol * v_norm or beta_next <= floor:
+            break
+        q_prev, q, beta = q, scale(1.0 / beta_next, p), beta_next
+    return _measured(apply, v, x, products + k, k, v_norm, tol, singular)
+
+
+def _measured(
+    apply: MatVec,
+    v: Tensors,
+    x: Tensors,
+    products: int,
+    iters: int,
+    v_norm: float,
+    tol: float,
+    singular: bool,
+) -> SolveResult:
+    """The result with its true residual (one product): the recurrence's estimate drifts from
+    it in finite precision, and ``converged`` must describe the ``x`` returned.
+
+    On a singular stop the residual ``r`` is ``v``'s null-space part ``v_N``, and the only
+    null-space part of ``x ∈ K_k`` is a multiple of it (``A^j v`` lies in the range for
+    ``j ≥ 1``): subtracting the projection of ``x`` on ``r`` leaves the minimum-norm
+    least-squares solution, with the same residual."""
+    r = axpy(-1.0, apply(x), v)
+    r_norm = float(norm(r))
+    if not math.isfinite(r_norm):
+        raise NonFiniteError(f"non-finite values in the residual product {products + 1} of the MINRES solve")
+    if singular and r_norm > 0.0:
+        x = axpy(-float(dot(x, r)) / r_norm**2, r, x)
+    residual = r_norm / v_norm
+    return SolveResult(
+        x=x,
+        products=products + 1,
+        iters=iters,
+        residual=residual,
+        converged=residual <= max(tol, 1e-12) and not singular,
+        breakdown="singular" if singular else None,
+        message=MINRES_SINGULAR if singular else "",
+    )

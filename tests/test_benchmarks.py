@@ -92,3 +92,15 @@ def test_first_order_quick_run_matches_autograd_products(capsys):
     assert {r.algorithm for r in cost} == {"cg", "neumann"}
     assert all(r.evaluations == 2 * (r.products + 1) and r.seconds > 0 for r in cost)
     assert "relative error of finite-difference products" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_every_default_is_accurate_or_flagged():
+    """benchmarks/defaults.py: no implicit mode (nor the penalty mode) at its defaults is more
+    than 1e-2 off the dense solve without saying so, on the tests' and examples' problems."""
+    rows = load_script(SCRIPT.parent / "defaults.py").main([])
+    assert len(rows) >= 4 * 8
+    bad = [
+        (problem, mode, error) for problem, mode, error, _, flagged in rows if error > 1e-2 and not flagged
+    ]
+    assert not bad, bad

@@ -368,7 +368,7 @@ def test_no_double_backward_error_suggests_ways_that_work(rp):
         call(rp, inner=inner)
     theta = rp.params_star()
     v = torch.autograd.grad(rp.outer_loss(theta, rp.hparams), theta)[0]
-    got = call(rp, "implicit-identity", inner=inner, params=theta, alpha=0.3)
+    got = call(rp, "implicit-identity", inner=inner, params=theta, alpha=0.3, residual=False)
     torch.testing.assert_close(got, -0.3 * rp.hparams.detach().exp() * theta.detach() * v, rtol=1e-12, atol=0)
 
 

@@ -144,3 +144,21 @@ def test_implicit_minres_options_state_and_saddle():
     assert set(hg.state_dict()["state"]) == {"previous"}
     again = hg.compute(inner, outer, theta, phi)  # warm: the start already solves the system
     assert rel_error(again, exact) < 1e-12 and hg.stats.hvps == 1 and hg.stats.converged
+
+
+def test_stats_say_how_much_of_x_lies_along_negative_curvature():
+    """On an exactly solved diagonal system the share is the negative eigenvalues' part of
+    ‖x‖²; on a definite one it is zero."""
+    eigenvalues = torch.tensor([3.0, 2.0, 1.0, -0.5, -0.1], dtype=torch.float64)
+    v = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    x = v / eigenvalues
+    expected = float((x[eigenvalues < 0] ** 2).sum() / (x**2).sum())
+    result = minres(lambda t: (eigenvalues * t[0],), (v,), iters=10, tol=1e-12)
+    assert float(result.info["negative_share"]) == pytest.approx(expected, rel=1e-8)
+    assert int(result.info["negative_ritz"]) == 2
+    definite = minres(lambda t: (eigenvalues.abs() * t[0],), (v,), iters=10, tol=1e-12)
+    assert float(definite.info["negative_share"]) == 0.0 and int(definite.info["negative_ritz"]) == 0
+    hg = HyperGradient("implicit-minres")
+    hg.compute(*saddle())  # H = diag(1, −1), ∂g/∂θ = (2, −4): x = (2, 4), 16 of ‖x‖² = 20 negative
+    assert hg.stats.extra["negative_curvature_share"] == pytest.approx(0.8, rel=1e-10)
+    assert hg.stats.extra["negative_ritz_values"] == 1

@@ -236,7 +236,7 @@ def test_report_of_a_wrong_mode():
         "worst entries:",
         "hparams[",
         "central, relative step eps=6.06e-06",
-        "mode stats: hvps=0",
+        "mode stats: hvps=1",
         "‖∇θ inner_loss‖ at inner_solve(hparams): ",
     ):
         assert piece in report, piece

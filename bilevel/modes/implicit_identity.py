@@ -10,9 +10,9 @@ from .._src.problem import BilevelProblem
 from .._src.products import StationarityJacobian
 from .._src.solvers import SolveResult
 from .._src.stats import Stats
-from .._src.tree_math import scale
+from .._src.tree_math import axpy, norm, scale
 from .._src.typing import Tensors
-from .base import ImplicitMode, check_positive, register_mode
+from .base import ImplicitMode, check_flag, check_positive, register_mode
 
 __all__ = ["ImplicitIdentity"]
 
@@ -20,12 +20,20 @@ __all__ = ["ImplicitIdentity"]
 @register_mode
 @dataclass
 class ImplicitIdentity(ImplicitMode):
-    """``dg/dφ ≈ ∂g/∂φ − α (∇²φθ f) ∂g/∂θ``: one mixed product, no Hessian-vector products.
+    """``dg/dφ ≈ ∂g/∂φ − α (∇²φθ f) ∂g/∂θ``: one mixed product, no Hessian solve.
 
     The one-step ("T1–T2", first-order DARTS) approximation: the first Neumann term. Cheap,
-    biased; useful when the inner Hessian is unavailable (an op without double backward
-    that touches only θ) or as a baseline. Option ``alpha`` (default 1.0): the scale of the
-    identity approximation, usually the inner learning rate.
+    biased; a baseline, or for an inner Hessian that has no product at all (an op without
+    double backward that touches only θ: then ``residual=False``).
+
+    Options:
+        alpha: the scale of the identity approximation, usually the inner learning rate
+            (default 1.0).
+        residual: spend one Hessian product on ‖∂g/∂θ − H x‖/‖∂g/∂θ‖ for x = α ∂g/∂θ
+            (``stats.residual``; default True), the measure of how far αI is from H⁻¹ here.
+            ``False``: no product, ``stats.converged`` None.
+        tol: ``stats.converged`` is residual ≤ tol (default 1e-3); above it the call warns,
+            as it usually will: the approximation is biased.
 
     Also ``hvp`` and ``fd_eps``, as every implicit mode (:class:`~bilevel.modes.base.ImplicitMode`).
     """
@@ -33,15 +41,24 @@ class ImplicitIdentity(ImplicitMode):
     name: ClassVar[str] = "implicit-identity"
     supports_nonsymmetric: ClassVar[bool] = True
     alpha: float = 1.0
+    residual: bool = True
+    tol: float = 1e-3
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive("alpha", self.alpha)
+        check_flag("residual", self.residual)
+        check_positive("tol", self.tol, allow_zero=True)
 
     def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
         self.check_problem(problem)
 
         def solve(operator: StationarityJacobian, v: Tensors) -> SolveResult:
-            return SolveResult(x=scale(self.alpha, v), products=0, iters=0)  # no system solved: no verdict
+            x = scale(self.alpha, v)
+            if not self.residual:
+                return SolveResult(x=x, products=0, iters=0)  # nothing measured: no verdict
+            size = float(norm(v))
+            residual = float(norm(axpy(-1.0, operator.matvec(x), v))) / size if size > 0 else 0.0
+            return SolveResult(x=x, products=1, iters=0, residual=residual, converged=residual <= self.tol)
 
         return implicit_hypergradient(problem, solve, stats, rule=self.rule)

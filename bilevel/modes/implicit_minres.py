@@ -38,6 +38,10 @@ class ImplicitMINRES(ImplicitMode):
     ``"singular"`` when ∂g/∂θ has a null-space part, which no ``x`` matches). The undamped
     answer at a non-convex point can be dominated by directions of near-zero negative
     curvature; ``implicit-cg`` with ``damping="auto"`` gives a damped, bounded one.
+    ``stats.extra["negative_curvature_share"]`` says how much of ‖x‖² (of its Krylov part, all
+    of it from a cold start) lies along negative Ritz directions of the Lanczos tridiagonal,
+    and ``["negative_ritz_values"]`` how many there are: a share near 1 means the answer comes
+    from directions of negative curvature, where the IFT answer is a poor descent direction.
 
     Also ``hvp`` and ``fd_eps``, as every implicit mode (:class:`~bilevel.modes.base.ImplicitMode`).
     """
@@ -61,6 +65,9 @@ class ImplicitMINRES(ImplicitMode):
 
         def solve(operator: StationarityJacobian, v: Tensors) -> SolveResult:
             result = minres(operator.matvec, v, self.iters, self.tol, self.damping, x0=self._start(v))
+            if "negative_share" in result.info:  # host numbers of the Lanczos tridiagonal
+                stats.extra["negative_curvature_share"] = float(result.info["negative_share"])
+                stats.extra["negative_ritz_values"] = int(result.info["negative_ritz"])
             if self.warm_start:  # only a solve that converged is a good start for the next one
                 self._previous = tuple(t.detach() for t in result.x) if result.converged else None
             return result

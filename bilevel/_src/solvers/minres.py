@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from ..errors import NonFiniteError
 from ..tree_math import axpy, dot, norm, scale, zeros_like
@@ -19,7 +20,7 @@ from ..typing import MatVec, Tensors
 from .cg import damped
 from .result import SolveResult
 
-__all__ = ["MINRES_SINGULAR", "minres"]
+__all__ = ["MINRES_SINGULAR", "minres", "negative_curvature"]
 
 MINRES_SINGULAR = (
     "the MINRES solve found the inner Hessian (plus damping) singular with ∂g/∂θ partly in its "
@@ -90,10 +91,12 @@ def minres(
     if beta <= tol * v_norm:  # the start solves the system (its residual is measured)
         return SolveResult(x=x, products=products, iters=0, residual=beta / v_norm, converged=True)
     eps = torch.finfo(v[0].dtype).eps
+    beta_first = beta
     rotations = _Rotations(eta=beta)
     q_prev, q = zeros_like(v), scale(1.0 / beta, r)
     w_old, w = zeros_like(v), zeros_like(v)
     a_norm, singular, k = 0.0, False, 0
+    lanczos: list[tuple[float, float]] = []  # (α_k, β_{k+1}): the tridiagonal T_k
     while k < iters:
         p = apply(q)
         k += 1
@@ -104,6 +107,7 @@ def minres(
             raise NonFiniteError(
                 f"non-finite values in Hessian-vector product {k + products} of the MINRES solve"
             )
+        lanczos.append((alpha_host, beta_next))
         a_norm = max(a_norm, math.sqrt(alpha_host**2 + beta**2 + beta_next**2))
         floor = 100.0 * eps * a_norm  # below it a number is rounding: an invariant space, or a zero pivot
         epsilon, delta, gamma_bar = rotations.column(beta, alpha_host)
@@ -117,7 +121,36 @@ def minres(
         if abs(rotations.eta) <= tol * v_norm or beta_next <= floor:
             break
         q_prev, q, beta = q, scale(1.0 / beta_next, p), beta_next
-    return _measured(apply, v, x, products + k, k, v_norm, tol, singular)
+    result = _measured(apply, v, x, products + k, k, v_norm, tol, singular)
+    result.info.update(negative_curvature(lanczos, beta_first))
+    return result
+
+
+def negative_curvature(lanczos: list[tuple[float, float]], beta: float) -> dict[str, Tensor]:
+    """How much of the Krylov part of x lies along negative curvature, from the Lanczos
+    tridiagonal alone (host numbers, no product): with ``x − x₀ = Q_k y``, ``y`` the
+    least-squares solution of ``T̄_k y = β e₁`` and ``T_k = S diag(θ) Sᵀ``, the share is
+    ``Σ_{θᵢ<0} (Sᵀy)ᵢ² / ‖y‖²`` and ``count`` the negative Ritz values θᵢ. Exact while the
+    Lanczos vectors stay orthogonal; in floating point an estimate (repeated Ritz values)."""
+    k = len(lanczos)
+    if k == 0:
+        return {}
+    alphas = torch.tensor([a for a, _ in lanczos], dtype=torch.float64)
+    betas = torch.tensor([b for _, b in lanczos], dtype=torch.float64)
+    tridiagonal = torch.diag(alphas) + torch.diag(betas[:-1], 1) + torch.diag(betas[:-1], -1)
+    extended = torch.cat([tridiagonal, torch.zeros(1, k, dtype=torch.float64)])
+    extended[k, k - 1] = betas[-1]
+    rhs = torch.zeros(k + 1, 1, dtype=torch.float64)
+    rhs[0, 0] = beta
+    y = torch.linalg.lstsq(extended, rhs).solution[:, 0]
+    ritz, vectors = torch.linalg.eigh(tridiagonal)
+    weights = (vectors.T @ y) ** 2
+    total = float(weights.sum())
+    share = float(weights[ritz < 0].sum()) / total if total > 0 else 0.0
+    return {
+        "negative_share": torch.tensor(share, dtype=torch.float64),
+        "negative_ritz": torch.tensor(int((ritz < 0).sum())),
+    }
 
 
 def _measured(

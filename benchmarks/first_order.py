@@ -35,6 +35,7 @@ Results and how to read them: benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import warnings
 from collections.abc import Callable
@@ -138,6 +139,19 @@ def accuracy(
         for algorithm, (mode, options) in MODES.items():
             reference = HyperGradient(mode, **options).compute(inner, outer, leaves(params), leaves(logs))
             for step in steps:
+                if step is not None and step <= torch.finfo(dtype).eps:  # refused: below rounding
+                    rows.append(
+                        AccuracyRow(
+                            name,
+                            algorithm,
+                            str(dtype).removeprefix("torch."),
+                            step,
+                            False,
+                            math.nan,
+                            "refused",
+                        )
+                    )
+                    continue
                 hg = HyperGradient(mode, hvp=FD, fd_eps=step, **options)
                 result = hg.compute(inner, outer, leaves(params), leaves(logs))
                 rows.append(

@@ -1,5 +1,6 @@
 """bilevel: hypergradients for bilevel problems in PyTorch, unrolled and implicit, one interface."""
 
+from ._src.conditions import FixedPoint, Root
 from ._src.errors import (
     HypergradientWarning,
     NoDoubleBackwardError,
@@ -14,11 +15,13 @@ from .modes import Mode, available_modes, register_mode
 
 __all__ = [
     "BilevelProblem",
+    "FixedPoint",
     "HyperGradient",
     "HypergradientWarning",
     "Mode",
     "NoDoubleBackwardError",
     "NonFiniteError",
+    "Root",
     "SolverBreakdownError",
     "Stats",
     "__version__",

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._src.conditions import Condition, FixedPoint, Root, residual_map
 from ._src.finite_differences import (
     Direction,
     default_eps,
@@ -60,7 +61,7 @@ _LOW_PRECISION_TOLERANCES = (1e-2, 1e-4)
 
 def assert_hypergradient_close(
     hg_or_mode: HyperGradient | str,
-    inner_loss: Callable[[Any, Any], Tensor],
+    inner_loss: Callable[[Any, Any], Tensor] | Condition,
     outer_loss: Callable[[Any, Any], Tensor],
     inner_solve: Callable[[Any], Any],
     hparams: Any,
@@ -72,6 +73,9 @@ def assert_hypergradient_close(
     generator: torch.Generator | int | None = None,
 ) -> tuple[Any, Any]:
     """Assert that a mode's hypergradient at ``θ*(φ) = inner_solve(φ)`` matches finite differences.
+
+    ``inner_loss`` may also be a :class:`~bilevel.Root` or :class:`~bilevel.FixedPoint`
+    (then ``inner_solve`` solves ``F = 0`` or ``θ = T(θ, φ)``).
 
     Computes ``params = inner_solve(hparams)`` (detached leaves that require grad), the
     hypergradient with ``hg_or_mode`` (a :class:`~bilevel.HyperGradient`, or a mode name used
@@ -127,9 +131,7 @@ def assert_hypergradient_close(
     if error <= atol + rtol * fd_norm:
         return computed, fd
     step = default_eps(dtype, scheme) if eps is None else eps
-    with torch.enable_grad():  # implicit modes assume ∇θ f = 0 at inner_solve(hparams): show how close
-        grads = torch.autograd.grad(inner_loss(params, phi), params_leaves, allow_unused=True)
-    stationarity = math.sqrt(sum(float((g * g).sum()) for g in grads if g is not None))
+    residual, label = _residual(inner_loss, params, phi, params_leaves)
     raise AssertionError(
         _report(
             hg,
@@ -143,7 +145,8 @@ def assert_hypergradient_close(
             step,
             step_dir is not None,
             _entry_names(structure, leaves),
-            stationarity,
+            residual,
+            label,
         )
     )
 
@@ -158,6 +161,19 @@ def _hypergradient(hg_or_mode: HyperGradient | str) -> HyperGradient:
         "hg_or_mode: expected a HyperGradient or a mode name such as 'implicit-cg', "
         f"got {type(hg_or_mode).__name__}"
     )
+
+
+def _residual(inner: Any, params: Any, phi: Any, leaves: Tensors) -> tuple[float, str]:
+    """How far ``params`` is from the inner solution, and what that number measures: the
+    norm of ``∇θ inner_loss``, of ``F`` for a ``Root(F)``, of ``θ − T(θ, φ)`` for a ``FixedPoint(T)``."""
+    with torch.enable_grad():
+        if isinstance(inner, (Root, FixedPoint)):
+            label = "‖F(params, hparams)‖" if isinstance(inner, Root) else "‖params − T(params, hparams)‖"
+            grads: Any = residual_map(inner)(params, phi)
+        else:
+            label = "‖∇θ inner_loss‖"
+            grads = torch.autograd.grad(inner(params, phi), leaves, allow_unused=True)
+    return math.sqrt(sum(float((g.detach() * g.detach()).sum()) for g in grads if g is not None)), label
 
 
 def _compared(computed: Any, fd: Any, step_dir: Tensors | None) -> tuple[Tensor, Tensor]:
@@ -195,6 +211,7 @@ def _report(
     directional: bool,
     names: list[str],
     stationarity: float,
+    label: str,
 ) -> str:
     relative = error / fd_norm if fd_norm > 0 else math.inf
     lines = [
@@ -218,7 +235,7 @@ def _report(
                 f"diff {float(a[i] - b[i]): .2e}"
             )
     lines.append(f"  finite differences: {scheme}, relative step eps={eps:.2e}")
-    lines.append(f"  ‖∇θ inner_loss‖ at inner_solve(hparams): {stationarity:.2e} (implicit modes assume 0)")
+    lines.append(f"  {label} at inner_solve(hparams): {stationarity:.2e} (implicit modes assume 0)")
     s = hg.stats
     lines.append(
         f"  mode stats: hvps={s.hvps}, iters={s.iters}, residual={s.residual}, "

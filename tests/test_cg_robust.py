@@ -76,11 +76,47 @@ def test_implicit_cg_damping_auto_reports_the_damping_and_stays_quiet_when_it_su
     damping = hg.stats.extra["damping"]
     assert hg.stats.extra["lambda_max"] == pytest.approx(1.0)
     assert damping == pytest.approx(0.01 * 4**4)  # the first λ above 1 = |λmin|
-    assert hg.stats.converged and hg.stats.hvps == 10 + hg.stats.iters  # power iterations + CG
+    # undamped CG first (it meets the negative curvature), then power iterations and the ramp
+    # with the rest of the budget: the products and iterations of both count
+    matvec, v = lambda x: (torch.tensor([1.0, -1.0], dtype=f64) * x[0],), (2 * theta.detach(),)
+    undamped = conjugate_gradient(matvec, v, 50, 1e-12)
+    ramp, _ = damping_ramp(matvec, v, 50 - undamped.products, 1e-12, 0.01)
+    assert undamped.negative_curvature and hg.stats.converged
+    assert hg.stats.hvps == undamped.products + 10 + ramp.products
+    assert hg.stats.iters == undamped.iters + ramp.iters
     expected = HyperGradient("implicit-cg", damping=damping, tol=1e-12).compute(inner, outer, theta, phi)
     assert rel_error(got, expected) < 1e-12
     with pytest.warns(bilevel.HypergradientWarning, match="implicit-minres.*damping='auto'"):
         HyperGradient("implicit-cg").compute(inner, outer, theta, phi)
+
+
+def test_implicit_cg_damping_auto_on_a_positive_definite_problem_is_undamped_cg():
+    # undamped CG meets no negative curvature: no power iteration, no damping, damping=0's answer
+    problem = ridge()
+    args = (problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    auto = HyperGradient("implicit-cg", damping="auto", tol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = auto.compute(*args)
+    plain = HyperGradient("implicit-cg", tol=1e-12)
+    expected = plain.compute(*args)
+    assert rel_error(got, expected) < 1e-9 and rel_error(got, problem.exact_hypergradient()) < 1e-9
+    assert auto.stats.extra["damping"] == 0.0 and "lambda_max" not in auto.stats.extra
+    assert auto.stats.converged and not auto.stats.negative_curvature
+    assert auto.stats.hvps == plain.stats.hvps and auto.stats.iters == plain.stats.iters
+
+
+def test_implicit_cg_damping_auto_out_of_budget_returns_the_undamped_breakdown():
+    # the undamped attempt meets the negative curvature at its last product: no budget to damp
+    inner, outer, theta, phi = saddle()
+    matvec, v = lambda x: (torch.tensor([1.0, -1.0], dtype=f64) * x[0],), (2 * theta.detach(),)
+    budget = conjugate_gradient(matvec, v, 50, 1e-12).products
+    hg = HyperGradient("implicit-cg", damping="auto", tol=1e-12, iters=budget)
+    with pytest.warns(bilevel.HypergradientWarning, match="negative curvature"):
+        hg.compute(inner, outer, theta, phi)
+    assert hg.stats.negative_curvature and not hg.stats.converged
+    assert hg.stats.extra["damping"] == 0.0 and "lambda_max" not in hg.stats.extra
+    assert hg.stats.hvps == budget
 
 
 def test_new_cg_options_are_validated_at_construction():

@@ -162,3 +162,41 @@ def test_stats_say_how_much_of_x_lies_along_negative_curvature():
     hg.compute(*saddle())  # H = diag(1, −1), ∂g/∂θ = (2, −4): x = (2, 4), 16 of ‖x‖² = 20 negative
     assert hg.stats.extra["negative_curvature_share"] == pytest.approx(0.8, rel=1e-10)
     assert hg.stats.extra["negative_ritz_values"] == 1
+
+
+def test_minres_on_a_rank_deficient_least_squares_hessian_returns_the_pseudoinverse_solution():
+    """More features than samples (n = 20 < P = 60): the Hessian has 40 zero eigenvalues and
+    most of v lies in its null space. Once the Krylov space is (numerically) invariant the
+    next pivots are rounding; the solve stops at the least-squares solution instead of
+    dividing by them (which used to give ‖x‖ ≈ 1e15), at every budget and tolerance."""
+    g = torch.Generator().manual_seed(0)
+    n, p = 20, 60
+    features = torch.randn(n, p, generator=g, dtype=f64)
+    hessian = 0.25 * features.T @ features / n
+    v = torch.randn(40, p, generator=g, dtype=f64).T @ torch.randn(40, generator=g, dtype=f64) / 40
+    pinv = torch.linalg.pinv(hessian, hermitian=True, rtol=1e-10)
+    assert int((torch.linalg.eigvalsh(hessian).abs() < 1e-10).sum()) == 40
+    least_squares = float((v - hessian @ (pinv @ v)).norm() / v.norm())
+    assert least_squares > 0.5  # the null-space part of v
+    for tol, iters in [(1e-8, 25), (1e-8, 2000), (1e-12, 30), (1e-12, 500)]:
+        result = minres(lambda x: (hessian @ x[0],), (v,), iters, tol=tol)
+        x = result.x[0]
+        assert result.breakdown == "singular" and not result.converged and result.iters <= 25
+        assert float((x - pinv @ v).norm()) < 1e-6
+        assert result.residual == pytest.approx(float((v - hessian @ x).norm() / v.norm()), rel=1e-12)
+        assert result.residual == pytest.approx(least_squares, rel=1e-8)
+
+
+def test_minres_never_returns_an_iterate_worse_than_its_start():
+    """In float32 a condition number of 1e8 is numerically singular: rounding breaks the
+    recurrence, and an iterate with a residual above ‖v‖ falls back to the start, flagged."""
+    g = torch.Generator().manual_seed(1)
+    n = 200
+    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=f64))
+    matrix = ((basis * torch.logspace(0, -8, n, dtype=f64)) @ basis.T).float()
+    v = torch.randn(n, generator=g, dtype=f64).float()
+    result = minres(lambda x: (matrix @ x[0],), (v,), 600, tol=1e-6)
+    assert not result.converged and result.residual <= 1.0
+    if result.iterate == 0:
+        assert result.breakdown == "singular" and result.residual == 1.0
+        assert float(result.x[0].abs().max()) == 0.0

@@ -68,6 +68,52 @@ def test_too_few_steps_are_reported_and_warned():
     assert stats.diverged and stats.converged is False
 
 
+def test_params_too_far_from_a_minimum_for_the_penalty_are_reported_and_warned():
+    """params_residual = λ‖∇θf‖/‖∇θg‖ above 1/λ: y converged, but the call is not."""
+    problem = ridge()
+    off = (problem.params_star().detach() + 1e-3).requires_grad_()  # ‖∇θf‖ ≈ 3e-4‖∇θg‖
+    match = (
+        r"not close enough to a minimum.*penalty=100.*multiplies.*by the penalty.*smaller penalty.*implicit"
+    )
+    with pytest.warns(HypergradientWarning, match=match):
+        _, stats = _compute(problem, params=off, tol=1e-8, steps=3000)
+    assert stats.residual <= 1e-8 and stats.extra["params_residual"] > 1e-2
+    assert stats.converged is False and stats.breakdown == "params_not_at_minimum"
+    with pytest.raises(SolverBreakdownError, match="not close enough to a minimum"):
+        HyperGradient("penalty", tol=1e-8, steps=3000, strict=True).compute(
+            problem.inner_loss, problem.outer_loss, off, problem.hparams
+        )
+    with warnings.catch_warnings():  # λ = 10: params_residual ≈ 0.03 ≤ 1/λ
+        warnings.simplefilter("error")
+        _, stats = _compute(problem, params=off, penalty=10.0, tol=1e-8, steps=3000)
+    assert stats.converged and stats.breakdown is None and stats.extra["params_residual"] <= 0.1
+    # y's own breakdown comes first and is kept
+    with pytest.warns(HypergradientWarning, match="did not converge in 3 steps"):
+        _, stats = _compute(problem, params=off, steps=3)
+    assert stats.converged is False and stats.breakdown == "not_converged"
+
+
+@pytest.mark.parametrize("term", ["zero", "absent"])
+def test_an_outer_loss_flat_in_params_gives_its_direct_gradient_in_no_steps(term):
+    """∇θg(z) = 0: y = z, so the estimate is ∇φg(z), exactly; converged, residual 0, and no
+    spurious breakdown (params_residual, relative to ‖∇θg‖ = 0, is not checked)."""
+    problem = ridge()
+    if term == "zero":
+        outer = lambda w, lam: (lam**2).sum() + 0.0 * w.sum()
+    else:
+        outer = lambda w, lam: (lam**2).sum()
+    for params in (problem.params_star(), (problem.params_star().detach() + 1e-3).requires_grad_()):
+        hg = HyperGradient("penalty", strict=True)
+        got = hg.compute(problem.inner_loss, outer, params, problem.hparams)
+        assert torch.equal(got, 2 * problem.hparams.detach())
+        assert hg.stats.converged and hg.stats.residual == 0.0 and hg.stats.iters == 0
+        assert hg.stats.breakdown is None and hg.stats.extra["gradient_evaluations"] == 2
+    # an outer loss without φ either: the estimate is zero
+    hg = HyperGradient("penalty", strict=True)
+    got = hg.compute(problem.inner_loss, lambda w, lam: 0.0 * w.sum(), problem.params_star(), problem.hparams)
+    assert torch.equal(got, torch.zeros_like(problem.hparams)) and hg.stats.converged
+
+
 def test_no_double_backward_is_needed():
     """cdist with p=1 has no double backward (implicit-cg refuses it) and a custom Function
     with a @once_differentiable backward none either: the penalty mode gives the answer of

@@ -10,6 +10,7 @@ import torch
 
 from ..modes.base import Mode, get_mode
 from .checkpoint import check_state_devices, differences, layout_of, pack, upgrade
+from .conditions import Condition, make_problem
 from .errors import HypergradientWarning, SolverBreakdownError
 from .problem import BilevelProblem
 from .solvers import BREAKDOWNS, MESSAGES
@@ -61,28 +62,39 @@ class HyperGradient:
     def __repr__(self) -> str:
         return f"HyperGradient({self.mode!r})"
 
-    def compute(self, inner_loss: Closure, outer_loss: Closure, params: Any, hparams: Any) -> Any:
+    def compute(self, inner_loss: Closure | Condition, outer_loss: Closure, params: Any, hparams: Any) -> Any:
         """The hypergradient, detached, in the structure of ``hparams`` (a module gives a
         name -> tensor dict of its trainable parameters).
 
         Args:
-            inner_loss: ``f(params, hparams) -> scalar`` (the training loss).
+            inner_loss: ``f(params, hparams) -> scalar`` (the training loss), or the inner
+                solution stated as :class:`~bilevel.Root` ``(F)`` (``F(θ*, φ) = 0``) or
+                :class:`~bilevel.FixedPoint` ``(T)`` (``θ* = T(θ*, φ)``); these are solved by
+                the implicit modes for non-symmetric systems, and a ``FixedPoint`` also by the
+                unrolled modes, which run ``θ ← T(θ, φ)``.
             outer_loss: ``g(params, hparams) -> scalar`` (the validation loss).
             params: θ: a tensor, an ``nn.Module``, or a pytree of them (tuples, lists, dicts,
                 named tuples, ...: the containers ``torch.utils._pytree`` knows). Implicit
                 modes assume it is (close to) a minimiser of ``inner_loss``.
-            hparams: φ: same kinds as ``params``; its tensors must require grad.
+            hparams: φ: same kinds as ``params``; its tensors must require grad. The same
+                tensors (or module) as ``params`` make the initialisation a hyperparameter
+                (MAML; unrolled modes: the inner run starts at φ).
+
+        A non-leaf hparam (``raw.exp()``) gets its own gradient here; :meth:`backward`
+        carries it on to the leaves it was computed from.
         """
-        problem = BilevelProblem(inner_loss, outer_loss, params, hparams)
+        problem = make_problem(inner_loss, outer_loss, params, hparams)
         grads = self._run(problem)
         return problem.hparams_structure.unflatten(grads)
 
-    def backward(self, inner_loss: Closure, outer_loss: Closure, params: Any, hparams: Any) -> None:
+    def backward(
+        self, inner_loss: Closure | Condition, outer_loss: Closure, params: Any, hparams: Any
+    ) -> None:
         """Like :meth:`compute`, then accumulate the result as ``loss.backward()`` would: into
         the ``.grad`` of leaf hparams, and through a non-leaf hparam (``raw.exp()``) into the
         leaves it was computed from (``raw.grad``; that graph is freed, as by
         ``loss.backward()``). Nothing is written if the computation fails."""
-        problem = BilevelProblem(inner_loss, outer_loss, params, hparams)
+        problem = make_problem(inner_loss, outer_loss, params, hparams)
         grads = self._run(problem)
         computed = [(t, g) for t, g in zip(problem.phi0, grads) if t.grad_fn is not None]
         if computed:

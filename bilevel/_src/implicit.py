@@ -16,7 +16,7 @@ With ``ProductRule("finite-difference")`` both linearize from first-order gradie
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,7 @@ __all__ = [
     "low_precision",
     "outer_gradients",
     "record_rule",
+    "same_random_numbers",
     "subtract_mixed",
 ]
 
@@ -93,6 +94,12 @@ def check_autocast(value: object, rule: ProductRule = AUTOGRAD) -> None:
 
 def check_differences(problem: BilevelProblem, rule: ProductRule) -> None:
     """Refuse finite-difference products where they would compute the wrong matrix."""
+    if rule.first_order and problem.symmetric and problem.stationarity_map is not None:
+        raise ValueError(
+            "hvp='finite-difference' differences the gradient of inner_loss, but this problem "
+            "has none: its inner solution is stated by a map of its own (bilevel.Root or a "
+            "stationarity map); use hvp='autograd'"
+        )
     if rule.first_order and (not problem.symmetric or "stationarity" in problem.redefined):
         raise ValueError(
             "hvp='finite-difference' differences the gradient of inner_loss, which gives J x, "
@@ -129,6 +136,25 @@ def outer_gradients(
     return v, direct
 
 
+def same_random_numbers(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context that runs its block with the random state of now, and leaves the global
+    state as it found it: every finite-difference evaluation of a loss that draws random
+    numbers (dropout) then differences one function, not two random draws."""
+    devices = [device] if device.type == "cuda" else []
+    cpu = torch.get_rng_state()
+    cuda = [torch.cuda.get_rng_state(d) for d in devices]
+
+    @contextlib.contextmanager
+    def replay() -> Iterator[None]:
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(cpu)
+            for d, state in zip(devices, cuda):
+                torch.cuda.set_rng_state(state, d)
+            yield
+
+    return replay
+
+
 def linearize(
     problem: BilevelProblem,
     theta: Tensors,
@@ -143,8 +169,10 @@ def linearize(
         check_differences(problem, rule)
         v, direct = outer_gradients(problem, theta, phi)
 
+        replay = same_random_numbers(problem.device)
+
         def gradient(point: Tensors, wrt: Wrt) -> Sequence[Tensor | None]:
-            with torch.enable_grad():
+            with torch.enable_grad(), replay():
                 leaves = tuple(t.detach().requires_grad_() for t in point)
                 f = problem.inner(leaves, phi, second_order=False)
                 check_finite((f,), "the value of inner_loss at a finite-difference point")

@@ -18,6 +18,7 @@ from torch.func import functional_call
 from .errors import check_finite, second_order_guard
 from .graph import code_of, custom_functions, screen_once
 from .pytree import ModuleSlot, Tree, flatten
+from .tied import find_ties, hparams_modules_tied
 from .typing import Closure, Tensors
 
 __all__ = ["BilevelProblem"]
@@ -62,8 +63,11 @@ class BilevelProblem:
 
     ``theta0`` and ``phi0`` are the user's tensors (never modified here). Module buffers
     (BatchNorm statistics) are evaluated on private copies in ``buffers``, so calling the
-    closures leaves the modules exactly as they were. Subclasses may also override
-    :meth:`stationarity`; such a problem runs on the eager path (``traceable`` is False).
+    closures leaves the modules exactly as they were. A tensor in both params and hparams is
+    tied (``tied``, {hparams index: params index}): the unrolled modes start the inner run at
+    it (MAML), the others refuse; a tied module is bound to θ, and the closures' hparams
+    argument holds its φ tensors as a name -> tensor dict (``tied.py``). Subclasses may also
+    override :meth:`stationarity`; such a problem runs on the eager path (``traceable`` is False).
     """
 
     symmetric = True  # the stationarity map is a gradient, so its Jacobian is symmetric
@@ -105,9 +109,16 @@ class BilevelProblem:
         self.inner_loss: Closure = inner_loss
         self.outer_loss: Closure = outer_loss
         self.theta0, self.params_structure = flatten(params, "params")
-        self.phi0, self.hparams_structure = flatten(hparams, "hparams")
+        # MAML passes one module as both: flatten it once (a call costs ~30 µs of a ~2 ms step)
+        same = hparams is params
+        self.phi0, self.hparams_structure = (
+            (self.theta0, self.params_structure) if same else flatten(hparams, "hparams")
+        )
         self._check_tensors()
-        self._bound = _bound_modules(self.params_structure, self.hparams_structure)
+        #: {hparams index: params index} of the tensors passed as both (the inner run starts at φ)
+        self.tied = find_ties(self.theta0, self.phi0)
+        self._phi_as_dicts = hparams_modules_tied(self.hparams_structure, self.tied)
+        self._bound = _bound_modules(self.params_structure, self.hparams_structure, self._phi_as_dicts)
         modules = [s.module for _, s, _ in self._bound]
         self._closures: dict[str, Callable[..., Any]] = {}
         self._calls: dict[str, _ClosureCall] = {}  # with modules to rebind: for functional_call
@@ -151,20 +162,13 @@ class BilevelProblem:
         for argument, tensors in (("params", self.theta0), ("hparams", self.phi0)):
             for j, t in enumerate(tensors):
                 where, i = seen.setdefault(id(t), (argument, j))
-                if (where, i) == (argument, j):
-                    continue
-                if where == argument:  # each entry would get its own copy: the tie would be lost
-                    raise ValueError(
-                        f"{argument}[{i}] and {argument}[{j}] are the same tensor (shape {tuple(t.shape)}); "
-                        f"pass each tensor once. Modules that share a weight: put them in one module "
-                        f"(an nn.ModuleList), whose parameters() lists the shared weight once"
-                    )
+                if (where, i) == (argument, j) or where != argument:
+                    continue  # in params and hparams: a tie, recorded by find_ties
+                # twice on one side: each entry would get its own copy, and the tie would be lost
                 raise ValueError(
-                    f"params[{i}] and hparams[{j}] are the same tensor (shape "
-                    f"{tuple(t.shape)}); a tensor is either trained by the inner "
-                    "problem or a hyperparameter, not both: pass it in only one of them (if "
-                    "hparams is a submodule of the params module, pass the model's other "
-                    "submodules as params)"
+                    f"{argument}[{i}] and {argument}[{j}] are the same tensor (shape {tuple(t.shape)}); "
+                    f"pass each tensor once. Modules that share a weight: put them in one module "
+                    f"(an nn.ModuleList), whose parameters() lists the shared weight once"
                 )
 
     @property
@@ -234,7 +238,9 @@ class BilevelProblem:
         default the private copies), with no checks or error translation: a pure function
         that ``torch.func`` transforms and ``torch.compile`` can trace."""
         p_arg = self.params_structure.call_form(theta)  # modules as objects, bound below
-        h_arg = self.hparams_structure.call_form(phi)
+        # a tied module is bound to θ: the hparams argument holds its φ tensors (see tied.py)
+        hparams = self.hparams_structure
+        h_arg = hparams.unflatten(phi) if self._phi_as_dicts else hparams.call_form(phi)
         if not self._bound:
             return self._closures[name](p_arg, h_arg, *extra)
         sources = {"theta": theta, "phi": phi}
@@ -278,6 +284,7 @@ class BilevelProblem:
             code_of(self.outer_loss),
             self.params_structure,
             self.hparams_structure,
+            tuple(sorted(self.tied.items())),
             tuple((t.shape, t.dtype) for t in self.theta0 + self.phi0),
             tuple((k, b.shape, b.dtype) for k, b in self.buffers.items()),
         )
@@ -358,9 +365,11 @@ def _no_scalar_inner(*args: Any) -> Tensor:
     )
 
 
-def _bound_modules(params: Tree, hparams: Tree) -> list[tuple[str, ModuleSlot, int]]:
-    """The modules to rebind at each evaluation: (which flat tuple, module, first leaf)."""
-    return [(side, s, s.offset) for side, tree in (("theta", params), ("phi", hparams)) for s in tree.modules]
+def _bound_modules(params: Tree, hparams: Tree, phi_tied: bool) -> list[tuple[str, ModuleSlot, int]]:
+    """The modules to rebind at each evaluation: (which flat tuple, module, first leaf); tied
+    hparams modules are the params' modules (or inside them), bound to θ."""
+    sides = (("theta", params),) + (() if phi_tied else (("phi", hparams),))
+    return [(side, s, s.offset) for side, tree in sides for s in tree.modules]
 
 
 def _check_loss(loss: Any, name: str) -> Tensor:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .errors import check_finite, second_order_guard
-from .tree_math import axpy, flat, norm, scale, unflat
+from .tree_math import axpy, dot, flat, norm, scale, unflat
 from .typing import Tensors
 
 __all__ = ["HVP_RULES", "Gradient", "ProductRule", "Pullback", "StationarityJacobian"]
@@ -177,11 +177,12 @@ class StationarityJacobian:
             (∇²φθ f) x ≈ [∇φ f(θ + hx, φ) − ∇φ f(θ − hx, φ)] / 2h,
 
         two gradient evaluations per product (``evaluations``), no second derivative anywhere.
-        The displacement has norm ``‖hx‖ = c·(1 + ‖θ‖)``, ``c = relative_step`` (taken along
-        ``x/‖x‖``, the difference then scaled by ``‖x‖``): a step
-        relative to the size of θ stays well above the rounding of θ + hx itself (ε‖θ‖),
-        and ``c = ∛ε`` balances the truncation error, O(‖hx‖²) in the third derivative,
-        against the rounding of the two gradients, O(ε‖∇f‖/‖hx‖). Exact up to rounding for
+        The difference is taken along the unit vector ``u = x/‖x‖`` and scaled by ``‖x‖``, with
+        a displacement of norm ``‖hx‖ = c·(1 + Σᵢ|θᵢ||uᵢ|)``, ``c = relative_step``: the rounding
+        of θ + hx itself, projected on u, is about ε·Σᵢ|θᵢ||uᵢ|, so the step stays well above it
+        (a large-valued tensor elsewhere in θ does not inflate the step along the others), and
+        ``c = ∛ε`` balances the truncation error, O(‖hx‖²) in the third derivative, against the
+        rounding of the two gradients, O(ε‖∇f‖/‖hx‖). Exact up to rounding for
         quadratic losses. Valid only where ``G`` is a gradient: a difference of ``G`` gives
         ``J x``, which is ``Jᵀx`` only for a symmetric ``J``.
 
@@ -189,13 +190,14 @@ class StationarityJacobian:
         same operator serves the eager and the compiled paths.
         """
         center = tuple(t.detach() for t in theta)  # the products are values, not graphs
-        displacement = relative_step * (1.0 + norm(center))
+        magnitude = tuple(t.abs() for t in center)
         tiny = float(torch.finfo(center[0].dtype).tiny)
 
         def pullback(x: Tensors, wrt: Wrt, batched: bool) -> Sequence[Tensor | None]:
             # difference along the unit vector and scale back (the product is linear in x):
-            # the step is the same for every x, whatever its size; x = 0 gives zeros
+            # the step does not depend on the size of x; x = 0 gives zeros
             direction, size = _unit(x, tiny)
+            displacement = relative_step * (1.0 + dot(magnitude, tuple(d.abs() for d in direction)))
             plus = gradient(axpy(displacement, direction, center), wrt)
             minus = gradient(axpy(-displacement, direction, center), wrt)
             operator.evaluations += 2

@@ -40,7 +40,8 @@ class Stats:
         breakdown: how the solve broke down, if it did: ``"negative_curvature"``,
             ``"diverged"`` or ``"singular"`` (the flags below say the same), or
             ``"not_converged"`` (the residual stayed above ``tol``; the penalty mode: its y
-            missed ``tol``, an error that the estimate multiplies by λ), and
+            missed ``tol``, an error that the estimate multiplies by λ), or
+            ``"params_not_at_minimum"`` (the penalty mode: λ‖∇θf‖/‖∇θg‖ above 1/λ), and
             ``breakdown_message`` the solver's explanation with the fix.
         negative_curvature: CG met pᵀHp ≤ 0 (the inner Hessian is not positive definite).
         diverged: an iteration grew instead of shrinking (Neumann: α above 2/λmax, or an

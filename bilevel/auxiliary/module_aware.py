@@ -6,7 +6,7 @@ other parameters (task heads) get ``∇(L_main + Σ_a L_a)``. ``G`` is not the g
 scalar, so the upper level differentiates the fixed point ``G(θ, φ) = 0`` with the transposed
 Jacobian: ``dg/dφ = −(∂G/∂φ)ᵀ x`` with ``Jᵀ x = ∂g/∂θ``, ``J = ∂G/∂θ``. Modes that handle
 non-symmetric systems: implicit-neumann, implicit-gmres, implicit-exact, implicit-identity;
-the others refuse.
+the others refuse (unrolled modes: a root states no iteration to unroll).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from .._src.conditions import ConditionProblem, Root
 from .._src.errors import check_finite, second_order_guard
 from .._src.hypergradient import HyperGradient
-from .._src.problem import BilevelProblem
 from .._src.typing import Tensors
 
 __all__ = ["ModuleAwareProblem", "ModuleAwareWeights", "module_groups"]
@@ -154,11 +154,11 @@ class ModuleAwareWeights(nn.Module):
         self.raw.grad = grad.clone() if self.raw.grad is None else self.raw.grad + grad
 
 
-class ModuleAwareProblem(BilevelProblem):
+class ModuleAwareProblem(ConditionProblem):
     """The bilevel problem of module-aware weighting: params = the model, hparams = the
-    weights, outer loss ``dev_loss(model)``, and the inner solution defined by the public
-    ``stationarity`` hook of :class:`~bilevel.BilevelProblem`: ``G = 0`` (a non-symmetric
-    Jacobian), with ``G`` the module-weighted gradient of the task losses."""
+    weights, outer loss ``dev_loss(model)``, and the inner solution stated by the public
+    :class:`~bilevel.Root`: ``G = 0`` (a non-symmetric Jacobian), with ``G`` the
+    module-weighted gradient of the task losses."""
 
     def __init__(
         self,
@@ -177,5 +177,5 @@ class ModuleAwareProblem(BilevelProblem):
             check_finite(out, "the module-weighted gradient G")
             return out
 
-        super().__init__(None, lambda m, w: dev_loss(m), model, weights, stationarity=field)
+        super().__init__(Root(field), lambda m, w: dev_loss(m), model, weights)
         self.weights_module = weights

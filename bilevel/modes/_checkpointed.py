@@ -26,6 +26,7 @@ from .._src.problem import BilevelProblem
 from .._src.typing import Tensors
 from ._backends import Stepper
 from ._steps import cut, floating_leaves, inner_step, is_floating, vjp_to_phi
+from ._tied import add_start
 
 __all__ = ["CheckpointedRun", "check_checkpoint", "segment_length", "segment_starts"]
 
@@ -148,7 +149,8 @@ class CheckpointedRun:
                 [o for o, _ in pairs], [a for _, a in pairs], self.phi, self.problem.phi0, inputs
             )
             total = [t + p for t, p in zip(total, part)]
-        return tuple(total)
+        # the adjoints are now those of the first segment's start: θ_0 at a tie
+        return add_start(self.problem, total, adjoints[: len(self.problem.theta0)])
 
     def _recompute(self, checkpoint: _Checkpoint, end: int) -> tuple[list[Tensor], list[Tensor]]:
         """The steps [checkpoint.step, end) rerun with graph: the outputs (θ and s's floating

@@ -35,6 +35,7 @@ from .._src.typing import Tensors
 from ._backends import Stepper
 from ._optimizer_options import is_transformation
 from ._steps import cut, floating_leaves, inner_step, is_floating, vjp_to_phi
+from ._tied import start_tangent
 
 __all__ = ["DIRECTIONS", "ForwardRun", "check_direction", "check_tangents"]
 
@@ -125,7 +126,8 @@ class ForwardRun:
         self.stepper_at, self.batches, self.graph_from = stepper_at, batches, graph_from
         self.transformation = is_transformation(getattr(self.stepper, "transform", None))
         self.entries = [(a, j) for a, p in enumerate(phi) for j in range(p.numel())]
-        self.dtheta: list[list[Tensor | None]] = [[None] * len(problem.theta0) for _ in self.entries]
+        # θ̇_0 = 0, or e_k at θ_i when φ_a is tied to θ_i (the run starts at φ_a)
+        self.dtheta: list[list[Tensor | None]] = [start_tangent(problem, e) for e in self.entries]
         self.dstate: list[list[Tensor | None]] = [[] for _ in self.entries]
         self.theta: Tensors = ()
 

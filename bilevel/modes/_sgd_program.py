@@ -19,6 +19,7 @@ from torch import Tensor
 from .._src.problem import BilevelProblem
 from .._src.typing import Tensors
 from ._optimizer_options import hparam_index, hparams_view, is_zero, optimizer_class, optimizer_kwargs
+from ._tied import tied_start
 
 __all__ = ["ProgramSettings", "not_compilable", "program_settings", "sgd_unroll_program"]
 
@@ -64,9 +65,9 @@ def sgd_unroll_program(
         return value
 
     def unrolled_outer(ph: Tensors) -> tuple[Tensor, Tensors]:
-        th, buf = theta, None
+        th, buf = tied_start(problem, theta, ph), None  # a tie starts at φ itself
         for step in range(steps):
-            if step == graph_from:
+            if step == graph_from and step > 0:  # θ_0 is already cut, or starts at φ (a tie)
                 th = tuple(t.detach() for t in th)
                 buf = None if buf is None else tuple(b.detach() for b in buf)
             at = ph if step >= graph_from else tuple(t.detach() for t in ph)

@@ -20,6 +20,7 @@ from .._src.graph import reached
 from .._src.problem import BilevelProblem
 from .._src.typing import Tensors
 from ._backends import Stepper
+from ._tied import add_start
 
 __all__ = ["PlainRun", "cut", "floating_leaves", "inner_step", "vjp_to_phi"]
 
@@ -123,6 +124,7 @@ class PlainRun:
     ) -> None:
         self.problem, self.stepper, self.cheap, self.phi = problem, stepper, cheap, phi
         self.batches, self.graph_from = batches, graph_from
+        self.start: Tensors = ()  # θ's leaves at the first graph step (θ_0 of a tie's chain rule)
 
     def forward(self, theta: Tensors, state: Any, fresh_state: bool) -> tuple[Tensors, Any]:
         """θ_T and s_T after the steps."""
@@ -131,6 +133,7 @@ class PlainRun:
             graph = step >= self.graph_from
             if step == self.graph_from:
                 theta, state = cut(theta, state, self.stepper)
+                self.start = theta
             stepper, phi = (self.stepper, self.phi) if graph else (self.cheap, phi_constant)
             theta, state = inner_step(
                 self.problem, stepper, theta, phi, state, batch, step, graph, fresh_state
@@ -141,5 +144,7 @@ class PlainRun:
         return theta, state
 
     def backward(self, outer: Tensor) -> Tensors:
-        """dg/dφ through the steps that kept their graph."""
-        return tuple(vjp_to_phi((outer,), None, self.phi, self.problem.phi0)[0])
+        """dg/dφ through the steps that kept their graph (and through θ_0 at a tie)."""
+        start = self.start if self.problem.tied else ()
+        grads, adjoints = vjp_to_phi((outer,), None, self.phi, self.problem.phi0, start)
+        return add_start(self.problem, grads, adjoints)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .._src.compiled import CompiledPath, compiled_path
+from .._src.conditions import ConditionProblem
 from .._src.errors import check_finite, deferred_finite_checks, second_order_guard
 from .._src.memory import SavedTensorMemory
 from .._src.problem import BilevelProblem
@@ -28,6 +29,7 @@ from .._src.stats import Stats
 from .._src.typing import Tensors
 from ._backends import Stepper, check_loaded_state, check_supported, differentiates, make_stepper
 from ._checkpointed import CheckpointedRun, check_checkpoint, segment_length, segment_starts
+from ._fixed_point_unroll import unroll_condition
 from ._forward import ForwardRun, check_direction, check_tangents
 from ._optimizer_options import (
     BACKENDS,
@@ -39,6 +41,7 @@ from ._optimizer_options import (
 )
 from ._sgd_program import not_compilable, program_settings, sgd_unroll_program
 from ._steps import PlainRun
+from ._tied import check_tied
 from .base import Mode, check_flag, check_positive
 
 __all__ = ["UnrolledMode"]
@@ -109,6 +112,10 @@ class UnrolledMode(Mode):
     An optimizer class the backend has no differentiable version of is refused at
     construction, naming the backend that has one.
 
+    The same tensors (or module) as params and hparams are the initialisation as a
+    hyperparameter (MAML): the run starts at θ_0 = φ and the hypergradient flows through it;
+    the closures' hparams argument is the init (a tied module as a name -> tensor dict).
+
     A scalar optimizer setting can be a hyperparameter, in two ways: the very tensor that is
     in ``hparams`` (``lr=lr_tensor``), or a callable of the hparams, called with them in the
     structure of ``hparams`` at every call (``lr=lambda h: h["log_lr"].exp()``; a module gives
@@ -118,6 +125,7 @@ class UnrolledMode(Mode):
     """
 
     supports_nonsymmetric: ClassVar[bool] = False
+    supports_tied: ClassVar[bool] = True  # MAML: the run starts at tied hparams (_tied.py)
     steps: int = 10
     inner_optimizer: Any = None
     backend: str = "torchopt"
@@ -243,7 +251,10 @@ class UnrolledMode(Mode):
 
     # ------------------------------------------------------------------------- the call
     def hypergradient(self, problem: BilevelProblem, stats: Stats) -> Tensors:
+        if isinstance(problem, ConditionProblem):  # Root/FixedPoint: _fixed_point_unroll.py
+            return unroll_condition(self, problem, stats)
         self.check_problem(problem)
+        check_tied(problem, self.steps - self.graph_steps(), self.update_params)
         stats.iters = self.steps
         stats.extra["graph_steps"] = self.graph_steps()
         batches, result = self._compiled_call(problem)

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, TypeVar
 from .._src.problem import BilevelProblem
 from .._src.products import ProductRule
 from .._src.stats import Stats
+from .._src.tied import tied_refusal
 from .._src.typing import Tensors
 
 __all__ = [
@@ -37,6 +38,8 @@ class Mode:
     name: ClassVar[str] = ""
     #: whether the mode can solve the non-symmetric systems of non-gradient stationarity maps
     supports_nonsymmetric: ClassVar[bool] = False
+    #: whether the mode can start the inner run at tied hparams (the same tensors as params: MAML)
+    supports_tied: ClassVar[bool] = False
 
     #: warnings about the chosen options (an unavailable fast path) that ``HyperGradient``
     #: issues once it is built; an instance sets its own
@@ -64,6 +67,8 @@ class Mode:
 
     def check_problem(self, problem: BilevelProblem) -> None:
         """Refuse problems the mode cannot solve correctly."""
+        if getattr(problem, "tied", None) and not self.supports_tied:  # adapters may build their own
+            raise ValueError(tied_refusal(self.name))
         if not problem.symmetric and not self.supports_nonsymmetric:
             capable = [n for n, c in _REGISTRY.items() if c.supports_nonsymmetric]
             raise ValueError(
@@ -103,9 +108,11 @@ class ImplicitMode(Mode):
         ``H x ≈ [∇θ f(θ + hx) − ∇θ f(θ − hx)] / 2h`` and the mixed product likewise from
         ``∇φ f``, two gradient evaluations each and no second derivative anywhere: for ops
         without a double backward (fused attention kernels, cuDNN RNNs, first-order custom
-        Functions) and compiled first-order programs. The step is ``‖hx‖ = c·(1 + ‖θ‖)``;
-        the relative error of a product is about ``c²`` (third derivatives) plus
-        ``ε/c`` (rounding), exact for quadratic losses. Only for gradient stationarity maps.
+        Functions) and compiled first-order programs. The step is ``‖hx‖ = c·(1 + Σ|θᵢ||uᵢ|)``
+        along ``u = x/‖x‖``; the relative error of a product is about ``c²`` (third
+        derivatives) plus ``ε/c`` (rounding), exact for quadratic losses. The random numbers
+        of every gradient evaluation of a call are the same (dropout draws one mask per call).
+        Only for gradient stationarity maps.
     fd_eps: the relative step ``c`` (default ``∛ε`` of the dtype: 6e-6 in float64, 5e-3 in
         float32).
     """

@@ -45,13 +45,17 @@ class ImplicitCG(ImplicitMode):
         iters: at most this many Hessian-vector products (default 50).
         tol: stop when ‖r‖ ≤ tol·‖∂g/∂θ‖ (default 1e-6).
         damping: λ ≥ 0 added to the diagonal; a small λ regularises ill-conditioned or
-            slightly indefinite Hessians at the price of bias (default 0). ``"auto"``: a
-            ramp for Hessians that may be indefinite: λ = 1e-2·λ̂max (λ̂max from
-            ``power_iters`` power iterations), multiplied by 4 and CG restarted from zero at
-            each negative curvature, within ``iters`` CG products in all; the λ used is in
-            ``stats.extra["damping"]``, λ̂max in ``stats.extra["lambda_max"]``. Its answer is
-            the damped one, ``(H + λI)⁻¹∂g/∂θ``: bounded, but biased wherever λ is not small
-            against the curvatures that matter.
+            slightly indefinite Hessians at the price of bias (default 0). ``"auto"``: for
+            Hessians that may be indefinite: undamped CG first; only where it meets negative
+            curvature, a ramp with the rest of the ``iters`` CG products: λ = 1e-2·λ̂max
+            (λ̂max from ``power_iters`` power iterations), multiplied by 4 and CG restarted
+            from zero at each negative curvature. ``stats.hvps`` and ``stats.iters`` count
+            the undamped attempt too. The λ used is in ``stats.extra["damping"]`` (0.0 where
+            undamped CG sufficed: then the answer is damping=0's), λ̂max in
+            ``stats.extra["lambda_max"]`` (only where it was estimated). A damped answer,
+            ``(H + λI)⁻¹∂g/∂θ``, is bounded but biased wherever λ is not small against the
+            curvatures that matter. Where the undamped attempt meets negative curvature only
+            at the budget's last product, its iterate is returned, with the breakdown.
         warm_start: start each solve from the previous call's solution when the shapes
             match and that solve converged; an online loop whose system changes slowly then
             needs fewer products (benchmarks/warm_start.py measures it).
@@ -146,7 +150,7 @@ class ImplicitCG(ImplicitMode):
             )
             if out is not None:
                 grads, x, info = out
-                products = self.iters + int(x0 is not None)
+                products = self.iters + 1 + int(x0 is not None)  # and the true residual's product
                 result = conjugate_gradient_report(SolveResult(x, products, self.iters, info=info), self.tol)
                 self._remember(x, bool(result.converged))
                 return finish_compiled(result, grads, stats, products, _SOLVE, self.rule)
@@ -175,20 +179,31 @@ class ImplicitCG(ImplicitMode):
         return implicit_hypergradient(problem, solve, stats, self.autocast, self.rule)
 
     def _ramp(self, operator: StationarityJacobian, v: Tensors, stats: Stats) -> SolveResult:
-        """``damping="auto"``: the ramp from 1e-2·λ̂max (see the class docstring)."""
+        """``damping="auto"``: undamped CG, then, only where it meets negative curvature, the
+        ramp from 1e-2·λ̂max with the rest of the budget (see the class docstring)."""
+        x0 = self._start(v)
+        undamped = conjugate_gradient(
+            operator.matvec, v, self.iters, self.tol, 0.0, x0=x0, reorthogonalize=self.reorthogonalize
+        )
+        left = self.iters - undamped.products
+        if not undamped.negative_curvature or left <= 0:  # sufficed, or no budget left to damp
+            stats.extra["damping"] = 0.0
+            return undamped
         largest = power_iteration(operator.matvec, v, self.power_iters, torch.Generator().manual_seed(0))
         if largest == 0.0:
             raise ValueError(_ZERO_CURVATURE)
         result, damping = damping_ramp(
             operator.matvec,
             v,
-            self.iters,
+            left,
             self.tol,
             _RAMP_START * largest,
             _RAMP_GROWTH,
-            x0=self._start(v),
+            x0=x0,
             reorthogonalize=self.reorthogonalize,
         )
+        result.products += undamped.products
+        result.iters += undamped.iters
         stats.extra["lambda_max"], stats.extra["damping"] = largest, damping
         return result
 

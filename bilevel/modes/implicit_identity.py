@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from .._src.errors import NoDoubleBackwardError
 from .._src.implicit import implicit_hypergradient
 from .._src.problem import BilevelProblem
 from .._src.products import StationarityJacobian
@@ -31,7 +32,9 @@ class ImplicitIdentity(ImplicitMode):
             (default 1.0).
         residual: spend one Hessian product on ‖∂g/∂θ − H x‖/‖∂g/∂θ‖ for x = α ∂g/∂θ
             (``stats.residual``; default True), the measure of how far αI is from H⁻¹ here.
-            ``False``: no product, ``stats.converged`` None.
+            ``False``: no product, ``stats.converged`` None; so too where the Hessian has no
+            product (an op without double backward: the reason in
+            ``stats.extra["residual_unavailable"]``).
         tol: ``stats.converged`` is residual ≤ tol (default 1e-3); above it the call warns,
             as it usually will: the approximation is biased.
 
@@ -57,8 +60,13 @@ class ImplicitIdentity(ImplicitMode):
             x = scale(self.alpha, v)
             if not self.residual:
                 return SolveResult(x=x, products=0, iters=0)  # nothing measured: no verdict
+            try:
+                hx = operator.matvec(x)
+            except NoDoubleBackwardError as error:  # the case this mode exists for: no Hessian products
+                stats.extra["residual_unavailable"] = str(error).split(". ")[0]
+                return SolveResult(x=x, products=0, iters=0)
             size = float(norm(v))
-            residual = float(norm(axpy(-1.0, operator.matvec(x), v))) / size if size > 0 else 0.0
+            residual = float(norm(axpy(-1.0, hx, v))) / size if size > 0 else 0.0
             return SolveResult(x=x, products=1, iters=0, residual=residual, converged=residual <= self.tol)
 
         return implicit_hypergradient(problem, solve, stats, rule=self.rule)

@@ -33,6 +33,8 @@ from .base import Mode, check_flag, check_positive, register_mode
 __all__ = ["Penalty"]
 
 _OBJECTIVE = "inner_loss + outer_loss/penalty"
+#: the breakdown of a call whose params are too far from the inner minimum for the penalty
+PARAMS_NOT_AT_MINIMUM = "params_not_at_minimum"
 
 
 @register_mode
@@ -58,10 +60,15 @@ class Penalty(Mode):
     that y adds to the hypergradient. ``stats.converged`` is ``r ≤ tol``; otherwise the call
     warns (``stats.breakdown = "not_converged"``; ``strict=True`` raises), and a residual
     that grew over the steps is ``stats.diverged``. params' own error counts the same way,
-    times λ: ``stats.extra["params_residual"] = λ‖∇θf(z)‖/‖∇θg(z)‖`` (not part of the verdict:
-    the mode does not move z). Rounding: y − z and ∇φf(y) − ∇φf(z) are O(1/λ), so they keep
-    about −log₁₀(λ·eps) digits; in float32 r stalls near a level that grows with λ (6e-5 at
-    λ = 1e3 on a small ridge problem): there keep λ ≤ 1e3 and tol ≥ 1e-4.
+    times λ: ``stats.extra["params_residual"] = λ‖∇θf(z)‖/‖∇θg(z)‖``. The mode does not move
+    z, so it only checks it: ``params_residual > 1/λ`` (z's error then outweighs the O(1/λ)
+    bias) sets ``stats.converged = False`` and warns (``stats.breakdown =
+    "params_not_at_minimum"``, unless y's own breakdown came first): train params closer, or
+    lower λ. Where ∇θg(z) = 0, y = z exactly: no steps are taken, the estimate is ∇φg(z), r
+    is 0 and converged (params_residual is not checked: the answer is λ-free). Rounding:
+    y − z and ∇φf(y) − ∇φf(z) are O(1/λ), so they keep about −log₁₀(λ·eps) digits; in float32
+    r stalls near a level that grows with λ (6e-5 at λ = 1e3 on a small ridge problem): there
+    keep λ ≤ 1e3 and tol ≥ 1e-4.
 
     ``stats``: ``iters`` the steps taken, ``residual`` the final r, ``hvps`` 0; in ``extra``
     ``gradient_evaluations`` (backward passes: one at each y visited, one for ∇φh when the
@@ -135,9 +142,11 @@ class Penalty(Mode):
         z, phi = problem.leaf_copies()
         with torch.enable_grad():
             f_theta, f_phi = _inner_gradients(problem, z, phi)
-            g_theta, _ = outer_gradients(problem, z, phi)
+            g_theta, g_phi = outer_gradients(problem, z, phi)
         stats.extra["hparams_unused_by_inner"] = all(g is None for g in f_phi)
         size = float(norm(g_theta))  # ‖∇θ g(z)‖: what r is relative to
+        if size == 0.0:  # ∇θh(z) = ∇θf(z): y = z, and λ[∇φh(z) − ∇φf(z)] = ∇φg(z), exactly
+            return self._direct(g_phi, f_theta, phi, lam, stats)
         start = self._start(z, lam)
         y, h_phi, residuals, evaluations = self._minimise(
             problem, z if start is None else start, phi, lam, size
@@ -148,8 +157,21 @@ class Penalty(Mode):
         check_finite(grads, "the penalty hypergradient λ[∇φh(y) − ∇φf(z)]")
         self._report(stats, residuals, evaluations + 2, lam, start is not None)
         stats.extra["params_residual"] = _relative(lam * float(norm(f_theta)), size)
+        self._check_params(stats, lam)
         if self.warm_start and residuals[-1] <= residuals[0]:  # progress: a better start than z
             self._offset = tuple(t.detach() for t in scale(lam, axpy(-1.0, y, z)))
+        return grads
+
+    def _direct(
+        self, g_phi: tuple[Tensor | None, ...], f_theta: Tensors, phi: Tensors, lam: float, stats: Stats
+    ) -> Tensors:
+        """∇θg(z) = 0: no steps, y = z, and the estimate is ∇φg(z) (zero where g ignores a φ
+        leaf), from the two gradients at z already made. r is 0; ``params_residual``
+        (relative to ‖∇θg(z)‖ = 0) is reported but not checked: the answer is λ-free, z's
+        error enters it as it enters an implicit mode's."""
+        grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(g_phi, phi))
+        self._report(stats, [0.0], 2, lam, False)
+        stats.extra["params_residual"] = _relative(lam * float(norm(f_theta)), 0.0)
         return grads
 
     def _minimise(
@@ -224,6 +246,25 @@ class Penalty(Mode):
             f"stationarity {final:.1e} > tol={self.tol:g}). The estimate multiplies y's error by "
             f"penalty={lam:g}, so it is inaccurate: raise steps or the inner optimizer's lr (or its "
             "momentum), or set warm_start=True in a loop"
+        )
+
+    @staticmethod
+    def _check_params(stats: Stats, lam: float) -> None:
+        """params_residual > 1/λ: z's error, times λ, outweighs the O(1/λ) bias; a breakdown
+        (a y that missed ``tol`` or diverged is reported first)."""
+        params = stats.extra["params_residual"]
+        if params <= 1.0 / lam:
+            return
+        stats.converged = False
+        if stats.breakdown is not None:
+            return
+        stats.breakdown = PARAMS_NOT_AT_MINIMUM
+        stats.breakdown_message = (
+            f"params is not close enough to a minimum of inner_loss for penalty={lam:g}: "
+            f"params_residual = penalty·‖∇θ inner_loss‖/‖∇θ outer_loss‖ = {params:.1e} > "
+            f"1/penalty = {1.0 / lam:.1e}, and the estimate multiplies params' gradient by the "
+            "penalty, so it is inaccurate. Train params closer to the inner minimum, use a "
+            "smaller penalty, or use an implicit mode (implicit-cg), which does not multiply it"
         )
 
     # ---------------------------------------------------------------------- the warm start

@@ -12,7 +12,6 @@ from .cg import (
     conjugate_gradient,
     conjugate_gradient_report,
     damped,
-    damping_ramp,
 )
 from .dense import SINGULAR, dense_solve
 from .gmres import gmres
@@ -26,6 +25,7 @@ from .neumann import (
     random_start,
 )
 from .nystrom import Sketch, column_sketch, gaussian_sketch, nystrom_preconditioner, sketch_solve
+from .ramp import damping_ramp
 from .result import BREAKDOWNS, SolveResult
 
 #: each breakdown's explanation, as its solver gives it (for a solve that sets only the flag)

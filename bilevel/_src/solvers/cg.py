@@ -29,7 +29,6 @@ __all__ = [
     "conjugate_gradient",
     "conjugate_gradient_report",
     "damped",
-    "damping_ramp",
 ]
 
 NEGATIVE_CURVATURE = (
@@ -88,10 +87,14 @@ def conjugate_gradient(
     ill-conditioned systems. One more product then measures the true residual, which
     ``residual`` and ``converged`` report.
 
+    A solve that meets ``tol`` by its recurrence spends one more product on the true residual,
+    and continues from ``x`` with it where rounding made the two differ (see
+    :func:`_confirmed`): ``residual`` and ``converged`` describe the ``x`` returned.
+
     ``sync=False``: no host synchronisation at all (for compiled code); always ``iters``
-    products (one more with ``x0``), diagnostics in ``info`` as 0-dim tensors (``residual``,
-    ``iters``, ``negative_curvature``), read by :func:`conjugate_gradient_report`; no
-    ``reorthogonalize``.
+    products, one more for the true residual (and one with ``x0``), diagnostics in ``info``
+    as 0-dim tensors (``residual``, ``iters``, ``negative_curvature``), read by
+    :func:`conjugate_gradient_report`; no ``reorthogonalize``.
 
     ``preconditioner``: ``r ↦ M⁻¹r`` for an SPD ``M ≈ A + damping·I`` (preconditioned CG:
     ``z = M⁻¹r``, ``α = rᵀz / pᵀAp``, ``β = r₊ᵀz₊ / rᵀz``, ``p = z₊ + βp``). The stopping test
@@ -116,7 +119,40 @@ def conjugate_gradient(
     overlap = v[0].is_cuda if overlap is None else overlap
     basis_size = iters + 1 if reorthogonalize else 0
     result = _host_loop(apply, v, (x, r), iters, tol, start, overlap, basis_size, preconditioner)
-    return _measured(apply, v, result, tol) if reorthogonalize else result
+    if reorthogonalize:
+        return _measured(apply, v, result, tol)
+    return _confirmed(apply, v, result, iters, tol, overlap, preconditioner)
+
+
+def _confirmed(
+    apply: MatVec,
+    v: Tensors,
+    result: SolveResult,
+    iters: int,
+    tol: float,
+    overlap: bool,
+    precondition: Precondition | None,
+) -> SolveResult:
+    """A claim of convergence checked against the true residual (one product). In finite
+    precision the recurrence's residual drifts below the true one on ill-conditioned systems;
+    where it did, CG restarts from ``x`` with the true residual (residual replacement) while
+    the budget of ``iters`` iterations lasts, and a claim it cannot confirm is withdrawn."""
+    while result.converged and result.iters > 0:  # iters 0: v = 0, or a start whose residual was measured
+        r = axpy(-1.0, apply(result.x), v)
+        result.products += 1
+        v_norm, r_norm = torch.stack((norm(v), norm(r))).tolist()  # one host read
+        true = r_norm / v_norm
+        if not math.isfinite(true):
+            raise NonFiniteError("non-finite values in the residual product of the conjugate-gradient solve")
+        left = iters - result.iters
+        if true <= max(tol, 1e-12) or left <= 0:
+            result.residual, result.converged = true, true <= max(tol, 1e-12)
+            return result
+        done = result.iters
+        result = _host_loop(apply, v, (result.x, r), left, tol, result.products, overlap, 0, precondition)
+        result.iters += done
+        result.iterate = None if result.iterate is None else result.iterate + done
+    return result
 
 
 def _measured(apply: MatVec, v: Tensors, result: SolveResult, tol: float) -> SolveResult:
@@ -131,37 +167,6 @@ def _measured(apply: MatVec, v: Tensors, result: SolveResult, tol: float) -> Sol
     result.products, result.residual = result.products + 1, residual
     result.converged = residual <= max(tol, 1e-12) and not result.negative_curvature
     return result
-
-
-def damping_ramp(
-    matvec: MatVec,
-    v: Tensors,
-    iters: int,
-    tol: float,
-    damping: float,
-    growth: float = 4.0,
-    x0: Tensors | None = None,
-    overlap: bool | None = None,
-    reorthogonalize: bool = False,
-) -> tuple[SolveResult, float]:
-    """CG on ``(A + λI) x = v`` from ``λ = damping``, multiplying λ by ``growth`` and
-    restarting from zero each time CG meets negative curvature, which proves
-    ``λmin(A) ≤ −λ``; at most ``iters`` products in all. Returns the last solve (with the
-    products and iterations of all of them) and its λ; the other arguments are
-    :func:`conjugate_gradient`'s."""
-    if damping <= 0 or growth <= 1:
-        raise ValueError(f"the damping ramp needs damping > 0 and growth > 1, got {damping} and {growth}")
-    products, steps = 0, 0
-    while True:
-        result = conjugate_gradient(
-            matvec, v, iters - products, tol, damping, x0, overlap, reorthogonalize=reorthogonalize
-        )
-        products, steps, x0 = products + result.products, steps + result.iters, None
-        if not result.negative_curvature or products >= iters:
-            break
-        damping *= growth
-    result.products, result.iters = products, steps
-    return result, damping
 
 
 def _iteration(
@@ -333,9 +338,10 @@ def _device_loop(
         active = active & (rs.sqrt() / v_scale > tol)
     use_best = negative | (rs > v_scale**2)
     x = tuple(torch.where(use_best, bi, xi) for xi, bi in zip(x, best_x))
-    residual = torch.where(use_best, best_rs, rs).sqrt() / v_scale
+    # the true residual of the x returned (one product): the recurrence's drifts below it
+    residual = norm(axpy(-1.0, apply(x), v)) / v_scale
     info = {"residual": residual, "iters": moved, "negative_curvature": negative}
-    return SolveResult(x=x, products=products + iters, iters=iters, info=info)
+    return SolveResult(x=x, products=products + iters + 1, iters=iters, info=info)
 
 
 def conjugate_gradient_report(result: SolveResult, tol: float) -> SolveResult:

@@ -28,6 +28,11 @@ MINRES_SINGULAR = (
     "residual is that null-space part). The hypergradient is not determined there; add damping "
     "(damping > 0 makes the system solvable), or check that params is a minimum"
 )
+MINRES_UNTRUSTED = (
+    "the MINRES recurrence lost its accuracy (the inner Hessian plus damping is singular or "
+    "numerically so): its iterate's true residual exceeded the start's, so the start is "
+    "returned. Add damping (damping > 0 makes the system solvable), or check that params is a minimum"
+)
 
 
 @dataclass
@@ -78,7 +83,16 @@ def minres(
     Stops after ``iters`` products, when the recurrence's residual is at most ``tol·‖v‖``, or
     when the Krylov space is invariant. One more product then measures the true residual
     ‖v − (A + λI) x‖/‖v‖, which is what ``residual`` and ``converged`` report (one more with
-    ``x0``, for its initial residual). The host reads two numbers per product.
+    ``x0``, for its initial residual; one more on a singular stop, after the projection). The
+    host reads two numbers per product.
+
+    The singular stop is the least-squares test of Paige and Saunders: ‖A r_k‖, read off the QR
+    recurrence, at most ``tol·‖A‖·‖r_k‖`` while ‖r_k‖ > ``tol·‖v‖``; in floating point the
+    Krylov space is only numerically invariant, so the solve also stops (one step back) once
+    ‖A r_k‖/‖r_k‖ is below ``√eps·‖A‖`` and stops falling, rather than divide by rounding
+    pivots. An iterate whose measured residual exceeds the start's (rounding broke the
+    recurrence on a numerically singular system) is never returned: the start is, flagged
+    ``"singular"``, with ``iterate=0``.
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
@@ -96,34 +110,70 @@ def minres(
     q_prev, q = zeros_like(v), scale(1.0 / beta, r)
     w_old, w = zeros_like(v), zeros_like(v)
     a_norm, singular, k = 0.0, False, 0
+    least_squares_before, step = math.inf, 0.0  # ‖A r_{k−2}‖/‖r_{k−2}‖, the step to x_{k−1}
     lanczos: list[tuple[float, float]] = []  # (α_k, β_{k+1}): the tridiagonal T_k
     while k < iters:
         p = apply(q)
         k += 1
         alpha = dot(q, p)
         p = axpy(-beta, q_prev, axpy(-alpha, q, p))
-        alpha_host, beta_next = torch.stack((alpha, norm(p))).tolist()
-        if not (math.isfinite(alpha_host) and math.isfinite(beta_next)):
-            raise NonFiniteError(
-                f"non-finite values in Hessian-vector product {k + products} of the MINRES solve"
-            )
+        alpha_host, beta_next = _read(alpha, norm(p), k + products)
         lanczos.append((alpha_host, beta_next))
-        a_norm = max(a_norm, math.sqrt(alpha_host**2 + beta**2 + beta_next**2))
+        # ‖A‖ ≥ the norm of column k of T_k (β₁ = ‖r₀‖ is the start's, not an entry of T_k)
+        column_norm = math.sqrt(alpha_host**2 + (beta**2 if k > 1 else 0.0) + beta_next**2)
+        a_norm = max(a_norm, column_norm)
         floor = 100.0 * eps * a_norm  # below it a number is rounding: an invariant space, or a zero pivot
         epsilon, delta, gamma_bar = rotations.column(beta, alpha_host)
+        # ‖A r_{k−1}‖ = |η_{k−1}|·‖(γ̄_k, c_{k−1}β_{k+1})‖ (Paige and Saunders), so x_{k−1} is a
+        # least-squares solution (‖r‖ > tol·‖v‖ here: v has a null-space part) when ‖A r‖ ≤
+        # tol·‖A‖·‖r‖. Below √eps·‖A‖·‖r‖ the Krylov space is numerically invariant and the
+        # next pivots are rounding (x would grow without bound): when ‖A r‖/‖r‖ stops falling
+        # there, the step to x_{k−1} is undone and x_{k−2} is the least-squares solution
+        least_squares = math.hypot(gamma_bar, rotations.c * beta_next)
+        stalled = least_squares_before <= math.sqrt(eps) * a_norm and least_squares >= least_squares_before
+        least_squares_before = least_squares
         gamma = math.hypot(gamma_bar, beta_next)
-        if gamma <= floor:  # T_k is singular on an invariant space: x_{k-1} is a least-squares solution
+        if least_squares <= tol * a_norm or stalled or gamma <= floor:
             singular = True
+            if stalled:
+                x = axpy(-step, w, x)
             break
         # w_k = (q_k − δ w_{k−1} − ε w_{k−2}) / γ: the columns of V_k R_k⁻¹
         w_old, w = w, scale(1.0 / gamma, axpy(-epsilon, w_old, axpy(-delta, w, q)))
-        x = axpy(rotations.rotate(gamma_bar, beta_next, gamma), w, x)
+        step = rotations.rotate(gamma_bar, beta_next, gamma)
+        x = axpy(step, w, x)
         if abs(rotations.eta) <= tol * v_norm or beta_next <= floor:
             break
         q_prev, q, beta = q, scale(1.0 / beta_next, p), beta_next
     result = _measured(apply, v, x, products + k, k, v_norm, tol, singular)
+    result = _no_worse_than_start(result, zeros_like(v) if x0 is None else x0, beta_first / v_norm)
     result.info.update(negative_curvature(lanczos, beta_first))
     return result
+
+
+def _read(alpha: Tensor, beta: Tensor, product: int) -> tuple[float, float]:
+    """α_k and β_{k+1} on the host (one read), checked."""
+    alpha_host, beta_host = torch.stack((alpha, beta)).tolist()
+    if not (math.isfinite(alpha_host) and math.isfinite(beta_host)):
+        raise NonFiniteError(f"non-finite values in Hessian-vector product {product} of the MINRES solve")
+    return alpha_host, beta_host
+
+
+def _no_worse_than_start(result: SolveResult, start: Tensors, start_residual: float) -> SolveResult:
+    """``result``, or the start where its measured residual is larger (rounding broke the
+    recurrence on a numerically singular system), flagged."""
+    if result.residual is None or result.residual <= start_residual:
+        return result
+    return SolveResult(
+        x=start,
+        products=result.products,
+        iters=result.iters,
+        residual=start_residual,
+        converged=False,
+        breakdown="singular",
+        message=MINRES_UNTRUSTED,
+        iterate=0,
+    )
 
 
 def negative_curvature(lanczos: list[tuple[float, float]], beta: float) -> dict[str, Tensor]:
@@ -169,13 +219,15 @@ def _measured(
     On a singular stop the residual ``r`` is ``v``'s null-space part ``v_N``, and the only
     null-space part of ``x ∈ K_k`` is a multiple of it (``A^j v`` lies in the range for
     ``j ≥ 1``): subtracting the projection of ``x`` on ``r`` leaves the minimum-norm
-    least-squares solution, with the same residual."""
+    least-squares solution, with the same residual in exact arithmetic (measured again)."""
     r = axpy(-1.0, apply(x), v)
     r_norm = float(norm(r))
     if not math.isfinite(r_norm):
         raise NonFiniteError(f"non-finite values in the residual product {products + 1} of the MINRES solve")
-    if singular and r_norm > 0.0:
+    if singular and r_norm > 0.0:  # and measure the residual of the x returned (one more product)
         x = axpy(-float(dot(x, r)) / r_norm**2, r, x)
+        products += 1
+        r_norm = float(norm(axpy(-1.0, apply(x), v)))
     residual = r_norm / v_norm
     return SolveResult(
         x=x,

@@ -25,7 +25,7 @@ from torch import Tensor
 from .._src.problem import BilevelProblem
 from .._src.typing import Tensors
 from ._backends import Stepper
-from ._steps import cut, floating_leaves, inner_step, is_floating, vjp_to_phi
+from ._steps import cut, floating_leaves, graph_or_cheap_step, inner_step, is_floating, vjp_to_phi
 from ._tied import add_start
 
 __all__ = ["CheckpointedRun", "check_checkpoint", "segment_length", "segment_starts"]
@@ -119,13 +119,9 @@ class CheckpointedRun:
                 theta, state, leaves = _start_leaves(theta, state, self.stepper)
                 self.inputs = [*theta, *leaves]
             graph = step >= last
-            stepper, phi = (self.stepper, self.phi) if graph else (self.cheap, phi_constant)
-            theta, state = inner_step(
-                self.problem, stepper, theta, phi, state, batch, step, graph, fresh_state
-            )
+            phi = self.phi if graph else phi_constant
+            theta, state = graph_or_cheap_step(self, theta, phi, state, batch, step, graph, fresh_state)
             fresh_state = False
-            if not graph:
-                theta, state = cut(theta, state, self.stepper)
         return theta, state
 
     def _checkpoint(self, step: int, theta: Tensors, state: Any, fresh: bool) -> _Checkpoint:

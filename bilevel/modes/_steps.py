@@ -22,7 +22,7 @@ from .._src.typing import Tensors
 from ._backends import Stepper
 from ._tied import add_start
 
-__all__ = ["PlainRun", "cut", "floating_leaves", "inner_step", "vjp_to_phi"]
+__all__ = ["PlainRun", "cut", "floating_leaves", "graph_or_cheap_step", "inner_step", "vjp_to_phi"]
 
 _NO_PARAMS_REACHED = (
     "inner_loss does not depend on params: the inner steps would leave them unchanged and the "
@@ -109,6 +109,16 @@ def _summed(phi: Tensors, extra: list[int], grads: Sequence[Tensor | None]) -> l
     return total
 
 
+def graph_or_cheap_step(
+    run: Any, theta: Tensors, phi: Tensors, state: Any, batch: tuple, step: int, graph: bool, fresh: bool
+) -> tuple[Tensors, Any]:
+    """One step of ``run`` (its ``problem``, ``stepper`` and ``cheap`` stepper): with its graph
+    through ``stepper``, or without through ``cheap`` and then cut from the graph."""
+    stepper = run.stepper if graph else run.cheap
+    theta, state = inner_step(run.problem, stepper, theta, phi, state, batch, step, graph, fresh)
+    return (theta, state) if graph else cut(theta, state, run.stepper)
+
+
 class PlainRun:
     """The plain unroll: the steps from ``graph_from`` on keep their graph (the earlier ones
     run through ``cheap``, at detached φ, and are cut), then one backward pass from g."""
@@ -134,13 +144,9 @@ class PlainRun:
             if step == self.graph_from:
                 theta, state = cut(theta, state, self.stepper)
                 self.start = theta
-            stepper, phi = (self.stepper, self.phi) if graph else (self.cheap, phi_constant)
-            theta, state = inner_step(
-                self.problem, stepper, theta, phi, state, batch, step, graph, fresh_state
-            )
+            phi = self.phi if graph else phi_constant
+            theta, state = graph_or_cheap_step(self, theta, phi, state, batch, step, graph, fresh_state)
             fresh_state = False
-            if not graph:
-                theta, state = cut(theta, state, self.stepper)
         return theta, state
 
     def backward(self, outer: Tensor) -> Tensors:

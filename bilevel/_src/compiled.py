@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import HypergradientWarning
+from .errors import HypergradientWarning, user_stacklevel
 from .problem import BilevelProblem
 
 __all__ = ["CompiledPath", "compiled_path"]
@@ -112,7 +112,7 @@ class CompiledPath:
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"compile=True: {message}", HypergradientWarning, stacklevel=6)
+            warnings.warn(f"compile=True: {message}", HypergradientWarning, stacklevel=user_stacklevel())
 
     def _compile_options(self, device: torch.device) -> dict[str, Any]:
         options: dict[str, Any] = {"fullgraph": True, "dynamic": False}

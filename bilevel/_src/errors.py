@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
 import re
+import sys
+import types
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -19,9 +22,40 @@ __all__ = [
     "NonFiniteError",
     "SolverBreakdownError",
     "check_finite",
+    "closure_type_error",
     "deferred_finite_checks",
     "second_order_guard",
+    "user_stacklevel",
 ]
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bilevel/
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` of ``warnings.warn``, called from the package, that names the first
+    frame outside it: a warning points at the user's line, however deep the call."""
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_NOT_CALLABLE = re.compile(r"'(list|tuple|dict|generator)' object is not callable")
+
+
+def closure_type_error(name: str, error: TypeError) -> TypeError | None:
+    """A clearer error for a closure that called a container of tensors as a module (params
+    given as ``list(model.parameters())``); None for any other ``TypeError``."""
+    match = _NOT_CALLABLE.search(str(error))
+    if match is None:
+        return None
+    return TypeError(
+        f"{name} called a {match.group(1)} as a module: the closures receive params and hparams "
+        "in the structure they were given, so to call a model pass the module itself "
+        "(params=model), not list(model.parameters()). Original error: " + str(error)
+    )
 
 
 class NoDoubleBackwardError(TypeError):

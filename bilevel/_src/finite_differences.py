@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import user_stacklevel
 from .pytree import Tree, flatten
 from .typing import Tensors
 
@@ -134,7 +135,7 @@ def warn_precision(dtype: torch.dtype) -> None:
             f"u = {torch.finfo(dtype).eps:.1e}); use float64 hparams and inner solutions "
             "for a reliable check",
             UserWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 

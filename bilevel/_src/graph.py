@@ -13,7 +13,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from .errors import HypergradientWarning
+from .errors import HypergradientWarning, user_stacklevel
 from .typing import Tensors
 
 __all__ = ["code_of", "custom_functions", "reached", "screen_once", "warn_once_differentiable"]
@@ -89,7 +89,7 @@ def warn_once_differentiable(loss: Tensor) -> None:
             "tensor ops and drop @once_differentiable (check the result with "
             "bilevel.testing.assert_hypergradient_close)",
             HypergradientWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
 
 

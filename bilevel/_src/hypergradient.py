@@ -11,7 +11,7 @@ import torch
 from ..modes.base import Mode, get_mode
 from .checkpoint import check_state_devices, differences, layout_of, pack, upgrade
 from .conditions import Condition, make_problem
-from .errors import HypergradientWarning, SolverBreakdownError
+from .errors import HypergradientWarning, SolverBreakdownError, user_stacklevel
 from .problem import BilevelProblem
 from .solvers import BREAKDOWNS, MESSAGES
 from .stats import Stats, not_converged
@@ -51,7 +51,7 @@ class HyperGradient:
         else:
             self.mode = get_mode(mode).from_options(**options)
         for note in self.mode.notes:
-            warnings.warn(note, HypergradientWarning, stacklevel=2)
+            warnings.warn(note, HypergradientWarning, stacklevel=user_stacklevel())
         self.strict = strict
         self.stats = Stats(mode=self.mode.name)
         self._warned: set[str] = set()
@@ -115,6 +115,12 @@ class HyperGradient:
         return self._run(problem)
 
     def _run(self, problem: BilevelProblem) -> Tensors:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "HyperGradient was called inside torch.inference_mode(), where autograd is off and "
+                "no hypergradient can be computed; call it outside that block (torch.no_grad() "
+                "around it is fine: the library enables grad where it needs it)"
+            )
         self._check_layout(problem)
         stats = Stats(mode=self.mode.name)
         self.stats = stats
@@ -173,7 +179,7 @@ class HyperGradient:
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, HypergradientWarning, stacklevel=4)
+            warnings.warn(message, HypergradientWarning, stacklevel=user_stacklevel())
 
     def state_dict(self) -> dict[str, Any]:
         """The mode's state (warm-start solutions, optimizer state, generator state), with

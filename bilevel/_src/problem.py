@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .errors import check_finite, second_order_guard
+from .errors import check_finite, closure_type_error, second_order_guard
 from .graph import code_of, custom_functions, screen_once
 from .pytree import ModuleSlot, Tree, flatten
 from .tied import find_ties, hparams_modules_tied
@@ -207,6 +207,11 @@ class BilevelProblem:
     ) -> Any:
         try:
             loss = self.call(name, theta, phi, extra)
+        except TypeError as error:
+            clearer = closure_type_error(name, error)
+            if clearer is None:
+                raise
+            raise clearer from error
         except RuntimeError as error:
             devices = _DEVICE_MIXTURE.search(str(error)) is not None
             if not devices and _DTYPE_MIXTURE.search(str(error)):

@@ -20,7 +20,14 @@ from ._higher_backend import HigherStepper
 from ._optimizer_options import BACKENDS, optimizer_class
 from ._torchopt_backend import TorchoptStepper, torchopt_factories
 
-__all__ = ["Stepper", "check_loaded_state", "check_supported", "differentiates", "make_stepper"]
+__all__ = [
+    "Stepper",
+    "backend_notes",
+    "check_loaded_state",
+    "check_supported",
+    "differentiates",
+    "make_stepper",
+]
 
 Stepper = TorchoptStepper | HigherStepper
 
@@ -33,6 +40,18 @@ def make_stepper(
     if backend == "higher":
         return HigherStepper(optimizer, options, hyper, theta)
     return TorchoptStepper(optimizer, options, hyper)
+
+
+def backend_notes(backend: str, optimizer: Any) -> tuple[str, ...]:
+    """Warnings about a backend's numbers for this optimizer, for when the mode is built."""
+    if backend == "higher" and optimizer_class(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+        return (
+            "backend='higher' steps Adam with eps added to √v before the bias correction (as "
+            "torch.optim.Adam once did), not after it as torch.optim.Adam does now: the steps "
+            "differ by O(eps/√v), and a hypergradient w.r.t. eps can even change sign; use "
+            "backend='torchopt' to match torch.optim.Adam",
+        )
+    return ()
 
 
 def check_supported(optimizer: Any, backend: str) -> None:

@@ -28,7 +28,7 @@ import torch
 import torch.autograd.forward_ad as fwad
 from torch import Tensor
 
-from .._src.errors import HypergradientWarning
+from .._src.errors import HypergradientWarning, user_stacklevel
 from .._src.graph import reached
 from .._src.problem import BilevelProblem
 from .._src.typing import Tensors
@@ -80,7 +80,7 @@ def check_tangents(entries: int, graph_steps: int, limit: int) -> None:
             "tangents hold at least what the reverse unroll's graphs must: direction='reverse' "
             "(checkpoint='auto' for bounded memory) is likely cheaper",
             HypergradientWarning,
-            stacklevel=5,
+            stacklevel=user_stacklevel(),
         )
 
 

@@ -27,7 +27,14 @@ from .._src.memory import SavedTensorMemory
 from .._src.problem import BilevelProblem
 from .._src.stats import Stats
 from .._src.typing import Tensors
-from ._backends import Stepper, check_loaded_state, check_supported, differentiates, make_stepper
+from ._backends import (
+    Stepper,
+    backend_notes,
+    check_loaded_state,
+    check_supported,
+    differentiates,
+    make_stepper,
+)
 from ._checkpointed import CheckpointedRun, check_checkpoint, segment_length, segment_starts
 from ._fixed_point_unroll import unroll_condition
 from ._forward import ForwardRun, check_direction, check_tangents
@@ -167,6 +174,7 @@ class UnrolledMode(Mode):
         if reason:
             self.notes = (f"compile=True: {self.name} runs eagerly because {reason}",)
             self._fast = None
+        self.notes += backend_notes(self.backend, self.inner_optimizer)
 
     def _check_optimizer(self) -> None:
         """Refuse an inner optimizer that is neither a torch class nor a transformation, or

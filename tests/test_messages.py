@@ -1,0 +1,47 @@
+"""Rough edges a new user meets first (issue 21): warnings that point at the user's line,
+errors that name what went wrong and the fix."""
+
+import warnings
+
+import pytest
+import torch
+
+from bilevel import HyperGradient, HypergradientWarning
+
+from problems import ridge
+
+
+def test_a_warning_points_at_the_users_call():
+    problem = ridge(p=4)
+    hg = HyperGradient("implicit-neumann", iters=2)  # far from converged: it warns
+    with pytest.warns(HypergradientWarning, match="stopped above its tolerance") as record:
+        hg.compute(problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    assert record[0].filename == __file__
+
+
+def test_inference_mode_is_named():
+    problem = ridge(p=4)
+    args = (problem.inner_loss, problem.outer_loss, problem.params_star(), problem.hparams)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"inside torch.inference_mode\(\)"):
+        HyperGradient("implicit-cg").compute(*args)
+    with torch.no_grad():  # fine: the library enables grad where it needs it
+        HyperGradient("implicit-cg").compute(*args)
+
+
+def test_a_list_of_parameters_called_as_a_module_names_the_fix():
+    model = torch.nn.Linear(3, 1).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    decay = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    inner = lambda m, d: ((m(x) - y) ** 2).mean() + d.exp() * (m.weight**2).sum()
+    outer = lambda m, d: ((m(x) - y) ** 2).mean()
+    with pytest.raises(TypeError, match=r"(inner|outer)_loss called a list as a module.*params=model"):
+        HyperGradient("implicit-cg").compute(inner, outer, list(model.parameters()), decay)
+
+
+def test_highers_adam_is_named_when_the_mode_is_built():
+    with pytest.warns(HypergradientWarning, match="backend='higher' steps Adam with eps") as record:
+        HyperGradient("unroll", inner_optimizer=torch.optim.Adam, backend="higher", lr=0.1)
+    assert record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HypergradientWarning)
+        HyperGradient("unroll", inner_optimizer=torch.optim.Adam, lr=0.1)  # torchopt matches torch

@@ -39,6 +39,7 @@ __all__ = [
     "check_autocast",
     "check_differences",
     "combine",
+    "difference_operator",
     "finish_compiled",
     "implicit_hypergradient",
     "implicit_program",
@@ -93,18 +94,27 @@ def check_autocast(value: object, rule: ProductRule = AUTOGRAD) -> None:
 
 
 def check_differences(problem: BilevelProblem, rule: ProductRule) -> None:
-    """Refuse finite-difference products where they would compute the wrong matrix."""
-    if rule.first_order and problem.symmetric and problem.stationarity_map is not None:
+    """Refuse finite-difference products where they would compute the wrong matrix, or noise."""
+    if not rule.first_order:
+        return
+    if problem.symmetric and problem.stationarity_map is not None:
         raise ValueError(
             "hvp='finite-difference' differences the gradient of inner_loss, but this problem "
             "has none: its inner solution is stated by a map of its own (bilevel.Root or a "
             "stationarity map); use hvp='autograd'"
         )
-    if rule.first_order and (not problem.symmetric or "stationarity" in problem.redefined):
+    if not problem.symmetric or "stationarity" in problem.redefined:
         raise ValueError(
             "hvp='finite-difference' differences the gradient of inner_loss, which gives J x, "
             "but this problem's stationarity map is not a gradient, so its implicit system needs "
             "Jᵀx (J is not symmetric); use hvp='autograd'"
+        )
+    step, eps = rule.relative_step(problem.dtype), torch.finfo(problem.dtype).eps
+    if step <= eps:
+        raise ValueError(
+            f"fd_eps={step:g} is below the rounding of {problem.dtype} ({eps:.1e}): the "
+            "differences would be noise; use the default (None: the cube root of the machine "
+            "epsilon) or a larger step"
         )
 
 
@@ -165,33 +175,32 @@ def linearize(
     """The eager linearization: the graph of ``G`` (under ``torch.autocast`` to ``autocast``,
     so every product runs its matmuls in that dtype) and the outer gradients; with a
     first-order ``rule``, the outer gradients and an operator of finite differences."""
-    if rule.first_order:
-        check_differences(problem, rule)
-        v, direct = outer_gradients(problem, theta, phi)
-
-        replay = same_random_numbers(problem.device)
-
-        def gradient(point: Tensors, wrt: Wrt) -> Sequence[Tensor | None]:
-            with torch.enable_grad(), replay():
-                leaves = tuple(t.detach().requires_grad_() for t in point)
-                f = problem.inner(leaves, phi, second_order=False)
-                check_finite((f,), "the value of inner_loss at a finite-difference point")
-                return torch.autograd.grad(f, leaves if wrt == "theta" else phi, allow_unused=True)
-
-        step = rule.relative_step(problem.dtype)
-        if step <= torch.finfo(problem.dtype).eps:
-            raise ValueError(
-                f"fd_eps={step:g} is below the rounding of {problem.dtype} "
-                f"({torch.finfo(problem.dtype).eps:.1e}): the differences would be noise; use the "
-                "default (None: the cube root of the machine epsilon) or a larger step"
-            )
-        return Linearization(StationarityJacobian.from_differences(gradient, theta, phi, step), v, direct)
+    check_differences(problem, rule)
     # the outer gradients first: their graph is freed before the graph of G is built
     v, direct = outer_gradients(problem, theta, phi)
+    if rule.first_order:
+        return Linearization(difference_operator(problem, theta, phi, rule), v, direct)
     with low_precision(problem.device, autocast):
         field = problem.stationarity(theta, phi)
     operator = StationarityJacobian.from_field(field, theta, phi, lambda: problem.suspects(theta, phi))
     return Linearization(operator, v, direct)
+
+
+def difference_operator(
+    problem: BilevelProblem, theta: Tensors, phi: Tensors, rule: ProductRule
+) -> StationarityJacobian:
+    """The eager operator of finite differences of first-order gradients of ``inner_loss``,
+    every evaluation with the random numbers of the call."""
+    replay = same_random_numbers(problem.device)
+
+    def gradient(point: Tensors, wrt: Wrt) -> Sequence[Tensor | None]:
+        with torch.enable_grad(), replay():
+            leaves = tuple(t.detach().requires_grad_() for t in point)
+            f = problem.inner(leaves, phi, second_order=False)
+            check_finite((f,), "the value of inner_loss at a finite-difference point")
+            return torch.autograd.grad(f, leaves if wrt == "theta" else phi, allow_unused=True)
+
+    return StationarityJacobian.from_differences(gradient, theta, phi, rule.relative_step(problem.dtype))
 
 
 def linearize_traced(

@@ -22,6 +22,7 @@ from .._src.solvers import (
 from .._src.stats import Stats
 from .._src.typing import Tensors
 from ._kept_sketch import KeptSketch
+from ._warm_start import WarmStarted
 from .base import ImplicitMode, check_flag, check_positive, register_mode
 
 __all__ = ["ImplicitCG"]
@@ -38,7 +39,7 @@ PRECONDITIONERS = (None, "nystrom")
 
 @register_mode
 @dataclass
-class ImplicitCG(ImplicitMode):
+class ImplicitCG(WarmStarted, ImplicitMode):
     """Solve ``(H + damping·I) x = ∂g/∂θ`` by conjugate gradient.
 
     Options:
@@ -239,25 +240,16 @@ class ImplicitCG(ImplicitMode):
             return None
         return self._kept.preconditioner(operator.matmat, v, float(self.damping), stats)
 
-    def _start(self, like: Tensors) -> Tensors | None:
-        x0 = self._previous if self.warm_start else None
-        return x0 if x0 is not None and [t.shape for t in x0] == [t.shape for t in like] else None
-
-    def _remember(self, x: Tensors, converged: bool) -> None:
-        if self.warm_start:  # only a solve that converged is a good start for the next one
-            self._previous = tuple(t.detach() for t in x) if converged else None
-
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"previous": self._previous} if self._previous is not None else {}
-        return {**state, **self._kept.state_dict()}
+        return {**self._warm_state(), **self._kept.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._previous = state.get("previous")
+        self._load_warm_state(state)
         self._kept.load_state_dict(state)
 
     def state_fits_one_layout(self) -> bool:
-        warm = self.warm_start and self._previous is not None
-        return warm or (self.preconditioner is not None and self._kept.sketch is not None)  # unused otherwise
+        kept = self.preconditioner is not None and self._kept.sketch is not None
+        return self._warm_state_used() or kept  # a state the options leave unused binds nothing
 
 
 def _solve_on_device(

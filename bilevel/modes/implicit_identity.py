@@ -9,9 +9,9 @@ from .._src.errors import NoDoubleBackwardError
 from .._src.implicit import implicit_hypergradient
 from .._src.problem import BilevelProblem
 from .._src.products import StationarityJacobian
-from .._src.solvers import SolveResult
+from .._src.solvers import SolveResult, true_residual
 from .._src.stats import Stats
-from .._src.tree_math import axpy, norm, scale
+from .._src.tree_math import scale
 from .._src.typing import Tensors
 from .base import ImplicitMode, check_flag, check_positive, register_mode
 
@@ -61,12 +61,10 @@ class ImplicitIdentity(ImplicitMode):
             if not self.residual:
                 return SolveResult(x=x, products=0, iters=0)  # nothing measured: no verdict
             try:
-                hx = operator.matvec(x)
+                _, residual = true_residual(operator.matvec, x, v, "the identity approximation")
             except NoDoubleBackwardError as error:  # the case this mode exists for: no Hessian products
                 stats.extra["residual_unavailable"] = str(error).split(". ")[0]
                 return SolveResult(x=x, products=0, iters=0)
-            size = float(norm(v))
-            residual = float(norm(axpy(-1.0, hx, v))) / size if size > 0 else 0.0
             return SolveResult(x=x, products=1, iters=0, residual=residual, converged=residual <= self.tol)
 
         return implicit_hypergradient(problem, solve, stats, rule=self.rule)

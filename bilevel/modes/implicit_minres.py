@@ -11,6 +11,7 @@ from .._src.products import StationarityJacobian
 from .._src.solvers import SolveResult, minres
 from .._src.stats import Stats
 from .._src.typing import Tensors
+from ._warm_start import WarmStarted
 from .base import ImplicitMode, check_flag, check_positive, register_mode
 
 __all__ = ["ImplicitMINRES"]
@@ -18,7 +19,7 @@ __all__ = ["ImplicitMINRES"]
 
 @register_mode
 @dataclass
-class ImplicitMINRES(ImplicitMode):
+class ImplicitMINRES(WarmStarted, ImplicitMode):
     """Solve ``(H + damping·I) x = ∂g/∂θ`` by MINRES: the Krylov method for symmetric
     Hessians that need not be positive definite (params near, not at, a minimum of a
     non-convex inner problem), where CG breaks down.
@@ -68,21 +69,16 @@ class ImplicitMINRES(ImplicitMode):
             if "negative_share" in result.info:  # host numbers of the Lanczos tridiagonal
                 stats.extra["negative_curvature_share"] = float(result.info["negative_share"])
                 stats.extra["negative_ritz_values"] = int(result.info["negative_ritz"])
-            if self.warm_start:  # only a solve that converged is a good start for the next one
-                self._previous = tuple(t.detach() for t in result.x) if result.converged else None
+            self._remember(result.x, bool(result.converged))
             return result
 
         return implicit_hypergradient(problem, solve, stats, rule=self.rule)
 
-    def _start(self, like: Tensors) -> Tensors | None:
-        x0 = self._previous if self.warm_start else None
-        return x0 if x0 is not None and [t.shape for t in x0] == [t.shape for t in like] else None
-
     def state_dict(self) -> dict[str, Any]:
-        return {"previous": self._previous} if self._previous is not None else {}
+        return self._warm_state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._previous = state.get("previous")
+        self._load_warm_state(state)
 
     def state_fits_one_layout(self) -> bool:
-        return self.warm_start and self._previous is not None  # unused otherwise
+        return self._warm_state_used()

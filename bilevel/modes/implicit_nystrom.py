@@ -11,10 +11,9 @@ import torch
 from .._src.implicit import implicit_hypergradient
 from .._src.problem import BilevelProblem
 from .._src.products import StationarityJacobian
-from .._src.solvers import SolveResult
+from .._src.solvers import SolveResult, true_residual
 from .._src.solvers.nystrom import Sketch, column_sketch, gaussian_sketch, sketch_solve
 from .._src.stats import Stats
-from .._src.tree_math import axpy, norm
 from .._src.typing import Tensors
 from .base import ImplicitMode, check_flag, check_positive, register_mode
 
@@ -113,9 +112,7 @@ class ImplicitNystrom(ImplicitMode):
     def _measured(self, result: SolveResult, operator: StationarityJacobian, v: Tensors) -> SolveResult:
         """The result with its residual ‖v − Hx‖/‖v‖ against the Hessian itself (one more
         product): the low rank and ρ are approximations, and only this measures them."""
-        r = axpy(-1.0, operator.matvec(result.x), v)
-        size = float(norm(v))
-        residual = float(norm(r)) / size if size > 0 else 0.0
+        _, residual = true_residual(operator.matvec, result.x, v, "the Nyström solve")
         converged = result.breakdown is None and residual <= self.tol
         return dataclasses.replace(
             result, products=result.products + 1, residual=residual, converged=converged

@@ -26,7 +26,7 @@ from .neumann import (
 )
 from .nystrom import Sketch, column_sketch, gaussian_sketch, nystrom_preconditioner, sketch_solve
 from .ramp import damping_ramp
-from .result import BREAKDOWNS, SolveResult
+from .result import BREAKDOWNS, SolveResult, true_residual
 
 #: each breakdown's explanation, as its solver gives it (for a solve that sets only the flag)
 MESSAGES = {"negative_curvature": NEGATIVE_CURVATURE, "diverged": DIVERGED, "singular": SINGULAR}
@@ -54,4 +54,5 @@ __all__ = [
     "power_iteration_estimate",
     "random_start",
     "sketch_solve",
+    "true_residual",
 ]

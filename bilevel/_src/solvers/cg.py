@@ -21,7 +21,7 @@ from torch import Tensor
 from ..errors import NonFiniteError
 from ..tree_math import axpy, dot, flat, norm, unflat, zeros_like
 from ..typing import MatVec, Tensors
-from .result import SolveResult
+from .result import SolveResult, true_residual
 
 __all__ = [
     "NEGATIVE_CURVATURE",
@@ -40,6 +40,7 @@ NEGATIVE_CURVATURE = (
     "1e-2·λmax until CG meets no negative curvature, and reports it in stats.extra['damping'])"
 )
 
+_CG = "the conjugate-gradient solve"
 _State = tuple[Tensors, Tensors, Tensors, Tensor]  # x, r, p, rᵀz (z = M⁻¹r; ‖r‖² unpreconditioned)
 _Project = Callable[[Tensors], Tensors]
 #: ``r ↦ M⁻¹r`` for a symmetric positive definite preconditioner ``M``
@@ -138,12 +139,8 @@ def _confirmed(
     where it did, CG restarts from ``x`` with the true residual (residual replacement) while
     the budget of ``iters`` iterations lasts, and a claim it cannot confirm is withdrawn."""
     while result.converged and result.iters > 0:  # iters 0: v = 0, or a start whose residual was measured
-        r = axpy(-1.0, apply(result.x), v)
+        r, true = true_residual(apply, result.x, v, _CG)
         result.products += 1
-        v_norm, r_norm = torch.stack((norm(v), norm(r))).tolist()  # one host read
-        true = r_norm / v_norm
-        if not math.isfinite(true):
-            raise NonFiniteError("non-finite values in the residual product of the conjugate-gradient solve")
         left = iters - result.iters
         if true <= max(tol, 1e-12) or left <= 0:
             result.residual, result.converged = true, true <= max(tol, 1e-12)
@@ -161,9 +158,7 @@ def _measured(apply: MatVec, v: Tensors, result: SolveResult, tol: float) -> Sol
     residual then falls far below the true one, which ``converged`` must describe."""
     if result.iters == 0:  # v = 0, or the start met tol: its residual came from a product
         return result
-    residual = float(norm(axpy(-1.0, apply(result.x), v)) / norm(v))
-    if not math.isfinite(residual):
-        raise NonFiniteError("non-finite values in the residual product of the conjugate-gradient solve")
+    _, residual = true_residual(apply, result.x, v, _CG)
     result.products, result.residual = result.products + 1, residual
     result.converged = residual <= max(tol, 1e-12) and not result.negative_curvature
     return result

@@ -10,7 +10,7 @@ from torch import Tensor
 from ..errors import NonFiniteError
 from ..tree_math import flat, unflat, zeros_like
 from ..typing import MatVec, Tensors
-from .result import SolveResult
+from .result import SolveResult, true_residual
 
 __all__ = ["gmres"]
 
@@ -95,8 +95,6 @@ def gmres(matvec: MatVec, v: Tensors, iters: int, tol: float = 1e-10) -> SolveRe
         # the small problem's residual is the true one only up to the basis' loss of
         # orthogonality, which in low precision on ill-conditioned systems claims convergence
         # the iterate does not have: one product measures the residual of the x returned
-        true = float((b - flat(matvec(x))).norm()) / arnoldi.b_norm
-        if not math.isfinite(true):
-            raise NonFiniteError("non-finite values in the residual product of the GMRES solve")
+        _, true = true_residual(matvec, x, v, "the GMRES solve")
         return SolveResult(x=x, products=k + 1, iters=k, residual=true, converged=true <= max(tol, 1e-12))
     return SolveResult(x=x, products=k, iters=k, residual=residual, converged=False)

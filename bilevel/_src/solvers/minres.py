@@ -18,7 +18,7 @@ from ..errors import NonFiniteError
 from ..tree_math import axpy, dot, norm, scale, zeros_like
 from ..typing import MatVec, Tensors
 from .cg import damped
-from .result import SolveResult
+from .result import SolveResult, true_residual
 
 __all__ = ["MINRES_SINGULAR", "minres", "negative_curvature"]
 
@@ -145,7 +145,7 @@ def minres(
         if abs(rotations.eta) <= tol * v_norm or beta_next <= floor:
             break
         q_prev, q, beta = q, scale(1.0 / beta_next, p), beta_next
-    result = _measured(apply, v, x, products + k, k, v_norm, tol, singular)
+    result = _measured(apply, v, x, products + k, k, tol, singular)
     result = _no_worse_than_start(result, zeros_like(v) if x0 is None else x0, beta_first / v_norm)
     result.info.update(negative_curvature(lanczos, beta_first))
     return result
@@ -209,7 +209,6 @@ def _measured(
     x: Tensors,
     products: int,
     iters: int,
-    v_norm: float,
     tol: float,
     singular: bool,
 ) -> SolveResult:
@@ -220,15 +219,11 @@ def _measured(
     null-space part of ``x ∈ K_k`` is a multiple of it (``A^j v`` lies in the range for
     ``j ≥ 1``): subtracting the projection of ``x`` on ``r`` leaves the minimum-norm
     least-squares solution, with the same residual in exact arithmetic (measured again)."""
-    r = axpy(-1.0, apply(x), v)
-    r_norm = float(norm(r))
-    if not math.isfinite(r_norm):
-        raise NonFiniteError(f"non-finite values in the residual product {products + 1} of the MINRES solve")
-    if singular and r_norm > 0.0:  # and measure the residual of the x returned (one more product)
-        x = axpy(-float(dot(x, r)) / r_norm**2, r, x)
+    r, residual = true_residual(apply, x, v, "the MINRES solve")
+    if singular and residual > 0.0:  # and measure the residual of the x returned (one more product)
+        x = axpy(-float(dot(x, r)) / float(dot(r, r)), r, x)
         products += 1
-        r_norm = float(norm(axpy(-1.0, apply(x), v)))
-    residual = r_norm / v_norm
+        _, residual = true_residual(apply, x, v, "the MINRES solve")
     return SolveResult(
         x=x,
         products=products + 1,

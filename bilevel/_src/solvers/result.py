@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
-from ..typing import Tensors
+from ..errors import NonFiniteError
+from ..tree_math import axpy, norm
+from ..typing import MatVec, Tensors
 
-__all__ = ["BREAKDOWNS", "SolveResult"]
+__all__ = ["BREAKDOWNS", "SolveResult", "true_residual"]
 
 #: the ways a solve can break down; a solver sets one, with its own message
 BREAKDOWNS = ("negative_curvature", "diverged", "singular")
@@ -50,3 +54,14 @@ class SolveResult:
             raise ValueError(
                 f"breakdown must be None or one of {', '.join(BREAKDOWNS)}, got {self.breakdown!r}"
             )
+
+
+def true_residual(apply: MatVec, x: Tensors, v: Tensors, solve: str) -> tuple[Tensors, float]:
+    """``r = v − A x`` and ``‖r‖/‖v‖`` (one product, one host read; 0 for ``v = 0``): what a
+    solver reports instead of its recurrence's estimate, which drifts in finite precision.
+    A non-finite residual raises, naming ``solve``."""
+    r = axpy(-1.0, apply(x), v)
+    v_norm, r_norm = torch.stack((norm(v), norm(r))).tolist()
+    if not math.isfinite(r_norm):
+        raise NonFiniteError(f"non-finite values in the residual product of {solve}")
+    return r, r_norm / v_norm if v_norm > 0 else 0.0

@@ -5,6 +5,7 @@ from ._src.errors import (
     HypergradientWarning,
     NoDoubleBackwardError,
     NonFiniteError,
+    PeerError,
     SolverBreakdownError,
 )
 from ._src.hypergradient import HyperGradient
@@ -21,6 +22,7 @@ __all__ = [
     "Mode",
     "NoDoubleBackwardError",
     "NonFiniteError",
+    "PeerError",
     "Root",
     "SolverBreakdownError",
     "Stats",

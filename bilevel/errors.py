@@ -4,7 +4,14 @@ from ._src.errors import (
     HypergradientWarning,
     NoDoubleBackwardError,
     NonFiniteError,
+    PeerError,
     SolverBreakdownError,
 )
 
-__all__ = ["HypergradientWarning", "NoDoubleBackwardError", "NonFiniteError", "SolverBreakdownError"]
+__all__ = [
+    "HypergradientWarning",
+    "NoDoubleBackwardError",
+    "NonFiniteError",
+    "PeerError",
+    "SolverBreakdownError",
+]

@@ -66,6 +66,13 @@ class CompiledPath:
         call of a layout (it checks the inputs), a layout over the limit, or after a failure."""
         if self.failure is not None:
             return None
+        if problem.channel is not None:
+            self._warn_once(
+                "distributed",
+                "with distributed=..., the call runs on the eager path: the compiled programs "
+                "carry no collectives",
+            )
+            return None
         if not problem.traceable:
             # the programs rebuild the problem from its closures and ∇θ f; a problem with its
             # own stationarity map or evaluation would be silently misread

@@ -20,6 +20,7 @@ __all__ = [
     "HypergradientWarning",
     "NoDoubleBackwardError",
     "NonFiniteError",
+    "PeerError",
     "SolverBreakdownError",
     "check_finite",
     "closure_type_error",
@@ -69,6 +70,12 @@ class NonFiniteError(FloatingPointError):
 
 class HypergradientWarning(UserWarning):
     """A hypergradient was computed but may be inaccurate (see the message and ``stats``)."""
+
+
+class PeerError(Exception):
+    """Raised with ``distributed=...`` on every rank whose peer raised in the same call (the
+    peer raises its own error). Not a ``RuntimeError``: no recovery path may catch it and
+    try again, which would start a collective the other ranks never join."""
 
 
 class SolverBreakdownError(RuntimeError):

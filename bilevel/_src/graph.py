@@ -29,7 +29,7 @@ def _function_nodes(loss: Tensor) -> list[Any]:
         if node is None or node in seen:
             continue
         seen.add(node)
-        if isinstance(node, torch.autograd.function.BackwardCFunction):
+        if isinstance(node, torch.autograd.function.BackwardCFunction) and not _is_synchronize(node):
             found.append(node)
         stack.extend(n for n, _ in node.next_functions)
     return found
@@ -43,22 +43,33 @@ def custom_functions(loss: Tensor) -> str:
 
 
 def reached(loss: Tensor, tensors: Tensors) -> list[bool]:
-    """Whether the autograd graph of ``loss`` reaches each tensor (structurally, no backward)."""
+    """Whether the autograd graph of ``loss`` reaches each tensor (structurally, no backward).
+    A :class:`~bilevel._src.distributed.Synchronize` node passes each output to its own input."""
     nodes: dict[Any, list[int]] = {}
     for i, t in enumerate(tensors):
         nodes.setdefault(t.grad_fn if t.grad_fn is not None else id(t), []).append(i)
     found = [False] * len(tensors)
-    seen, stack = set(), [loss.grad_fn]
+    seen: set[Any] = set()
+    stack: list[tuple[Any, int]] = [(loss.grad_fn, 0)]
     while stack:
-        node = stack.pop()
-        if node is None or node in seen:
+        node, output = stack.pop()
+        through = _is_synchronize(node)
+        key = (node, output) if through else node
+        if node is None or key in seen:
             continue
-        seen.add(node)
+        seen.add(key)
         variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
         for i in nodes.get(node, []) + (nodes.get(id(variable), []) if variable is not None else []):
             found[i] = True
-        stack.extend(n for n, _ in node.next_functions)
+        edges = node.next_functions
+        stack.extend([edges[output]] if through else edges)
     return found
+
+
+def _is_synchronize(node: Any) -> bool:
+    from .distributed import Synchronize
+
+    return getattr(node, "_forward_cls", None) is Synchronize
 
 
 #: the code of every ``@once_differentiable`` backward (one wrapper, made per decorated function)

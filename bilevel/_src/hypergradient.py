@@ -11,7 +11,15 @@ import torch
 from ..modes.base import Mode, get_mode
 from .checkpoint import check_state_devices, differences, layout_of, pack, upgrade
 from .conditions import Condition, make_problem
+from .distributed import Channel, resolve_group, unwrap_data_parallel
 from .errors import HypergradientWarning, SolverBreakdownError, user_stacklevel
+from .parallel_call import (
+    agree_on_problem,
+    finish_call,
+    note_collectives,
+    refuse_data_parallel,
+    warn_if_sharded,
+)
 from .problem import BilevelProblem
 from .solvers import BREAKDOWNS, MESSAGES
 from .stats import Stats, not_converged
@@ -29,6 +37,22 @@ class HyperGradient:
         strict: raise :class:`~bilevel.errors.SolverBreakdownError` instead of warning when a
             solver diverges, meets negative curvature or a singular system, or stops above
             its tolerance (``stats.converged`` False).
+        distributed: ``True`` (the default process group) or a ``ProcessGroup``: data-parallel
+            ranks, each holding an equal shard of the data, whose closures return mean losses
+            over their shard. Every rank then returns the hypergradient of the losses averaged
+            over the ranks (what one process computes on the concatenated batches), identical
+            on all ranks, in every mode: every derivative of a closure is averaged over the
+            ranks (one all-reduce per gradient or Hessian product). Each call first checks, in
+            one collective, that the ranks hold the same params, hparams and state, and any
+            error raises on every rank (:class:`~bilevel.errors.PeerError` on those whose peer
+            failed). Uneven shards: make each closure return ``shard_sum * W / N_global``.
+            ``False``: this rank's data alone; ``None`` (default): the same, with a warning
+            when a multi-process group is initialised. ``DistributedDataParallel`` modules are
+            evaluated through the module they wrap (see the README's "Distributed").
+        local_solves: with ``distributed``, each rank computes the hypergradient of its own
+            shard and the ranks average the results (one all-reduce per call): the mean of
+            local solves, an approximation of the exact (default) answer that Betty and SAMA
+            use; ``stats.extra["local_solves"]`` says so.
         **options: the mode's options (see each mode's docstring); unknown ones raise
             ``TypeError``.
 
@@ -38,7 +62,15 @@ class HyperGradient:
     leaves the mode's state (warm start, generator, optimizer state) as it was.
     """
 
-    def __init__(self, mode: str | Mode = "implicit-cg", *, strict: bool = False, **options: Any) -> None:
+    def __init__(
+        self,
+        mode: str | Mode = "implicit-cg",
+        *,
+        strict: bool = False,
+        distributed: bool | Any | None = None,
+        local_solves: bool = False,
+        **options: Any,
+    ) -> None:
         if isinstance(mode, Mode):
             if options:
                 raise TypeError(
@@ -53,6 +85,11 @@ class HyperGradient:
         for note in self.mode.notes:
             warnings.warn(note, HypergradientWarning, stacklevel=user_stacklevel())
         self.strict = strict
+        self.distributed = distributed
+        self.group = resolve_group(distributed)
+        if local_solves and self.group is None:
+            raise ValueError("local_solves=True averages the ranks' solves: pass distributed=True too")
+        self.local_solves = bool(local_solves)
         self.stats = Stats(mode=self.mode.name)
         self._warned: set[str] = set()
         self._layout: dict[str, Any] | None = None  # of the last call (or of a loaded checkpoint)
@@ -83,8 +120,7 @@ class HyperGradient:
         A non-leaf hparam (``raw.exp()``) gets its own gradient here; :meth:`backward`
         carries it on to the leaves it was computed from.
         """
-        problem = make_problem(inner_loss, outer_loss, params, hparams)
-        grads = self._run(problem)
+        problem, grads = self._call(inner_loss, outer_loss, params, hparams)
         return problem.hparams_structure.unflatten(grads)
 
     def backward(
@@ -94,8 +130,7 @@ class HyperGradient:
         the ``.grad`` of leaf hparams, and through a non-leaf hparam (``raw.exp()``) into the
         leaves it was computed from (``raw.grad``; that graph is freed, as by
         ``loss.backward()``). Nothing is written if the computation fails."""
-        problem = make_problem(inner_loss, outer_loss, params, hparams)
-        grads = self._run(problem)
+        problem, grads = self._call(inner_loss, outer_loss, params, hparams)
         computed = [(t, g) for t, g in zip(problem.phi0, grads) if t.grad_fn is not None]
         if computed:
             torch.autograd.backward([t for t, _ in computed], [g for _, g in computed])
@@ -114,24 +149,60 @@ class HyperGradient:
         build their own problems."""
         return self._run(problem)
 
-    def _run(self, problem: BilevelProblem) -> Tensors:
+    def _call(
+        self, inner_loss: Closure | Condition, outer_loss: Closure, params: Any, hparams: Any
+    ) -> tuple[BilevelProblem, Tensors]:
+        if self.group is None:
+            warning = warn_if_sharded(self.distributed)
+            if warning:
+                self._warn_once("sharded", warning)
+            if self.distributed is None:
+                refuse_data_parallel(params, hparams)
+            else:
+                same = hparams is params
+                params = unwrap_data_parallel(params)
+                hparams = params if same else unwrap_data_parallel(hparams)
+            problem = make_problem(inner_loss, outer_loss, params, hparams)
+            return problem, self._run(problem)
+        channel = Channel(self.group)
+        problem = agree_on_problem(
+            channel,
+            lambda p, h: make_problem(inner_loss, outer_loss, p, h),
+            params,
+            hparams,
+            self._check_layout,
+            self.mode,
+        )
+        if not self.local_solves:
+            problem.channel = channel
+        return problem, self._run(problem, channel)
+
+    def _run(self, problem: BilevelProblem, channel: Channel | None = None) -> Tensors:
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "HyperGradient was called inside torch.inference_mode(), where autograd is off and "
                 "no hypergradient can be computed; call it outside that block (torch.no_grad() "
                 "around it is fine: the library enables grad where it needs it)"
             )
-        self._check_layout(problem)
+        if channel is None:  # a distributed call checked the layout while agreeing
+            self._check_layout(problem)
         stats = Stats(mode=self.mode.name)
         self.stats = stats
         saved = self.mode.state_dict()
         try:
             start = time.perf_counter()
-            grads = self.mode.hypergradient(problem, stats)
+            try:
+                grads = self.mode.hypergradient(problem, stats)
+            except Exception:
+                if channel is not None:
+                    channel.fail()  # the others stop at their next collective, with this rank
+                raise
+            grads = tuple(g.detach() for g in grads)
+            if channel is not None:
+                grads = self._finish(channel, stats, grads)
             if problem.device.type == "cuda":
                 torch.cuda.synchronize(problem.device)
             stats.wall_time = time.perf_counter() - start
-            grads = tuple(g.detach() for g in grads)
             self._report(stats)
         except BaseException:
             # a call that raises (also strict=True on a breakdown) leaves the mode's state as it
@@ -139,6 +210,25 @@ class HyperGradient:
             self.mode.load_state_dict(saved)
             raise
         return grads
+
+    def _finish(self, channel: Channel, stats: Stats, grads: Tensors) -> Tensors:
+        """The distributed call's last collective: a strict stop on any rank stops all."""
+        stop = self.strict and bool(self._breakdowns(stats))
+        count, grads = finish_call(channel, stop, grads, self.local_solves)
+        note_collectives(stats, channel, self.local_solves)
+        if count and not stop:
+            raise SolverBreakdownError(
+                f"{stats.mode}: the solver broke down or did not converge on {count} of "
+                f"{channel.world} ranks (strict=True); see their error"
+            )
+        return grads
+
+    def _breakdowns(self, stats: Stats) -> list[str]:
+        # the solver's own account of what went wrong; a mode of one's own may set only the flags
+        kinds = [stats.breakdown] if stats.breakdown else [k for k in BREAKDOWNS if getattr(stats, k)]
+        if not kinds and stats.converged is False:  # measured above its tolerance
+            kinds = ["not_converged"]
+        return kinds
 
     def _check_layout(self, problem: BilevelProblem) -> None:
         """A mode whose state is shaped like the problem (a warm start, optimizer state) needs
@@ -158,11 +248,7 @@ class HyperGradient:
         self._layout, self._layout_source = layout, "the last call"
 
     def _report(self, stats: Stats) -> None:
-        # the solver's own account of what went wrong; a mode of one's own may set only the flags
-        kinds = [stats.breakdown] if stats.breakdown else [k for k in BREAKDOWNS if getattr(stats, k)]
-        if not kinds and stats.converged is False:  # measured above its tolerance
-            kinds = ["not_converged"]
-        for kind in kinds:
+        for kind in self._breakdowns(stats):
             explanation = stats.breakdown_message if kind == stats.breakdown else ""
             fallback = not_converged(stats.residual) if kind == "not_converged" else MESSAGES.get(kind, kind)
             message = f"{stats.mode}: {explanation or fallback}"

@@ -71,6 +71,7 @@ class BilevelProblem:
     """
 
     symmetric = True  # the stationarity map is a gradient, so its Jacobian is symmetric
+    channel: Any = None  # data parallel: the call's collectives (distributed.py)
     #: the evaluation methods a subclass redefines (then a compiled program cannot rebuild it)
     redefined: ClassVar[tuple[str, ...]] = ()
 
@@ -242,6 +243,8 @@ class BilevelProblem:
         """The closure ``name`` at (θ, φ), modules rebound to them and to ``buffers`` (by
         default the private copies), with no checks or error translation: a pure function
         that ``torch.func`` transforms and ``torch.compile`` can trace."""
+        if self.channel is not None:  # every derivative of a closure averaged over the ranks
+            theta, phi = self.channel.synchronize(theta, phi)
         p_arg = self.params_structure.call_form(theta)  # modules as objects, bound below
         # a tied module is bound to θ: the hparams argument holds its φ tensors (see tied.py)
         hparams = self.hparams_structure

@@ -85,6 +85,14 @@ class Mode:
         if state:
             raise ValueError(f"mode {self.name!r} has no state, got keys {sorted(state)}")
 
+    def random_seed(self) -> int:
+        """A seed drawn from the mode's own random generator (0 without one); with
+        ``distributed=...`` every rank then :meth:`reseed` s with rank 0's draw."""
+        return 0
+
+    def reseed(self, seed: int) -> None:
+        """Seed the mode's own random generator (no-op without one)."""
+
     def state_signature(self) -> dict[str, str]:
         """The options the state's meaning depends on (an unrolled mode's inner optimizer and
         backend), as strings: a checkpoint loads only into a mode with the same signature."""

@@ -118,6 +118,12 @@ class ImplicitNystrom(ImplicitMode):
             result, products=result.products + 1, residual=residual, converged=converged
         )
 
+    def random_seed(self) -> int:
+        return int(torch.randint(0, 2**52, (), generator=self._generator))
+
+    def reseed(self, seed: int) -> None:
+        self._generator.manual_seed(seed)
+
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self._generator.get_state()}
 

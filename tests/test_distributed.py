@@ -1,0 +1,323 @@
+"""``distributed=...``: W gloo processes on 127.0.0.1 return the single-process hypergradient.
+
+Every rank holds 1/W of the training and validation rows; its closures return the mean loss
+over its rows. Each run of ranks (W = 2 and W = 3: three ranks meet summation orders that two
+hide) computes every scenario of this module in one spawn, under a hard timeout, and the
+tests compare the ranks' results with one process that holds all the rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from parallel import run_ranks
+from torch import nn
+
+import bilevel
+
+N, N_VAL, P = 36, 30, 4  # rows divisible by 2 and 3
+
+#: (mode, options): every mode, converged where it converges, and the unrolled variants
+MODES = [
+    ("implicit-cg", {"iters": 200, "tol": 1e-13}),
+    ("implicit-cg", {"iters": 200, "tol": 1e-12, "hvp": "finite-difference"}),
+    ("implicit-exact", {}),
+    ("implicit-gmres", {"tol": 1e-13}),
+    ("implicit-minres", {"tol": 1e-13}),
+    ("implicit-neumann", {"iters": 3000, "tol": 1e-13}),
+    ("implicit-nystrom", {"rank": P + 1}),
+    ("implicit-identity", {}),
+    ("penalty", {}),
+    ("unroll", {"steps": 12, "lr": 0.3}),
+    ("unroll", {"steps": 12, "lr": 0.3, "backend": "higher"}),
+    ("unroll", {"steps": 12, "lr": 0.3, "checkpoint": 3}),
+    ("unroll", {"steps": 12, "inner_optimizer": torch.optim.Adam, "lr": 0.05}),
+    ("truncated-unroll", {"steps": 12, "truncate": 4, "lr": 0.3}),
+]
+
+
+def label(mode: str, options: dict) -> str:
+    shown = {k: getattr(v, "__name__", v) for k, v in options.items() if k not in ("iters", "tol", "steps")}
+    return mode + ("" if not shown else str(shown))
+
+
+def data() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, P, generator=g, dtype=torch.float64)
+    y = torch.tanh(x @ torch.randn(P, generator=g, dtype=torch.float64)) + 0.1 * torch.randn(
+        N, generator=g, dtype=torch.float64
+    )
+    xv = torch.randn(N_VAL, P, generator=g, dtype=torch.float64)
+    yv = torch.tanh(xv @ torch.randn(P, generator=g, dtype=torch.float64))
+    return x, y, xv, yv
+
+
+def losses(x, y, xv, yv):
+    def inner(w, log_decay):
+        return (torch.tanh(x @ w) - y).pow(2).mean() + 0.5 * (log_decay.exp() * w**2).sum()
+
+    def outer(w, log_decay):
+        return (torch.tanh(xv @ w) - yv).pow(2).mean()
+
+    return inner, outer
+
+
+def minimiser(inner, log_decay: torch.Tensor) -> torch.Tensor:
+    """θ* of the full-batch inner problem (Newton's method; the same bits on every rank)."""
+    w = torch.zeros(P, dtype=torch.float64)
+    for _ in range(30):
+        w = w.detach().requires_grad_()
+        grad = torch.autograd.grad(inner(w, log_decay), w, create_graph=True)[0]
+        hess = torch.stack([torch.autograd.grad(grad[i], w, retain_graph=True)[0] for i in range(P)])
+        w = w - torch.linalg.solve(hess, grad.detach())
+    return w.detach()
+
+
+def initial(mode: str, w: torch.Tensor) -> torch.Tensor:
+    """θ*: the implicit modes' point; halfway to it: the unrolled runs' start (Adam's
+    normalisation is singular at a zero gradient)."""
+    return w if mode.startswith("implicit") else (0.5 * w).detach().requires_grad_()
+
+
+def shard(tensors, rank: int, world: int):
+    return tuple(t.chunk(world)[rank] for t in tensors)
+
+
+def start(rank: int = 0, world: int = 1):
+    """(closures on this rank's rows, θ* of the full problem, φ)."""
+    full = data()
+    log_decay = torch.full((P,), -2.0, dtype=torch.float64)
+    w = minimiser(losses(*full)[0], log_decay).requires_grad_()
+    return losses(*shard(full, rank, world)), w, log_decay.clone().requires_grad_()
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.hidden = nn.Linear(P, 5).double()
+        self.out = nn.Linear(5, 1).double()
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x))).squeeze(-1)
+
+
+def module_losses(x, y, xv, yv):
+    def inner(net, log_decay):
+        decay = sum(p.pow(2).sum() for p in net.parameters())
+        return (net(x) - y).pow(2).mean() + log_decay.exp() * decay
+
+    def outer(net, log_decay):
+        return (net(xv) - yv).pow(2).mean()
+
+    return inner, outer
+
+
+def module_result(rank: int, world: int, wrap: bool) -> np.ndarray:
+    net = Net()
+    if wrap:
+        net = nn.parallel.DistributedDataParallel(net)
+    log_decay = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+    inner, outer = module_losses(*shard(data(), rank, world))
+    hg = bilevel.HyperGradient("unroll", steps=5, lr=0.1, distributed=world > 1 or None)
+    return hg.compute(inner, outer, net, log_decay).numpy()
+
+
+def outcome(call) -> tuple[str, str]:
+    """(the exception's class name or "ok", its message)."""
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - the test reads which rank raised what
+        return type(error).__name__, str(error)
+    return "ok", ""
+
+
+def scenario(rank: int, world: int) -> dict:
+    """Everything a rank reports: each mode's hypergradient and collectives, and the
+    outcomes of the calls that must fail on every rank (then one that must work again)."""
+    warnings.simplefilter("ignore", bilevel.HypergradientWarning)
+    (inner, outer), w, log_decay = start(rank, world)
+    report: dict = {"modes": {}}
+    for mode, options in MODES:
+        hg = bilevel.HyperGradient(mode, distributed=True, **options)
+        grad = hg.compute(inner, outer, initial(mode, w), log_decay)
+        report["modes"][label(mode, options)] = (grad.numpy(), hg.stats.extra["collectives"], hg.stats.hvps)
+    hg = bilevel.HyperGradient("implicit-cg", distributed=True, local_solves=True, iters=200, tol=1e-13)
+    report["local_solves"] = hg.compute(inner, outer, w, log_decay).numpy()
+    nystrom = bilevel.HyperGradient("implicit-nystrom", rank=2, generator=rank, distributed=True)
+    report["nystrom_seeded_per_rank"] = nystrom.compute(inner, outer, w, log_decay).numpy()
+    report["ddp"] = module_result(rank, world, wrap=True)
+
+    hg = bilevel.HyperGradient("implicit-cg", distributed=True, iters=50)
+    moved = log_decay.detach() + (1e-12 if rank == 1 else 0.0)
+    report["hparams_differ"] = outcome(lambda: hg.compute(inner, outer, w, moved.requires_grad_()))
+
+    def outer_failing_on_rank_1(w, log_decay):
+        if rank == 1:
+            raise KeyError("a bad batch on rank 1")
+        return outer(w, log_decay)
+
+    report["closure_raises"] = outcome(lambda: hg.compute(inner, outer_failing_on_rank_1, w, log_decay))
+    nan_data = float("nan") if rank == world - 1 else 1.0
+    report["nan_on_one_rank"] = outcome(
+        lambda: hg.compute(lambda a, b: inner(a, b) * nan_data, outer, w, log_decay)
+    )
+    strict = bilevel.HyperGradient("implicit-cg", distributed=True, strict=True, iters=1, tol=1e-14)
+    report["strict"] = outcome(lambda: strict.compute(inner, outer, w, log_decay))
+    unrolled = bilevel.HyperGradient("unroll", distributed=True, steps=3)
+    report["params_unused"] = outcome(
+        lambda: unrolled.compute(lambda a, b: (b**2).sum(), outer, w, log_decay)
+    )
+    report["after_failures"] = hg.compute(inner, outer, w, log_decay).numpy()
+    return report
+
+
+@functools.cache
+def ranks(world: int) -> tuple:
+    return tuple(run_ranks(scenario, world, timeout=120))
+
+
+@functools.cache
+def single() -> dict:
+    warnings.simplefilter("ignore", bilevel.HypergradientWarning)
+    (inner, outer), w, log_decay = start()
+    out = {}
+    for mode, options in MODES:
+        hg = bilevel.HyperGradient(mode, **options)
+        out[label(mode, options)] = hg.compute(inner, outer, initial(mode, w), log_decay)
+    return out
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+WORLDS = [2, pytest.param(3, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", [label(m, o) for m, o in MODES])
+def test_every_mode_equals_the_single_process_result(world, case):
+    results = ranks(world)
+    grad, collectives, hvps = results[0]["modes"][case]
+    assert rel(grad, single()[case].numpy()) < 1e-9
+    for other in results[1:]:
+        assert np.array_equal(other["modes"][case][0], grad)  # bit-identical on every rank
+    assert collectives >= 3
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_implicit_modes_make_one_collective_per_product_plus_five(world):
+    # the agreement, ∇θ f's graph, ∂g/∂θ with ∂g/∂φ... measured: five besides the products
+    for case in ("implicit-cg", "implicit-exact", "implicit-minres", "implicit-nystrom{'rank': 5}"):
+        _, collectives, hvps = ranks(world)[0]["modes"][case]
+        assert collectives == hvps + 5
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_an_unrolled_step_is_one_collective_forward_and_one_backward(world):
+    _, collectives, _ = ranks(world)[0]["modes"]["unroll{'lr': 0.3}"]
+    assert collectives == 2 * 12 + 3  # the agreement, the outer gradient, the finish
+
+
+def local_reference(world: int, **options) -> np.ndarray:
+    """The mean over ranks of each rank's own single-process hypergradient."""
+    grads = []
+    for rank in range(world):
+        (inner, outer), w, log_decay = start(rank, world)
+        grads.append(bilevel.HyperGradient("implicit-cg", **options).compute(inner, outer, w, log_decay))
+    return torch.stack(grads).mean(0).numpy()
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_local_solves_average_the_ranks_own_hypergradients(world):
+    results = ranks(world)
+    expected = local_reference(world, iters=200, tol=1e-13)
+    assert rel(results[0]["local_solves"], expected) < 1e-12
+    exact = single()["implicit-cg"].numpy()
+    assert rel(results[0]["local_solves"], exact) > 1e-3  # an approximation, and it shows
+    assert all(np.array_equal(r["local_solves"], results[0]["local_solves"]) for r in results)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_nystrom_draws_the_same_columns_whatever_each_rank_seeds(world):
+    results = ranks(world)
+    assert all(
+        np.array_equal(r["nystrom_seeded_per_rank"], results[0]["nystrom_seeded_per_rank"]) for r in results
+    )
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_a_ddp_module_gives_the_full_batch_answer(world):
+    results = ranks(world)
+    expected = module_result(0, 1, wrap=False)
+    for r in results:
+        assert rel(r["ddp"], expected) < 1e-9
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_mismatched_hparams_raise_on_every_rank(world):
+    for r in ranks(world):
+        kind, message = r["hparams_differ"]
+        assert kind == "ValueError" and "values of hparams" in message and "rank(s) 1" in message
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_a_closure_that_raises_on_one_rank_stops_every_rank(world):
+    results = ranks(world)
+    assert results[1]["closure_raises"][0] == "KeyError"
+    for rank, r in enumerate(results):
+        if rank != 1:
+            assert r["closure_raises"][0] == "PeerError" and "rank(s) 1" in r["closure_raises"][1]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_nan_on_one_rank_raises_on_every_rank(world):
+    kinds = {r["nan_on_one_rank"][0] for r in ranks(world)}
+    assert kinds <= {"NonFiniteError", "PeerError"} and "NonFiniteError" in kinds
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_strict_breakdowns_and_unused_params_raise_on_every_rank(world):
+    for r in ranks(world):
+        assert r["strict"][0] == "SolverBreakdownError"
+        assert r["params_unused"][0] == "ValueError" and "does not depend on params" in r["params_unused"][1]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_the_group_works_again_after_the_failed_calls(world):
+    results = ranks(world)
+    expected = single()["implicit-cg"].numpy()
+    for r in results:
+        assert rel(r["after_failures"], expected) < 1e-6  # iters=50
+
+
+def test_a_ddp_module_without_distributed_is_refused():
+    import torch.distributed as dist
+
+    # a one-process gloo group, so that DistributedDataParallel can be built here
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        net = nn.parallel.DistributedDataParallel(Net())
+        inner, outer = module_losses(*data())
+        log_decay = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+        with pytest.raises(ValueError, match="distributed=True"):
+            bilevel.HyperGradient("unroll", steps=2).compute(inner, outer, net, log_decay)
+        local = bilevel.HyperGradient("unroll", steps=2, distributed=False).compute(
+            inner, outer, net, log_decay
+        )
+        one = bilevel.HyperGradient("unroll", steps=2, distributed=True).compute(inner, outer, net, log_decay)
+        torch.testing.assert_close(local, one, rtol=1e-12, atol=0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_local_solves_needs_distributed():
+    with pytest.raises(ValueError, match="distributed=True"):
+        bilevel.HyperGradient("implicit-cg", local_solves=True)

@@ -117,14 +117,44 @@ def module_losses(x, y, xv, yv):
     return inner, outer
 
 
-def module_result(rank: int, world: int, wrap: bool) -> np.ndarray:
+def module_result(rank: int, world: int, wrap: bool, mode: str = "unroll", **options) -> np.ndarray:
+    """A DDP module's (``wrap``) or a plain module's hypergradient: 31 params, one hparam."""
     net = Net()
     if wrap:
         net = nn.parallel.DistributedDataParallel(net)
     log_decay = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
     inner, outer = module_losses(*shard(data(), rank, world))
-    hg = bilevel.HyperGradient("unroll", steps=5, lr=0.1, distributed=world > 1 or None)
+    options = options or {"steps": 5, "lr": 0.1}
+    hg = bilevel.HyperGradient(mode, distributed=world > 1 or None, **options)
     return hg.compute(inner, outer, net, log_decay).numpy()
+
+
+def fixed_point(inner):
+    """T(θ, φ) = θ − 0.3 ∇θ f: a gradient step, as a FixedPoint condition."""
+
+    def step(w, log_decay):
+        return w - 0.3 * torch.autograd.grad(inner(w, log_decay), w, create_graph=True)[0]
+
+    return bilevel.FixedPoint(step)
+
+
+CONDITION_MODES = [("unroll", {"steps": 6}), ("implicit-gmres", {"tol": 1e-13})]
+
+
+def uneven(rank: int, world: int) -> np.ndarray:
+    """CG on shards of unequal sizes, the closures' means weighted by ``shard_weight``."""
+    from bilevel.distributed import shard_weight
+
+    x, y, xv, yv = data()
+    cuts = [0, 14, 26, 36] if world == 3 else [0, 22, 36]
+    val_cuts = [0, 7, 19, 30] if world == 3 else [0, 12, 30]
+    rows, val_rows = (slice(c[rank], c[rank + 1]) for c in (cuts, val_cuts))
+    inner, outer = losses(x[rows], y[rows], xv[val_rows], yv[val_rows])
+    weight, val_weight = (shard_weight(r.stop - r.start) for r in (rows, val_rows))
+    _, w, log_decay = start()
+    hg = bilevel.HyperGradient("implicit-cg", distributed=True, iters=200, tol=1e-13)
+    weighted = (lambda a, b: weight * inner(a, b), lambda a, b: val_weight * outer(a, b))
+    return hg.compute(*weighted, w, log_decay).numpy()
 
 
 def outcome(call) -> tuple[str, str]:
@@ -151,6 +181,21 @@ def scenario(rank: int, world: int) -> dict:
     nystrom = bilevel.HyperGradient("implicit-nystrom", rank=2, generator=rank, distributed=True)
     report["nystrom_seeded_per_rank"] = nystrom.compute(inner, outer, w, log_decay).numpy()
     report["ddp"] = module_result(rank, world, wrap=True)
+    report["ddp_cg"] = module_result(rank, world, True, "implicit-minres", tol=1e-13)
+    for mode, options in CONDITION_MODES:
+        hg = bilevel.HyperGradient(mode, distributed=True, **options)
+        report[f"fixed_point {mode}"] = hg.compute(
+            fixed_point(inner), outer, initial(mode, w), log_decay
+        ).numpy()
+    report["uneven"] = uneven(rank, world)
+    forward = bilevel.HyperGradient("unroll", distributed=True, steps=3, direction="forward")
+    report["forward"] = outcome(lambda: forward.compute(inner, outer, w, log_decay))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = bilevel.HyperGradient("implicit-cg", distributed=True, compile=True, iters=200, tol=1e-13)
+        for _ in range(2):  # the first call of a layout runs eagerly anyway
+            report["compiled"] = compiled.compute(inner, outer, w, log_decay).numpy()
+    report["compile_warnings"] = [str(w.message) for w in caught]
 
     hg = bilevel.HyperGradient("implicit-cg", distributed=True, iters=50)
     moved = log_decay.detach() + (1e-12 if rank == 1 else 0.0)
@@ -321,3 +366,38 @@ def test_a_ddp_module_without_distributed_is_refused():
 def test_local_solves_needs_distributed():
     with pytest.raises(ValueError, match="distributed=True"):
         bilevel.HyperGradient("implicit-cg", local_solves=True)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_an_implicit_mode_on_a_ddp_module_with_fewer_hparams_than_params(world):
+    expected = module_result(0, 1, False, "implicit-minres", tol=1e-13)
+    for r in ranks(world):
+        assert rel(r["ddp_cg"], expected) < 1e-9
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("mode, options", CONDITION_MODES)
+def test_a_fixed_point_condition_averages_the_ranks_maps(world, mode, options):
+    warnings.simplefilter("ignore", bilevel.HypergradientWarning)
+    (inner, outer), w, log_decay = start()
+    expected = bilevel.HyperGradient(mode, **options).compute(
+        fixed_point(inner), outer, initial(mode, w), log_decay
+    )
+    for r in ranks(world):
+        assert rel(r[f"fixed_point {mode}"], expected.numpy()) < 1e-9
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_forward_mode_is_refused_on_every_rank_and_compile_runs_eagerly(world):
+    for r in ranks(world):
+        assert r["forward"][0] == "ValueError" and "direction='forward'" in r["forward"][1]
+        assert rel(r["compiled"], single()["implicit-cg"].numpy()) < 1e-9
+        assert any("eager path" in m and "distributed" in m for m in r["compile_warnings"])
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_uneven_shards_weighted_by_shard_weight_give_the_global_answer(world):
+    # the decay term is inside the weighted mean too: Σ_r weight_r · decay / W = decay
+    expected = single()["implicit-cg"].numpy()
+    for r in ranks(world):
+        assert rel(r["uneven"], expected) < 1e-9

@@ -17,6 +17,7 @@ from typing import Any
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from .distributed import VALUE
 from .problem import BilevelProblem
 from .pytree import Tree, describe, flatten
 from .typing import Closure, Tensors
@@ -88,8 +89,13 @@ class ConditionProblem(BilevelProblem):
 
     def fixed_point_step(self, theta: Tensors, phi: Tensors) -> Tensors:
         """``T(θ, φ)`` flattened in the order of params (a ``FixedPoint`` problem only)."""
-        out = self.evaluate("fixed_point", theta, phi)
-        return aligned(out, self.params_structure, theta, "FixedPoint(T): T")
+        value = self.evaluate("fixed_point", theta, phi)
+        out = aligned(value, self.params_structure, theta, "FixedPoint(T): T")
+        if self.channel is None:
+            return out
+        # data parallel: the map of the global batch is the mean of the ranks' maps (exact for
+        # a data term that enters T linearly, as in a gradient step); values averaged too
+        return tuple(self.channel.mean(out, [t.shape for t in out], VALUE))
 
 
 def make_problem(

@@ -41,13 +41,16 @@ from .typing import Tensors
 __all__ = [
     "Channel",
     "Synchronize",
+    "collective_device",
     "contains_data_parallel",
     "fingerprint",
     "resolve_group",
+    "shard_weight",
+    "sharded_refusal",
     "unwrap_data_parallel",
 ]
 
-THETA, PHI, CLOSE = 1, 2, 3  # the tags of the call's all-reduces
+THETA, PHI, CLOSE, VALUE = 1, 2, 3, 4  # the tags of the call's all-reduces
 #: the agreement's entries per rank: failed, layout hash, θ, φ and mode-state hashes (3 each), seed
 _AGREEMENT = 12
 
@@ -252,11 +255,11 @@ class Channel:
             torch.zeros(s, dtype=self.dtype, device=self.device).reshape(-1) if g is None else g.reshape(-1)
             for g, s in zip(grads, shapes)
         ]
-        used = torch.zeros(self.slots, dtype=self.dtype, device=self.device)
-        used[: len(grads)] = torch.tensor([float(g is not None) for g in grads], dtype=self.dtype)
-        flat = torch.cat(pieces).to(self.dtype) if pieces else used[:0]
-        padding = self._buffer(tag)[flat.numel() + self.slots :]
-        out = _MeanAcrossRanks.apply(self, torch.cat([flat, used, padding]))
+        flat = torch.cat(pieces).to(self.dtype)
+        # the buffer's layout: [payload | a used flag per slot | tag | a failure flag per rank]
+        rest = self._buffer(tag)
+        rest[self.payload : self.payload + len(grads)] = torch.tensor([float(g is not None) for g in grads])
+        out = _MeanAcrossRanks.apply(self, torch.cat([flat, rest[flat.numel() :]]))
         anywhere = out[self.payload : self.payload + len(grads)].tolist()
         result: list[Tensor | None] = []
         offset = 0
@@ -293,3 +296,46 @@ class Channel:
             pieces.append(out[offset : offset + g.numel()].view(g.shape))
             offset += g.numel()
         return count, tuple(pieces)
+
+
+def shard_weight(local_size: int, group: Any = None) -> float:
+    """``W · n_local / N_global``: the factor that turns a closure's mean over an uneven
+    shard into what ``distributed=...`` expects, ``shard_sum · W / N_global`` (one
+    all-reduce of the sizes; call it once per batch, on every rank, outside the closures)::
+
+        weight = shard_weight(len(x_val))
+        outer = lambda model, h: weight * loss_fn(model(x_val), y_val)  # mean × weight
+    """
+    import torch.distributed as dist
+
+    group = resolve_group(True) if group is None else group
+    sizes = torch.tensor([float(local_size)], dtype=torch.float64, device=collective_device(group))
+    dist.all_reduce(sizes, group=group)
+    return dist.get_world_size(group) * local_size / float(sizes.item())
+
+
+def collective_device(group: Any) -> torch.device:
+    """Where the group's collectives take their tensors: CUDA for NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sharded_refusal(tensors: Tensors) -> str | None:
+    """Why params/hparams holding DTensors (FSDP2's ``fully_shard``, tensor parallelism)
+    cannot be evaluated here (None if they hold none)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build without distributed support
+        return None
+    if not any(isinstance(t, DTensor) for t in tensors):
+        return None
+    return (
+        "params/hparams hold DTensors (a module sharded by FSDP2's fully_shard, or by tensor "
+        "parallelism), which this version cannot evaluate: FSDP2's forward hooks replace the "
+        "parameters the library binds, and second-order autograd.grad fails after resharding "
+        "(pytorch#172543). Pass a module with full parameters on every rank (DDP, or a "
+        "replicated copy) with distributed=True; see the README's 'Distributed'"
+    )

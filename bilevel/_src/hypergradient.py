@@ -11,7 +11,7 @@ import torch
 from ..modes.base import Mode, get_mode
 from .checkpoint import check_state_devices, differences, layout_of, pack, upgrade
 from .conditions import Condition, make_problem
-from .distributed import Channel, resolve_group, unwrap_data_parallel
+from .distributed import Channel, resolve_group, sharded_refusal, unwrap_data_parallel
 from .errors import HypergradientWarning, SolverBreakdownError, user_stacklevel
 from .parallel_call import (
     agree_on_problem,
@@ -163,6 +163,9 @@ class HyperGradient:
                 params = unwrap_data_parallel(params)
                 hparams = params if same else unwrap_data_parallel(hparams)
             problem = make_problem(inner_loss, outer_loss, params, hparams)
+            refusal = sharded_refusal(problem.theta0 + problem.phi0)
+            if refusal:
+                raise ValueError(refusal)
             return problem, self._run(problem)
         channel = Channel(self.group)
         problem = agree_on_problem(

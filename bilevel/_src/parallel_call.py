@@ -16,28 +16,25 @@ import torch
 
 from ..modes.base import ImplicitMode
 from .checkpoint import layout_of
-from .distributed import Channel, contains_data_parallel, fingerprint, unwrap_data_parallel
+from .distributed import (
+    Channel,
+    collective_device,
+    contains_data_parallel,
+    fingerprint,
+    sharded_refusal,
+    unwrap_data_parallel,
+)
 from .errors import PeerError
 from .problem import BilevelProblem
 from .typing import Tensors
 
 __all__ = [
     "agree_on_problem",
-    "collective_device",
     "finish_call",
     "note_collectives",
     "refuse_data_parallel",
     "warn_if_sharded",
 ]
-
-
-def collective_device(group: Any) -> torch.device:
-    """Where the group's collectives take their tensors: CUDA for NCCL, else the CPU."""
-    import torch.distributed as dist
-
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _state_tensors(state: Any) -> list[torch.Tensor]:
@@ -64,6 +61,15 @@ def agree_on_problem(
         params = unwrap_data_parallel(params)
         problem = build(params, params if same else unwrap_data_parallel(hparams))
         check(problem)
+        refusal = sharded_refusal(problem.theta0 + problem.phi0)
+        if refusal:
+            raise ValueError(refusal)
+        if getattr(mode, "direction", "reverse") == "forward":
+            raise ValueError(
+                "direction='forward' does not support distributed=... yet (forward-mode AD "
+                "through the averaging collective); use the default direction='reverse', or "
+                "checkpoint=... to bound the memory"
+            )
         seed = mode.random_seed()
         state = _state_tensors(mode.state_dict())
         entries = fingerprint(layout_of(problem), problem.theta0, problem.phi0, state, seed)

@@ -188,6 +188,11 @@ def scenario(rank: int, world: int) -> dict:
             fixed_point(inner), outer, initial(mode, w), log_decay
         ).numpy()
     report["uneven"] = uneven(rank, world)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        local = bilevel.HyperGradient("implicit-cg", iters=200, tol=1e-13)
+        report["unsaid"] = local.compute(inner, outer, w, log_decay).numpy()
+    report["unsaid_warnings"] = [str(w.message) for w in caught]
     forward = bilevel.HyperGradient("unroll", distributed=True, steps=3, direction="forward")
     report["forward"] = outcome(lambda: forward.compute(inner, outer, w, log_decay))
     with warnings.catch_warnings(record=True) as caught:
@@ -401,3 +406,13 @@ def test_uneven_shards_weighted_by_shard_weight_give_the_global_answer(world):
     expected = single()["implicit-cg"].numpy()
     for r in ranks(world):
         assert rel(r["uneven"], expected) < 1e-9
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_a_call_without_the_option_in_a_process_group_warns_and_stays_local(world):
+    results = ranks(world)
+    for rank, r in enumerate(results):
+        assert any(f"process group of {world} ranks" in m for m in r["unsaid_warnings"])
+        (inner, outer), w, log_decay = start(rank, world)
+        own = bilevel.HyperGradient("implicit-cg", iters=200, tol=1e-13).compute(inner, outer, w, log_decay)
+        assert rel(r["unsaid"], own.numpy()) < 1e-12

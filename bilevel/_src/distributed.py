@@ -105,14 +105,16 @@ def contains_data_parallel(tree: Any) -> bool:
 def _bits_hash(tensors: Tensors) -> list[float]:
     """A 63-bit hash of every bit of ``tensors`` (values, positions, shapes), as three exact
     21-bit floats: two ranks whose tensors differ in one bit disagree."""
-    total = torch.zeros((), dtype=torch.int64)
-    for i, t in enumerate(tensors):
-        x = t.detach().reshape(-1).cpu()
+    if not tensors:
+        return [0.0, 0.0, 0.0]
+    total = torch.zeros((), dtype=torch.int64, device=tensors[0].device)
+    for i, t in enumerate(tensors):  # on the tensors' device: one host read in all
+        x = t.detach().reshape(-1)
         width = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[x.element_size()]
         bits = x.contiguous().view(width).to(torch.int64)
-        weights = torch.arange(1, bits.numel() + 1, dtype=torch.int64) * 2654435761 + i
-        total = total + (bits * weights).sum()  # wraps modulo 2⁶⁴: a hash, not a sum
-    h = int(total) & (2**63 - 1)
+        weights = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=x.device) * 2654435761 + i
+        total = total + (bits * weights).sum().to(total.device)  # wraps modulo 2⁶⁴: a hash
+    h = int(total.item()) & (2**63 - 1)
     return [float((h >> s) & (2**21 - 1)) for s in (0, 21, 42)]
 
 

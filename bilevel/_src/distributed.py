@@ -46,7 +46,6 @@ __all__ = [
     "fingerprint",
     "resolve_group",
     "shard_weight",
-    "sharded_refusal",
     "unwrap_data_parallel",
 ]
 
@@ -323,21 +322,3 @@ def collective_device(group: Any) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def sharded_refusal(tensors: Tensors) -> str | None:
-    """Why params/hparams holding DTensors (FSDP2's ``fully_shard``, tensor parallelism)
-    cannot be evaluated here (None if they hold none)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a build without distributed support
-        return None
-    if not any(isinstance(t, DTensor) for t in tensors):
-        return None
-    return (
-        "params/hparams hold DTensors (a module sharded by FSDP2's fully_shard, or by tensor "
-        "parallelism), which this version cannot evaluate: FSDP2's forward hooks replace the "
-        "parameters the library binds, and second-order autograd.grad fails after resharding "
-        "(pytorch#172543). Pass a module with full parameters on every rank (DDP, or a "
-        "replicated copy) with distributed=True; see the README's 'Distributed'"
-    )

@@ -10,7 +10,7 @@ import re
 import sys
 import types
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -23,6 +23,7 @@ __all__ = [
     "PeerError",
     "SolverBreakdownError",
     "check_finite",
+    "check_loss",
     "closure_type_error",
     "deferred_finite_checks",
     "second_order_guard",
@@ -189,3 +190,23 @@ class second_order_guard:  # noqa: N801 (used as a function: ``with second_order
             "first-order penalty method, biased by O(1/penalty)); or replace the op by a "
             f"twice-differentiable equivalent. Original error: {message}"
         ) from error
+
+
+def check_loss(loss: Any, name: str) -> Tensor:
+    """``loss`` as a scalar tensor with a graph, or an error naming the closure ``name``."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"{name} must return a scalar, got a tensor of shape {tuple(loss.shape)}; "
+            "reduce it, e.g. with .mean() or .sum()"
+        )
+    if not loss.is_floating_point():
+        raise TypeError(f"{name} must return a floating-point scalar, got {loss.dtype}")
+    if not loss.requires_grad:
+        raise ValueError(
+            f"{name} returned a tensor without a graph: it depends on neither params "
+            "nor hparams. Compute it from the arguments the closure receives "
+            "(or, for modules, by calling the module), not from detached copies"
+        )
+    return loss if loss.dim() == 0 else loss.reshape(())

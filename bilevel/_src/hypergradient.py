@@ -11,7 +11,7 @@ import torch
 from ..modes.base import Mode, get_mode
 from .checkpoint import check_state_devices, differences, layout_of, pack, upgrade
 from .conditions import Condition, make_problem
-from .distributed import Channel, resolve_group, sharded_refusal, unwrap_data_parallel
+from .distributed import Channel, resolve_group, unwrap_data_parallel
 from .errors import HypergradientWarning, SolverBreakdownError, user_stacklevel
 from .parallel_call import (
     agree_on_problem,
@@ -21,6 +21,7 @@ from .parallel_call import (
     warn_if_sharded,
 )
 from .problem import BilevelProblem
+from .sharded import has_sharded, sharded_modules_refusal
 from .solvers import BREAKDOWNS, MESSAGES
 from .stats import Stats, not_converged
 from .typing import Closure, Tensors
@@ -48,7 +49,8 @@ class HyperGradient:
             failed). Uneven shards: make each closure return ``shard_sum * W / N_global``.
             ``False``: this rank's data alone; ``None`` (default): the same, with a warning
             when a multi-process group is initialised. ``DistributedDataParallel`` modules are
-            evaluated through the module they wrap (see the README's "Distributed").
+            evaluated through the module they wrap, FSDP2 (``fully_shard``) modules at full
+            copies of their parameters gathered once per call (README, "Distributed").
         local_solves: with ``distributed``, each rank computes the hypergradient of its own
             shard and the ranks average the results (one all-reduce per call): the mean of
             local solves, an approximation of the exact (default) answer that Betty and SAMA
@@ -163,9 +165,8 @@ class HyperGradient:
                 params = unwrap_data_parallel(params)
                 hparams = params if same else unwrap_data_parallel(hparams)
             problem = make_problem(inner_loss, outer_loss, params, hparams)
-            refusal = sharded_refusal(problem.theta0 + problem.phi0)
-            if refusal:
-                raise ValueError(refusal)
+            if has_sharded(problem.theta0 + problem.phi0):
+                raise ValueError(sharded_modules_refusal())
             return problem, self._run(problem)
         channel = Channel(self.group)
         problem = agree_on_problem(

@@ -21,11 +21,11 @@ from .distributed import (
     collective_device,
     contains_data_parallel,
     fingerprint,
-    sharded_refusal,
     unwrap_data_parallel,
 )
 from .errors import PeerError
 from .problem import BilevelProblem
+from .sharded import gather_sharded
 from .typing import Tensors
 
 __all__ = [
@@ -61,9 +61,7 @@ def agree_on_problem(
         params = unwrap_data_parallel(params)
         problem = build(params, params if same else unwrap_data_parallel(hparams))
         check(problem)
-        refusal = sharded_refusal(problem.theta0 + problem.phi0)
-        if refusal:
-            raise ValueError(refusal)
+        gather_sharded(problem, mode)  # FSDP2 modules: full copies of their parameters
         if getattr(mode, "direction", "reverse") == "forward":
             raise ValueError(
                 "direction='forward' does not support distributed=... yet (forward-mode AD "

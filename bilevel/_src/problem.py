@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .errors import check_finite, closure_type_error, second_order_guard
+from .errors import check_finite, check_loss, closure_type_error, second_order_guard
 from .graph import code_of, custom_functions, screen_once
 from .pytree import ModuleSlot, Tree, flatten
 from .tied import find_ties, hparams_modules_tied
@@ -36,9 +37,11 @@ class _ClosureCall(nn.Module):
         super().__init__()
         self.closure = closure
         self.bound = nn.ModuleList(modules)
+        self.context: Callable[[], Any] = contextlib.nullcontext  # sharded.py suspends hooks
 
     def forward(self, params: Any, hparams: Any, *extra: Any) -> Tensor:
-        return self.closure(params, hparams, *extra)
+        with self.context():
+            return self.closure(params, hparams, *extra)
 
 
 class BilevelProblem:
@@ -199,6 +202,9 @@ class BilevelProblem:
         if self._bound:
             self._calls[name] = _ClosureCall(closure, [s.module for _, s, _ in self._bound])
 
+    def closure_modules(self) -> list[_ClosureCall]:
+        return list(self._calls.values())
+
     def evaluate(self, name: str, theta: Tensors, phi: Tensors, *extra: Any) -> Any:
         """The closure registered as ``name`` at (θ, φ), unchecked."""
         return self._evaluate(name, theta, phi, extra, check=False)
@@ -230,7 +236,7 @@ class BilevelProblem:
                 f"constants) must be there too; move them with .to({str(self.device)!r}). "
                 f"Original error: {error}"
             ) from error
-        return _check_loss(loss, name) if check else loss
+        return check_loss(loss, name) if check else loss
 
     def call(
         self,
@@ -378,22 +384,3 @@ def _bound_modules(params: Tree, hparams: Tree, phi_tied: bool) -> list[tuple[st
     hparams modules are the params' modules (or inside them), bound to θ."""
     sides = (("theta", params),) + (() if phi_tied else (("phi", hparams),))
     return [(side, s, s.offset) for side, tree in sides for s in tree.modules]
-
-
-def _check_loss(loss: Any, name: str) -> Tensor:
-    if not isinstance(loss, Tensor):
-        raise TypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
-    if loss.numel() != 1:
-        raise ValueError(
-            f"{name} must return a scalar, got a tensor of shape {tuple(loss.shape)}; "
-            "reduce it, e.g. with .mean() or .sum()"
-        )
-    if not loss.is_floating_point():
-        raise TypeError(f"{name} must return a floating-point scalar, got {loss.dtype}")
-    if not loss.requires_grad:
-        raise ValueError(
-            f"{name} returned a tensor without a graph: it depends on neither params "
-            "nor hparams. Compute it from the arguments the closure receives "
-            "(or, for modules, by calling the module), not from detached copies"
-        )
-    return loss if loss.dim() == 0 else loss.reshape(())

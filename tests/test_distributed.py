@@ -37,6 +37,7 @@ MODES = [
     ("unroll", {"steps": 12, "lr": 0.3, "checkpoint": 3}),
     ("unroll", {"steps": 12, "inner_optimizer": torch.optim.Adam, "lr": 0.05}),
     ("truncated-unroll", {"steps": 12, "truncate": 4, "lr": 0.3}),
+    ("unroll", {"steps": 6, "lr": 0.3, "direction": "forward"}),
 ]
 
 
@@ -193,8 +194,6 @@ def scenario(rank: int, world: int) -> dict:
         local = bilevel.HyperGradient("implicit-cg", iters=200, tol=1e-13)
         report["unsaid"] = local.compute(inner, outer, w, log_decay).numpy()
     report["unsaid_warnings"] = [str(w.message) for w in caught]
-    forward = bilevel.HyperGradient("unroll", distributed=True, steps=3, direction="forward")
-    report["forward"] = outcome(lambda: forward.compute(inner, outer, w, log_decay))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         compiled = bilevel.HyperGradient("implicit-cg", distributed=True, compile=True, iters=200, tol=1e-13)
@@ -393,9 +392,8 @@ def test_a_fixed_point_condition_averages_the_ranks_maps(world, mode, options):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-def test_forward_mode_is_refused_on_every_rank_and_compile_runs_eagerly(world):
+def test_compile_runs_eagerly_with_a_warning(world):
     for r in ranks(world):
-        assert r["forward"][0] == "ValueError" and "direction='forward'" in r["forward"][1]
         assert rel(r["compiled"], single()["implicit-cg"].numpy()) < 1e-9
         assert any("eager path" in m and "distributed" in m for m in r["compile_warnings"])
 

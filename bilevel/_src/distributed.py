@@ -128,11 +128,17 @@ class _MeanAcrossRanks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, channel: Channel, buffer: Tensor) -> Tensor:
+        ctx.channel = channel
         return channel.all_reduce_mean(buffer)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
         return None, grad
+
+    @staticmethod
+    def jvp(ctx: Any, _: None, tangent: Tensor) -> Tensor:
+        # forward-mode AD (direction="forward"): the tangent of a mean is the mean of tangents
+        return ctx.channel.all_reduce_mean(tangent)
 
 
 class Synchronize(torch.autograd.Function):
@@ -144,11 +150,21 @@ class Synchronize(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.channel, ctx.tag = channel, tag
         ctx.shapes = [t.shape for t in tensors]
+        ctx.dtype, ctx.device = tensors[0].dtype, tensors[0].device
         return tuple(t.view_as(t) for t in tensors)
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         return (None, None, *ctx.channel.mean(grads, ctx.shapes, ctx.tag))
+
+    @staticmethod
+    def jvp(ctx: Any, _: None, __: None, *tangents: Tensor) -> tuple[Tensor, ...]:
+        # the identity's; an input without a tangent gets a zero one (not None, which the
+        # view outputs cannot take)
+        return tuple(
+            torch.zeros(shape, dtype=ctx.dtype, device=ctx.device) if t is None else t.view_as(t)
+            for t, shape in zip(tangents, ctx.shapes)
+        )
 
 
 class Channel:

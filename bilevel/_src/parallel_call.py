@@ -62,12 +62,6 @@ def agree_on_problem(
         problem = build(params, params if same else unwrap_data_parallel(hparams))
         check(problem)
         gather_sharded(problem, mode)  # FSDP2 modules: full copies of their parameters
-        if getattr(mode, "direction", "reverse") == "forward":
-            raise ValueError(
-                "direction='forward' does not support distributed=... yet (forward-mode AD "
-                "through the averaging collective); use the default direction='reverse', or "
-                "checkpoint=... to bound the memory"
-            )
         seed = mode.random_seed()
         state = _state_tensors(mode.state_dict())
         entries = fingerprint(layout_of(problem), problem.theta0, problem.phi0, state, seed)

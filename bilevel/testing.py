@@ -118,11 +118,13 @@ def assert_hypergradient_close(
     # the user's hparams where they require grad (options such as lr=that_tensor refer to them;
     # compute() never modifies them), detached views that do otherwise
     phi = structure.unflatten([t if t.requires_grad else t.detach().requires_grad_() for t in leaves])
-    solved, solved_structure = flatten(
-        inner_solve(structure.unflatten([t.detach().clone() for t in leaves])), "inner_solve(hparams)"
-    )
-    params_leaves = tuple(t.detach().clone().requires_grad_() for t in solved)
-    params = solved_structure.unflatten(params_leaves)
+    returned = inner_solve(structure.unflatten([t.detach().clone() for t in leaves]))
+    solved, solved_structure = flatten(returned, "inner_solve(hparams)")
+    if solved_structure.modules:  # a module is evaluated at its own (solved) parameters
+        params, params_leaves = returned, solved
+    else:
+        params_leaves = tuple(t.detach().clone().requires_grad_() for t in solved)
+        params = solved_structure.unflatten(params_leaves)
     computed = hg.compute(inner_loss, outer_loss, params, phi)
     fd = finite_difference(inner_solve, outer_loss, leaves, structure, eps, scheme, step_dir)
 

@@ -417,3 +417,21 @@ def test_learned_combiners_get_the_finite_difference_hypergradient(make, maps, m
             generator=seed,
         )
         assert abs(float(fd)) > 1e-6  # the combiner's weights matter here
+
+
+@pytest.mark.parametrize("mode", [None, "implicit-cg"])
+def test_swapped_parameters_and_aux_params_are_refused_before_anything_moves(mode):
+    """Issue 21: step(train, val, aux, primary) used to return normally, move nothing and
+    clear the primary model's .grad."""
+    train_loss, val_loss, solve, phi = _aux_problem()
+    theta = solve(phi.detach()).detach().requires_grad_()
+    theta.grad = torch.ones_like(theta)
+    aux = phi.detach().clone().requires_grad_()
+    meta = MetaOptimizer(torch.optim.SGD([theta], lr=0.5), hpo_lr=0.1, mode=mode)
+    before = theta.detach().clone()
+    with pytest.raises(ValueError, match="look swapped"):
+        meta.step(train_loss(theta, aux), val_loss(theta, aux.detach()), [aux], [theta])
+    assert torch.equal(theta.detach(), before) and torch.equal(theta.grad, torch.ones_like(theta))
+    meta = MetaOptimizer(torch.optim.SGD([aux], lr=0.5), hpo_lr=0.1, mode=mode)
+    meta.step(train_loss(theta, aux), val_loss(theta, aux.detach()), [theta], [aux])  # the right order
+    assert not torch.equal(aux.detach(), phi.detach())

@@ -439,3 +439,28 @@ def test_implicit_modes_against_fd_on_a_small_mlp(mlp, mode, options, rtol):
     )
     assert set(computed) == {"log_decay", "log_scale"} and computed["log_scale"].shape == (3,)
     assert all(t.grad is None for t in mlp.hparams.values())
+
+
+def test_an_inner_solve_that_returns_a_module():
+    """Issue 21: inner_solve may return the module (its parameters set to θ*(φ)), as the
+    closures that call it expect; the check passes for an exact mode and fails for a wrong one."""
+    torch.manual_seed(0)
+    x, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 1, dtype=torch.float64)
+    net = torch.nn.Linear(3, 1, bias=False).double()
+    lam = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+
+    def inner(model, log_decay):
+        return ((model(x) - y) ** 2).mean() + log_decay.exp() * (model.weight**2).sum()
+
+    def outer(model, log_decay):
+        return ((model(x) - y + 0.3) ** 2).mean()
+
+    def solve(log_decay):
+        a = 2 * x.T @ x / 20 + 2 * log_decay.exp() * torch.eye(3, dtype=torch.float64)
+        with torch.no_grad():
+            net.weight.copy_(torch.linalg.solve(a, 2 * x.T @ y / 20).T)
+        return net
+
+    assert_hypergradient_close("implicit-exact", inner, outer, solve, lam)
+    with pytest.raises(AssertionError):
+        assert_hypergradient_close("implicit-identity", inner, outer, solve, lam)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchopt
 
-from bilevel import HyperGradient
+from bilevel import HyperGradient, HypergradientWarning
 
 from problems import batchnorm_regression, plain_steps, rel_error, ridge, ridge_loss
 
@@ -581,3 +581,19 @@ def test_plain_sgd_takes_one_fused_step_and_equals_torchopts_update(monkeypatch,
         with FusedAdds():  # momentum: torchopt's update, not the direct step
             HyperGradient("unroll", steps=7, lr=0.2, momentum=0.5).compute(*args)
         assert FusedAdds.count == 0
+
+
+def test_a_copy_of_the_initialisation_as_params_warns_of_a_zero_hypergradient():
+    """Issue 21: a copy of the init as params (not MAML) gives an exactly zero hypergradient,
+    which must not pass silently."""
+    init = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    duplicate = init.detach().clone().requires_grad_()
+    x = torch.randn(10, 3, dtype=torch.float64)
+    inner, outer = (lambda w, h: ((x @ w) ** 2).mean()), (lambda w, h: ((x @ w - 1) ** 2).mean())
+    hg = HyperGradient("unroll", steps=3)
+    with pytest.warns(HypergradientWarning, match="exactly zero") as caught:
+        grad = hg.compute(inner, outer, duplicate, init)
+    assert "same tensors or module" in str(caught[0].message) and caught[0].filename == __file__
+    assert torch.equal(grad, torch.zeros(3, dtype=torch.float64))
+    maml = hg.compute(inner, outer, init, init)
+    assert maml.abs().max() > 0

@@ -204,8 +204,12 @@ def finite_difference(
 
     def response(shifted: Tensors) -> float:
         h = structure.unflatten(shifted)
-        solved, solved_structure = flatten(inner_solve(h), "inner_solve(hparams)")
-        params = solved_structure.unflatten([t.detach() for t in solved])
+        returned = inner_solve(h)
+        solved, solved_structure = flatten(returned, "inner_solve(hparams)")
+        # a module is the closures' argument as returned (evaluated under no_grad below)
+        params = (
+            returned if solved_structure.modules else solved_structure.unflatten([t.detach() for t in solved])
+        )
         with torch.no_grad():
             value = outer_loss(params, h)
         if not isinstance(value, Tensor) or value.numel() != 1:

@@ -207,7 +207,7 @@ class HyperGradient:
             if problem.device.type == "cuda":
                 torch.cuda.synchronize(problem.device)
             stats.wall_time = time.perf_counter() - start
-            self._report(stats)
+            self._report(stats, grads)
         except BaseException:
             # a call that raises (also strict=True on a breakdown) leaves the mode's state as it
             # was: no half-advanced warm start, generator or optimizer state; stats say what ran
@@ -251,7 +251,7 @@ class HyperGradient:
         self._loaded = False
         self._layout, self._layout_source = layout, "the last call"
 
-    def _report(self, stats: Stats) -> None:
+    def _report(self, stats: Stats, grads: Tensors = ()) -> None:
         for kind in self._breakdowns(stats):
             explanation = stats.breakdown_message if kind == stats.breakdown else ""
             fallback = not_converged(stats.residual) if kind == "not_converged" else MESSAGES.get(kind, kind)
@@ -264,6 +264,14 @@ class HyperGradient:
                 "unused",
                 "no hparam affects the gradient of inner_loss, so the "
                 "hypergradient is only the direct term ∂outer_loss/∂hparams",
+            )
+        elif grads and not bool(torch.stack([g.abs().amax() for g in grads]).amax() > 0):
+            self._warn_once(
+                "zero",
+                f"{stats.mode}: the hypergradient is exactly zero: no hparam reaches outer_loss, "
+                "through the inner problem or directly. Check that the closures use the hparams "
+                "they receive; to learn an initialisation (MAML), pass the same tensors or module "
+                "as params and hparams, not a copy of it as params",
             )
 
     def _warn_once(self, key: str, message: str) -> None:

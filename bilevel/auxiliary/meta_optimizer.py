@@ -122,7 +122,8 @@ class MetaOptimizer:
                     f"{name} must be a scalar tensor with a graph to the parameters "
                     "(compute it with the models, without torch.no_grad, and reduce it)"
                 )
-        if not self._screened:  # the graph walk, on the first step only
+        if not self._screened:  # the graph walks, on the first step only
+            _check_roles(val_loss, theta)
             self._screened = True
             warn_once_differentiable(train_loss)
         if self.hypergradient is None:
@@ -286,3 +287,14 @@ def _first_positions(tensors: Tensors) -> list[int]:
     for i, t in enumerate(tensors):
         first.setdefault(id(t), i)
     return list(first.values())
+
+
+def _check_roles(val_loss: Tensor, theta: Tensors) -> None:
+    """The primary parameters must reach the validation loss; if none does, the arguments
+    are most likely swapped (then the step would move nothing and clear the primary ``.grad``)."""
+    if not any(reached(val_loss, theta)):
+        raise ValueError(
+            "val_loss depends on none of parameters (the primary model's parameters, whose "
+            "validation loss the auxiliary step lowers): parameters and aux_params look swapped. "
+            "Call step(train_loss, val_loss, primary.parameters(), auxiliary.parameters())"
+        )

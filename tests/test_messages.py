@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torchopt
 
 from bilevel import HyperGradient, HypergradientWarning
 
@@ -45,3 +46,19 @@ def test_highers_adam_is_named_when_the_mode_is_built():
     with warnings.catch_warnings():
         warnings.simplefilter("error", HypergradientWarning)
         HyperGradient("unroll", inner_optimizer=torch.optim.Adam, lr=0.1)  # torchopt matches torch
+
+
+@pytest.mark.parametrize(
+    "optimizer, says",
+    [
+        (torchopt.MetaSGD, "torchopt's module-level meta-optimizer"),
+        (torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1), "inner_optimizer=torch.optim.SGD"),
+    ],
+)
+def test_inner_optimizers_that_are_not_classes_are_named_with_the_fix(optimizer, says):
+    """Issue 21: torchopt.MetaSGD with lr used to say "unknown option lr", and an optimizer
+    instance dumped its whole repr."""
+    with pytest.raises(TypeError, match="inner_optimizer must be a torch optimizer class") as caught:
+        HyperGradient("unroll", steps=2, inner_optimizer=optimizer, lr=0.1)
+    message = str(caught.value)
+    assert says in message and "unknown option" not in message and "Parameter Group" not in message

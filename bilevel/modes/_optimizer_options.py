@@ -23,6 +23,7 @@ from .._src.typing import Tensors
 __all__ = [
     "BACKENDS",
     "DEFAULT_LR",
+    "check_inner_optimizer",
     "hparam_index",
     "hparams_view",
     "init_parameters",
@@ -53,6 +54,34 @@ def optimizer_class(optimizer: Any) -> type[torch.optim.Optimizer] | None:
 
 
 @functools.lru_cache(maxsize=64)
+def check_inner_optimizer(optimizer: Any) -> None:
+    """Refuse a value that is neither a torch optimizer class (or a ``partial`` of one) nor a
+    torchopt ``GradientTransformation``, saying what it is and what to pass instead."""
+    if optimizer is None or is_transformation(optimizer) or optimizer_class(optimizer) is not None:
+        return
+    kind = type(optimizer)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        public = getattr(torch.optim, kind.__name__, None) is kind
+        name = f"torch.optim.{kind.__name__}" if public else kind.__name__
+        what = (
+            f"an optimizer instance ({name}(...)); pass the class and its options instead: "
+            f"inner_optimizer={name}, lr=..."
+        )
+    elif isinstance(optimizer, type) and any(c.__module__.startswith("torchopt") for c in optimizer.__mro__):
+        what = (
+            f"{optimizer.__module__.split('.')[0]}.{optimizer.__name__}, torchopt's module-level "
+            "meta-optimizer (it steps an nn.Module in place); pass inner_optimizer=torch.optim.SGD "
+            "with lr=..., or a transformation such as torchopt.sgd(lr=0.1)"
+        )
+    else:
+        shown = repr(optimizer)
+        what = f"{kind.__name__} {shown[:60] + '...' if len(shown) > 60 else shown}"
+    raise TypeError(
+        "option inner_optimizer must be a torch optimizer class (or a functools.partial of one) "
+        f"or a torchopt GradientTransformation, got {what}"
+    )
+
+
 def signature_parameters(function: Callable[..., Any]) -> Mapping[str, inspect.Parameter]:
     """``inspect.signature(function).parameters``, cached (a stepper is built at every call)."""
     return inspect.signature(function).parameters
@@ -85,6 +114,7 @@ def split_mode_options(
     the keywords given to ``HyperGradient``; one that neither knows raises ``TypeError`` listing
     both."""
     own = {k: v for k, v in options.items() if k in own_names}
+    check_inner_optimizer(own.get("inner_optimizer"))  # before its keywords are judged by it
     rest = {k: v for k, v in options.items() if k not in own}
     valid = optimizer_option_names(own.get("inner_optimizer") or torch.optim.SGD)
     unknown = sorted(set(rest) - set(valid))

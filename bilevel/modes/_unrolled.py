@@ -41,6 +41,7 @@ from ._forward import ForwardRun, check_direction, check_tangents
 from ._optimizer_options import (
     BACKENDS,
     DEFAULT_LR,
+    check_inner_optimizer,
     is_transformation,
     optimizer_class,
     split_mode_options,
@@ -179,12 +180,7 @@ class UnrolledMode(Mode):
     def _check_optimizer(self) -> None:
         """Refuse an inner optimizer that is neither a torch class nor a transformation, or
         that the chosen backend cannot run."""
-        if not is_transformation(self.inner_optimizer) and optimizer_class(self.inner_optimizer) is None:
-            raise TypeError(
-                "option inner_optimizer must be a torch optimizer class (or a "
-                "functools.partial of one) or a torchopt GradientTransformation, got "
-                f"{self.inner_optimizer!r}"
-            )
+        check_inner_optimizer(self.inner_optimizer)
         if self.backend == "higher" and is_transformation(self.inner_optimizer):
             raise TypeError(
                 "a torchopt GradientTransformation cannot run on backend='higher'; use "

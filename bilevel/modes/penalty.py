@@ -23,8 +23,7 @@ from .._src.typing import Tensors
 from ._backends import Stepper, check_supported, make_stepper
 from ._optimizer_options import (
     DEFAULT_LR,
-    is_transformation,
-    optimizer_class,
+    check_inner_optimizer,
     split_mode_options,
     split_settings,
 )
@@ -108,11 +107,7 @@ class Penalty(Mode):
         if self.inner_optimizer is None:
             self.inner_optimizer = torch.optim.SGD
             self.optimizer_options = {"lr": DEFAULT_LR, "momentum": 0.9, **self.optimizer_options}
-        if not is_transformation(self.inner_optimizer) and optimizer_class(self.inner_optimizer) is None:
-            raise TypeError(
-                "option inner_optimizer must be a torch optimizer class (or a functools.partial "
-                f"of one) or a torchopt GradientTransformation, got {self.inner_optimizer!r}"
-            )
+        check_inner_optimizer(self.inner_optimizer)
         check_supported(self.inner_optimizer, "torchopt")
 
     @classmethod

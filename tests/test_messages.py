@@ -62,3 +62,27 @@ def test_inner_optimizers_that_are_not_classes_are_named_with_the_fix(optimizer,
         HyperGradient("unroll", steps=2, inner_optimizer=optimizer, lr=0.1)
     message = str(caught.value)
     assert says in message and "unknown option" not in message and "Parameter Group" not in message
+
+
+def test_closures_that_draw_random_numbers_warn_once():
+    """Issue 21: dropout in training mode made every call a different random hypergradient,
+    silently; in eval mode (no draw) nothing is said."""
+    torch.manual_seed(0)
+    x, y = torch.randn(20, 3), torch.randn(20, 1)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
+    decay = torch.tensor(-2.0, requires_grad=True)
+
+    def inner(model, log_decay):
+        return ((model(x) - y) ** 2).mean() + log_decay.exp() * sum((p**2).sum() for p in model.parameters())
+
+    def outer(model, log_decay):
+        return ((model(x) - y) ** 2).mean()
+
+    hg = HyperGradient("unroll", steps=3)
+    with pytest.warns(HypergradientWarning, match="drew random numbers") as caught:
+        hg.compute(inner, outer, net, decay)
+    assert "model.eval()" in str(caught[0].message) and caught[0].filename == __file__
+    net.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HyperGradient("unroll", steps=3).compute(inner, outer, net, decay)

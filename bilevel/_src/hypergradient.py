@@ -29,6 +29,15 @@ from .typing import Closure, Tensors
 __all__ = ["HyperGradient"]
 
 
+_RANDOM = (
+    "the closures drew random numbers during the call (dropout, or another module in training "
+    "mode that samples): every call is then the hypergradient of another random draw, and the "
+    "global generator advances. The products of one call share one draw (one graph; "
+    "hvp='finite-difference' replays the call's random numbers). For a reproducible "
+    "hypergradient call model.eval() for it, or seed with torch.manual_seed before each call"
+)
+
+
 class HyperGradient:
     """Hypergradients ``dg/dφ`` of ``g(θ*(φ), φ)`` where ``θ*(φ)`` minimises ``f(·, φ)``.
 
@@ -193,6 +202,7 @@ class HyperGradient:
         stats = Stats(mode=self.mode.name)
         self.stats = stats
         saved = self.mode.state_dict()
+        random_state = torch.get_rng_state()
         try:
             start = time.perf_counter()
             try:
@@ -207,7 +217,9 @@ class HyperGradient:
             if problem.device.type == "cuda":
                 torch.cuda.synchronize(problem.device)
             stats.wall_time = time.perf_counter() - start
-            self._report(stats, grads)
+            if not torch.equal(random_state, torch.get_rng_state()):
+                self._warn_once("random", _RANDOM)
+            self._report(stats)
         except BaseException:
             # a call that raises (also strict=True on a breakdown) leaves the mode's state as it
             # was: no half-advanced warm start, generator or optimizer state; stats say what ran
@@ -251,7 +263,7 @@ class HyperGradient:
         self._loaded = False
         self._layout, self._layout_source = layout, "the last call"
 
-    def _report(self, stats: Stats, grads: Tensors = ()) -> None:
+    def _report(self, stats: Stats) -> None:
         for kind in self._breakdowns(stats):
             explanation = stats.breakdown_message if kind == stats.breakdown else ""
             fallback = not_converged(stats.residual) if kind == "not_converged" else MESSAGES.get(kind, kind)
@@ -265,10 +277,10 @@ class HyperGradient:
                 "no hparam affects the gradient of inner_loss, so the "
                 "hypergradient is only the direct term ∂outer_loss/∂hparams",
             )
-        elif grads and not bool(torch.stack([g.abs().amax() for g in grads]).amax() > 0):
+        elif stats.extra.get("hparams_unreached"):
             self._warn_once(
                 "zero",
-                f"{stats.mode}: the hypergradient is exactly zero: no hparam reaches outer_loss, "
+                f"{stats.mode}: the hypergradient is zero: no hparam reaches outer_loss, "
                 "through the inner problem or directly. Check that the closures use the hparams "
                 "they receive; to learn an initialisation (MAML), pass the same tensors or module "
                 "as params and hparams, not a copy of it as params",

@@ -80,16 +80,19 @@ def vjp_to_phi(
     phi: Tensors,
     originals: Tensors,
     others: Sequence[Tensor] = (),
+    reach: list[bool] | None = None,
 ) -> tuple[list[Tensor], list[Tensor | None]]:
     """vᵀ ∂outputs/∂(φ, others) for the cotangents v (None: the outputs are one scalar), with
     φ's part summed over the copies ``phi`` and any path through the user's own hparams
     tensors ``originals``: a torchopt transformation built with one of them
     (``torchopt.sgd(lr=lr_tensor)``) holds the original, not the copy, so both paths count.
     Outputs that do not require grad contribute nothing; φ's part is zeros where unreached,
-    the others' part None."""
+    the others' part None. ``reach``: gets whether any of them was reached at all."""
     kept = [i for i, o in enumerate(outputs) if o.requires_grad]
     extra = [i for i, (t, c) in enumerate(zip(originals, phi)) if t is not c and t.requires_grad]
     if not kept:
+        if reach is not None:
+            reach.append(False)
         return [torch.zeros_like(p) for p in phi], [None] * len(others)
     grads = torch.autograd.grad(
         [outputs[i] for i in kept],
@@ -97,6 +100,8 @@ def vjp_to_phi(
         None if cotangents is None else [cotangents[i] for i in kept],
         allow_unused=True,
     )
+    if reach is not None:  # whether any hparam (or a tie's start) got a gradient at all
+        reach.append(any(g is not None for g in grads))
     return _summed(phi, extra, grads), list(grads[len(phi) + len(extra) :])
 
 
@@ -135,6 +140,7 @@ class PlainRun:
         self.problem, self.stepper, self.cheap, self.phi = problem, stepper, cheap, phi
         self.batches, self.graph_from = batches, graph_from
         self.start: Tensors = ()  # θ's leaves at the first graph step (θ_0 of a tie's chain rule)
+        self.reached_phi = True  # whether the outer loss reached any hparam (set by backward)
 
     def forward(self, theta: Tensors, state: Any, fresh_state: bool) -> tuple[Tensors, Any]:
         """θ_T and s_T after the steps."""
@@ -152,5 +158,7 @@ class PlainRun:
     def backward(self, outer: Tensor) -> Tensors:
         """dg/dφ through the steps that kept their graph (and through θ_0 at a tie)."""
         start = self.start if self.problem.tied else ()
-        grads, adjoints = vjp_to_phi((outer,), None, self.phi, self.problem.phi0, start)
+        reach: list[bool] = []
+        grads, adjoints = vjp_to_phi((outer,), None, self.phi, self.problem.phi0, start, reach)
+        self.reached_phi = reach[0]
         return add_start(self.problem, grads, adjoints)

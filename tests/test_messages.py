@@ -86,3 +86,20 @@ def test_closures_that_draw_random_numbers_warn_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         HyperGradient("unroll", steps=3).compute(inner, outer, net, decay)
+
+
+@pytest.mark.parametrize("mode", ["implicit-cg", "implicit-exact", "implicit-neumann"])
+def test_implicit_modes_report_and_warn_how_far_params_is_from_stationary(mode):
+    """Issue 21: untrained params gave a number with converged=True and no word; the norms
+    come with the call's one read of the NaN checks."""
+    problem = ridge()
+    trained = problem.params_star()
+    hg = HyperGradient(mode)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*far from a minimum")
+        hg.compute(problem.inner_loss, problem.outer_loss, trained, problem.hparams)
+    assert hg.stats.extra["stationarity"] < 1e-8 and hg.stats.extra["inner_gradient_norm"] < 1e-8
+    untrained = torch.zeros_like(trained).requires_grad_()
+    with pytest.warns(HypergradientWarning, match="far from a minimum of inner_loss") as caught:
+        hg.compute(problem.inner_loss, problem.outer_loss, untrained, problem.hparams)
+    assert caught[0].filename == __file__ and hg.stats.extra["stationarity"] > 0.5

@@ -99,6 +99,9 @@ class FiniteChecks:
 
     def __init__(self) -> None:
         self._pending: list[tuple[list[Tensor], str]] = []
+        #: after ``verify``: the 2-norm of each place's tensors together (read in the same
+        #: synchronisation, so a caller may use them for free)
+        self.norms: dict[str, float] = {}
 
     def add(self, tensors: Sequence[Tensor | None], where: str) -> None:
         # detached: a check reads values only, and must not keep a loss's graph alive until
@@ -119,6 +122,9 @@ class FiniteChecks:
             except RuntimeError:  # tensors on several devices
                 values = [float(n) for n in norms]
             finite = [math.isfinite(value) for value in values]
+            position = iter(values)
+            for place, where in pending:
+                self.norms[where] = math.sqrt(sum(next(position) ** 2 for _ in place))
             if all(finite):
                 return
             suspect = iter(finite)

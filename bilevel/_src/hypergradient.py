@@ -13,6 +13,7 @@ from .checkpoint import check_state_devices, differences, layout_of, pack, upgra
 from .conditions import Condition, make_problem
 from .distributed import Channel, resolve_group, unwrap_data_parallel
 from .errors import HypergradientWarning, SolverBreakdownError, user_stacklevel
+from .implicit import FAR_FROM_STATIONARY
 from .parallel_call import (
     agree_on_problem,
     finish_call,
@@ -277,7 +278,17 @@ class HyperGradient:
                 "no hparam affects the gradient of inner_loss, so the "
                 "hypergradient is only the direct term ∂outer_loss/∂hparams",
             )
-        elif stats.extra.get("hparams_unreached"):
+        if stats.extra.get("stationarity", 0.0) > FAR_FROM_STATIONARY:
+            self._warn_once(
+                "stationary",
+                f"{stats.mode}: params look far from a minimum of inner_loss (‖∇θ inner_loss‖ = "
+                f"{stats.extra['inner_gradient_norm']:.1e}; the estimated Newton step s to it "
+                f"gives s/(‖params‖ + s) = {stats.extra['stationarity']:.2f}, "
+                "stats.extra['stationarity']), "
+                "but implicit modes assume params minimise it: train the inner problem further "
+                "before the call, or use an unrolled mode",
+            )
+        if stats.extra.get("hparams_unreached"):  # unrolled modes (implicit ones: "unused")
             self._warn_once(
                 "zero",
                 f"{stats.mode}: the hypergradient is zero: no hparam reaches outer_loss, "

@@ -48,6 +48,7 @@ __all__ = [
     "low_precision",
     "outer_gradients",
     "record_rule",
+    "record_stationarity",
     "same_random_numbers",
     "subtract_mixed",
 ]
@@ -66,6 +67,8 @@ class Linearization:
     operator: StationarityJacobian
     v: Tensors
     direct: tuple[Tensor | None, ...]
+    #: the value of ``G`` (∇θ f) at (θ, φ) where the linearization computed it, detached
+    gradient: Tensors = ()
 
 
 def combine(linearization: Linearization, x: Tensors) -> Tensors:
@@ -183,7 +186,8 @@ def linearize(
     with low_precision(problem.device, autocast):
         field = problem.stationarity(theta, phi)
     operator = StationarityJacobian.from_field(field, theta, phi, lambda: problem.suspects(theta, phi))
-    return Linearization(operator, v, direct)
+    value = tuple(g.detach() for g in field if g is not None) if problem.symmetric else ()
+    return Linearization(operator, v, direct, value)
 
 
 def difference_operator(
@@ -259,14 +263,40 @@ def implicit_hypergradient(
     # block ends: the setup's reads need not drain the device queue before the solve starts.
     # A solver error on a NaN that the setup made (a non-finite product) gives way to the
     # setup's error, which names where the NaN appeared.
-    with deferred_finite_checks():
+    with deferred_finite_checks() as checks:
         linearization = linearize(problem, theta, phi, autocast, rule)
         result = solve(linearization.operator, linearization.v)
         grads = combine(linearization, result.x)
+        if linearization.gradient:  # their norms come with the NaN checks' one read
+            check_finite(linearization.gradient, _GRADIENT)
+            check_finite(result.x, _SOLUTION)
+            check_finite(theta, _PARAMS)
     stats.record(result, hvps=linearization.operator.products)
+    record_stationarity(stats, checks.norms)
     stats.extra["hparams_unused_by_inner"] = all(linearization.operator.unused)
     record_rule(stats, rule, problem.dtype, linearization.operator.evaluations)
     return grads
+
+
+_GRADIENT, _SOLUTION, _PARAMS = "the gradient of inner_loss w.r.t. params", "the solution x", "params"
+_OUTER = "the gradient of outer_loss w.r.t. params"
+#: the estimated distance from a minimiser, relative to ‖params‖, above which a call warns
+FAR_FROM_STATIONARY = 0.1
+
+
+def record_stationarity(stats: Stats, norms: dict[str, float]) -> None:
+    """How far params is from a stationary point of inner_loss, from norms the call read
+    anyway: ``inner_gradient_norm`` = ‖∇θ f‖, and ``stationarity`` = s / (‖θ‖ + s) in [0, 1),
+    with s = ‖∇θ f‖·‖x‖/‖∂g/∂θ‖ an estimate of the Newton step to the minimiser, ‖H⁻¹∇θ f‖
+    (H⁻¹ scaling ∇θ f by about as much as it scales ∂g/∂θ into x). The IFT assumes it is 0;
+    0.1 is a step of about a tenth of ‖θ‖."""
+    if _GRADIENT not in norms:
+        return
+    gradient, solution, outer, params = (norms.get(k, 0.0) for k in (_GRADIENT, _SOLUTION, _OUTER, _PARAMS))
+    stats.extra["inner_gradient_norm"] = gradient
+    if outer > 0:
+        step = gradient * solution / outer
+        stats.extra["stationarity"] = step / (params + step) if step > 0 else 0.0
 
 
 def record_rule(stats: Stats, rule: ProductRule, dtype: torch.dtype, evaluations: int) -> None:

@@ -221,6 +221,33 @@ def scenario(rank: int, world: int) -> dict:
     report["params_unused"] = outcome(
         lambda: unrolled.compute(lambda a, b: (b**2).sum(), outer, w, log_decay)
     )
+    calls = [0]
+
+    def interrupted_on_rank_0(w, log_decay):  # mid-solve: at the closure's third evaluation
+        calls[0] += 1
+        if rank == 0 and calls[0] == 3:
+            raise KeyboardInterrupt
+        return inner(w, log_decay)
+
+    differences = bilevel.HyperGradient("implicit-cg", distributed=True, iters=50, hvp="finite-difference")
+    try:  # finite differences evaluate the closure at every product: the third is mid-solve
+        report["interrupt"] = outcome(lambda: differences.compute(interrupted_on_rank_0, outer, w, log_decay))
+    except KeyboardInterrupt:
+        report["interrupt"] = ("KeyboardInterrupt", "")
+    for mode, options in (("implicit-cg", {"iters": 200, "tol": 1e-13}), ("unroll", {"steps": 4})):
+        # a term only rank 0's closures have (W times its share): the ranks' graphs differ
+        own = bilevel.HyperGradient(mode, distributed=True, **options)
+        penalty = (lambda d: world * 0.3 * (d**2).sum()) if rank == 0 else (lambda d: 0.0)
+        uneven_terms = (lambda a, b: inner(a, b) + penalty(b), lambda a, b: outer(a, b) + penalty(b))
+        report[f"rank_0_term {mode}"] = own.compute(*uneven_terms, initial(mode, w), log_decay).numpy()
+    if world == 3:
+        import torch.distributed as dist
+
+        subgroup = dist.new_group([0, 1])
+        report["subgroup"] = outcome(lambda: bilevel.HyperGradient("implicit-cg", distributed=subgroup))
+        if rank < 2:
+            sub = bilevel.HyperGradient("implicit-cg", distributed=subgroup, local_solves=True, iters=5)
+            report["subgroup"] = ("ok", str(sub.compute(inner, outer, w, log_decay).numpy()))
     report["after_failures"] = hg.compute(inner, outer, w, log_decay).numpy()
     return report
 
@@ -414,3 +441,29 @@ def test_a_call_without_the_option_in_a_process_group_warns_and_stays_local(worl
         (inner, outer), w, log_decay = start(rank, world)
         own = bilevel.HyperGradient("implicit-cg", iters=200, tol=1e-13).compute(inner, outer, w, log_decay)
         assert rel(r["unsaid"], own.numpy()) < 1e-12
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_a_keyboard_interrupt_on_one_rank_stops_the_others_too(world):
+    results = ranks(world)
+    assert results[0]["interrupt"][0] == "KeyboardInterrupt"
+    assert all(r["interrupt"][0] == "PeerError" for r in results[1:])
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("mode", ["implicit-cg", "unroll"])
+def test_a_term_that_only_one_rank_has_is_averaged_like_the_rest(world, mode):
+    warnings.simplefilter("ignore", bilevel.HypergradientWarning)
+    (inner, outer), w, log_decay = start()
+    options = {"iters": 200, "tol": 1e-13} if mode == "implicit-cg" else {"steps": 4}
+    terms = (lambda a, b: inner(a, b) + 0.3 * (b**2).sum(), lambda a, b: outer(a, b) + 0.3 * (b**2).sum())
+    expected = bilevel.HyperGradient(mode, **options).compute(*terms, initial(mode, w), log_decay)
+    for r in ranks(world):
+        assert rel(r[f"rank_0_term {mode}"], expected.numpy()) < 1e-9
+
+
+@pytest.mark.slow
+def test_a_rank_outside_a_subgroup_is_told_and_the_members_do_not_wait_for_it():
+    results = ranks(3)
+    assert results[2]["subgroup"][0] == "ValueError" and "not a member" in results[2]["subgroup"][1]
+    assert results[0]["subgroup"][0] == "ok" and results[0]["subgroup"] == results[1]["subgroup"]

@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -597,3 +598,22 @@ def test_a_copy_of_the_initialisation_as_params_warns_of_a_zero_hypergradient():
     assert torch.equal(grad, torch.zeros(3, dtype=torch.float64))
     maml = hg.compute(inner, outer, init, init)
     assert maml.abs().max() > 0
+
+
+def test_an_hparam_passed_as_a_number_where_it_acts_is_named():
+    """momentum=0.5 instead of momentum=hparams['momentum'] gave that hparam an exactly zero
+    hypergradient, silently."""
+    x = torch.randn(10, 3, dtype=torch.float64)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    values = {"log_lr": -2.0, "momentum": 0.5}
+    hp = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in values.items()}
+    inner, outer = (lambda w, h: ((x @ w - 1) ** 2).mean()), (lambda w, h: ((x @ w) ** 2).mean())
+    hg = HyperGradient("unroll", steps=3, lr=lambda h: h["log_lr"].exp(), momentum=0.5)
+    with pytest.warns(HypergradientWarning, match=r"hparams\['momentum'\] reach\(es\) neither"):
+        grads = hg.compute(inner, outer, w, hp)
+    assert grads["momentum"] == 0 and grads["log_lr"] != 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*reach")
+        HyperGradient("unroll", steps=3, lr=lambda h: h["log_lr"].exp(), momentum=hp["momentum"]).compute(
+            inner, outer, w, hp
+        )

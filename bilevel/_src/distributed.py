@@ -18,8 +18,9 @@ The mean's own backward is the identity: the cotangents it meets are identical o
 Collective decisions. Each call of a rank is: one fixed-size all-gather (:meth:`Channel.agree`:
 the layout, a hash of every θ and φ bit, the random seeds, and whether the rank could set
 up the call), the computation, whose every all-reduce has one size for the whole call (θ's
-and φ's cotangents padded to the larger, a used flag per tensor, a tag saying which, and a
-failure flag per rank), and one closing all-reduce of that size (:meth:`Channel.finish`).
+and φ's cotangents together, a used flag per tensor, a one-hot tag saying which kind of
+all-reduce it is, and a failure flag per rank), and one closing all-reduce of that size
+(:meth:`Channel.finish`).
 A rank that raises anywhere joins the others' next all-reduce with its failure flag set, at
 whatever point they are, and then raises its own error; the others raise :class:`PeerError`
 there. Every rank thus makes the same number of collectives of the same sizes and stops in
@@ -49,7 +50,8 @@ __all__ = [
     "unwrap_data_parallel",
 ]
 
-THETA, PHI, CLOSE, VALUE = 1, 2, 3, 4  # the tags of the call's all-reduces
+SYNCHRONIZE, CLOSE, VALUE = 1, 2, 3  # the tags of the call's all-reduces
+_TAGS = 3
 #: the agreement's entries per rank: failed, layout hash, θ, φ and mode-state hashes (3 each), seed
 _AGREEMENT = 12
 
@@ -67,6 +69,12 @@ def resolve_group(distributed: Any) -> Any:
         )
     if distributed is True:
         return dist.group.WORLD
+    if distributed is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(
+            "distributed=: this rank is not a member of the process group passed (new_group "
+            "returns a placeholder on the ranks it leaves out); build the distributed "
+            "HyperGradient on the group's ranks only"
+        )
     if isinstance(distributed, dist.ProcessGroup):
         return distributed
     raise TypeError(f"distributed must be True, False, None or a ProcessGroup, got {distributed!r}")
@@ -128,7 +136,7 @@ class _MeanAcrossRanks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, channel: Channel, buffer: Tensor) -> Tensor:
-        ctx.channel = channel
+        ctx.channel, ctx.flags = channel, buffer[channel.payload + channel.slots :].detach().clone()
         return channel.all_reduce_mean(buffer)
 
     @staticmethod
@@ -137,8 +145,11 @@ class _MeanAcrossRanks(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, _: None, tangent: Tensor) -> Tensor:
-        # forward-mode AD (direction="forward"): the tangent of a mean is the mean of tangents
-        return ctx.channel.all_reduce_mean(tangent)
+        # forward-mode AD (direction="forward"): the tangent of a mean is the mean of tangents,
+        # one all-reduce of the same kind (the forward's tag and flags, whose tangents are 0)
+        start = ctx.channel.payload + ctx.channel.slots
+        out = ctx.channel.all_reduce_mean(torch.cat([tangent[:start], ctx.flags]))
+        return torch.cat([out[:start], torch.zeros_like(ctx.flags)])
 
 
 class Synchronize(torch.autograd.Function):
@@ -179,8 +190,7 @@ class Channel:
         self.collectives = 0
         self.bytes = 0
         self.peer_failed = False  # this rank has seen a failure flag: it makes no more collectives
-        self.payload = 0  # set by bind: the padded payload of every all-reduce
-        self.joint = False
+        self.payload = 0  # set by bind: the payload of every all-reduce
         self.slots = 0
         self.dtype = torch.float64
         self.device = torch.device("cpu")
@@ -208,31 +218,33 @@ class Channel:
         self.bytes += self.world * local.numel() * local.element_size()
         return torch.stack(gathered).cpu()
 
-    def bind(self, theta: Tensors, phi: Tensors, joint: bool) -> None:
+    def bind(self, theta: Tensors, phi: Tensors) -> None:
         """Fix the size of the call's all-reduces from θ and φ (the same on every rank: the
-        agreement checked the layout). ``joint``: one all-reduce carries the cotangents of θ
-        and φ together (an unrolled step's backward needs both; an implicit mode's products
-        need one side at a time, and are one all-reduce of the larger side each)."""
-        self.joint = joint
-        sizes = (sum(t.numel() for t in theta), sum(t.numel() for t in phi))
-        self.payload = sum(sizes) if joint else max(sizes)
-        self.slots = len(theta) + len(phi) if joint else max(len(theta), len(phi))
+        agreement checked the layout): one all-reduce carries the cotangents of θ and φ
+        together, so every rank takes part in it whichever of them its own graph reaches
+        (a rank whose closures ignore φ still joins the others' mixed product)."""
+        self.payload = sum(t.numel() for t in theta) + sum(t.numel() for t in phi)
+        self.slots = len(theta) + len(phi)
         self.dtype, self.device = phi[0].dtype, phi[0].device
 
     def _buffer(self, tag: int, failed: bool = False) -> Tensor:
-        size = self.payload + self.slots + 1 + self.world
+        """[payload | a used flag per slot | the tag, one-hot | a failure flag per rank]"""
+        size = self.payload + self.slots + _TAGS + self.world
         buffer = torch.zeros(size, dtype=self.dtype, device=self.device)
-        buffer[self.payload + self.slots] = tag
+        if tag:
+            buffer[self.payload + self.slots + tag - 1] = 1.0
         buffer[-self.world + self.rank] = float(failed)
         return buffer
 
     def all_reduce_mean(self, buffer: Tensor) -> Tensor:
         """The mean of ``buffer`` over the ranks, after checking every rank's flags: a peer's
         failure raises :class:`PeerError`, a peer at another kind of all-reduce (its program
-        took another path) raises ``RuntimeError`` on every rank."""
+        took another path) raises ``RuntimeError``; both on every rank, which all read the
+        same sums (the mean of one-hot tags is a unit vector only if all ranks agree)."""
         out = self._all_reduce(buffer)
         flags = out[-self.world :].tolist()
-        tag = out[self.payload + self.slots].item() / self.world
+        start = self.payload + self.slots
+        tags = (out[start : start + _TAGS] / self.world).tolist()
         if any(flags):
             self.peer_failed = True
             ranks = ", ".join(str(r) for r, f in enumerate(flags) if f)
@@ -240,8 +252,7 @@ class Channel:
                 f"rank(s) {ranks} of the process group raised an error in this call (see "
                 "their traceback); every rank stops here"
             )
-        mine = buffer[self.payload + self.slots].item()
-        if tag != mine:
+        if max(tags) != 1.0:
             self.peer_failed = True
             raise RuntimeError(
                 "the ranks reached different collectives of one call (their closures took "
@@ -255,13 +266,8 @@ class Channel:
         """θ and φ as synchronized copies (identity forward; averaged cotangents)."""
         if not torch.is_grad_enabled():
             return theta, phi
-        if self.joint:
-            both = Synchronize.apply(self, THETA, *theta, *phi)
-            return tuple(both[: len(theta)]), tuple(both[len(theta) :])
-        return (
-            tuple(Synchronize.apply(self, THETA, *theta)),
-            tuple(Synchronize.apply(self, PHI, *phi)),
-        )
+        both = Synchronize.apply(self, SYNCHRONIZE, *theta, *phi)
+        return tuple(both[: len(theta)]), tuple(both[len(theta) :])
 
     def mean(
         self, grads: Sequence[Tensor | None], shapes: Sequence[torch.Size], tag: int
@@ -300,7 +306,7 @@ class Channel:
         a strict breakdown), and the mean over the ranks of ``grads`` if given (the local
         solves' hypergradients), in the same collective."""
         buffer = self._buffer(CLOSE)
-        buffer[self.payload] = float(bool(flags))
+        buffer[self.payload] = float(bool(flags))  # in the first used-flag slot
         if grads is not None:
             flat = torch.cat([g.reshape(-1) for g in grads]).to(self.dtype)
             buffer[: flat.numel()] = flat

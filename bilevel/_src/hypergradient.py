@@ -179,17 +179,22 @@ class HyperGradient:
                 raise ValueError(sharded_modules_refusal())
             return problem, self._run(problem)
         channel = Channel(self.group)
-        problem = agree_on_problem(
-            channel,
-            lambda p, h: make_problem(inner_loss, outer_loss, p, h),
-            params,
-            hparams,
-            self._check_layout,
-            self.mode,
-        )
-        if not self.local_solves:
-            problem.channel = channel
-        return problem, self._run(problem, channel)
+        saved = self.mode.state_dict()  # before the agreement draws the call's random seed
+        try:
+            problem = agree_on_problem(
+                channel,
+                lambda p, h: make_problem(inner_loss, outer_loss, p, h),
+                params,
+                hparams,
+                self._check_layout,
+                self.mode,
+            )
+            if not self.local_solves:
+                problem.channel = channel
+            return problem, self._run(problem, channel)
+        except BaseException:
+            self.mode.load_state_dict(saved)
+            raise
 
     def _run(self, problem: BilevelProblem, channel: Channel | None = None) -> Tensors:
         if torch.is_inference_mode_enabled():
@@ -208,7 +213,7 @@ class HyperGradient:
             start = time.perf_counter()
             try:
                 grads = self.mode.hypergradient(problem, stats)
-            except Exception:
+            except BaseException:  # also KeyboardInterrupt: the others must not wait
                 if channel is not None:
                     channel.fail()  # the others stop at their next collective, with this rank
                 raise
@@ -288,13 +293,21 @@ class HyperGradient:
                 "but implicit modes assume params minimise it: train the inner problem further "
                 "before the call, or use an unrolled mode",
             )
-        if stats.extra.get("hparams_unreached"):  # unrolled modes (implicit ones: "unused")
+        unreached = stats.extra.get("hparams_unreached")  # unrolled modes (implicit: "unused")
+        if unreached and stats.extra.get("hparams_all_unreached"):
             self._warn_once(
                 "zero",
                 f"{stats.mode}: the hypergradient is zero: no hparam reaches outer_loss, "
                 "through the inner problem or directly. Check that the closures use the hparams "
                 "they receive; to learn an initialisation (MAML), pass the same tensors or module "
                 "as params and hparams, not a copy of it as params",
+            )
+        elif unreached:
+            self._warn_once(
+                "zero-some",
+                f"{stats.mode}: {', '.join(unreached)} reach(es) neither the inner steps nor "
+                "outer_loss, so its hypergradient is zero: pass the hparam itself where it acts "
+                "(an optimizer setting as momentum=hparams['momentum'], not as a number)",
             )
 
     def _warn_once(self, key: str, message: str) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from ..modes.base import ImplicitMode
 from .checkpoint import layout_of
 from .distributed import (
     Channel,
@@ -53,7 +52,7 @@ def agree_on_problem(
     """The problem of this call, built and checked (``check``: the local layout check) on
     every rank, then agreed on in one all-gather; raises on every rank if any rank failed
     or the ranks hold different params, hparams, layouts or mode states."""
-    failure: BaseException | None = None
+    failure: BaseException | None = None  # also KeyboardInterrupt: the others must not wait
     entries = None
     problem: BilevelProblem | None = None
     try:
@@ -65,7 +64,7 @@ def agree_on_problem(
         seed = mode.random_seed()
         state = _state_tensors(mode.state_dict())
         entries = fingerprint(layout_of(problem), problem.theta0, problem.phi0, state, seed)
-    except Exception as error:  # noqa: BLE001 - every rank must hear of it before any raises
+    except BaseException as error:  # noqa: BLE001 - every rank must hear of it before any raises
         failure = error
     gathered = channel.agree(entries, collective_device(channel.group))
     failed = [r for r in range(channel.world) if gathered[r, 0] != 0]
@@ -79,7 +78,7 @@ def agree_on_problem(
     assert problem is not None
     _check_same(gathered, channel.rank)
     mode.reseed(int(gathered[0, -1]))  # every rank draws rank 0's random numbers
-    channel.bind(problem.theta0, problem.phi0, joint=not isinstance(mode, ImplicitMode))
+    channel.bind(problem.theta0, problem.phi0)
     return problem
 
 

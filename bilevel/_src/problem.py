@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -201,6 +202,11 @@ class BilevelProblem:
         self._closures[name] = closure
         if self._bound:
             self._calls[name] = _ClosureCall(closure, [s.module for _, s, _ in self._bound])
+
+    def hparams_names(self, indices: list[int]) -> list[str]:
+        """How the user would write hparams' flat entries ``indices``: ``hparams['lr']``."""
+        paths = pytree.tree_flatten_with_path(self.hparams_structure.unflatten(self.phi0))[0]
+        return [f"hparams{pytree.keystr(paths[i][0])}" for i in indices]
 
     def closure_modules(self) -> list[_ClosureCall]:
         return list(self._calls.values())

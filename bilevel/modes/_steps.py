@@ -87,12 +87,12 @@ def vjp_to_phi(
     tensors ``originals``: a torchopt transformation built with one of them
     (``torchopt.sgd(lr=lr_tensor)``) holds the original, not the copy, so both paths count.
     Outputs that do not require grad contribute nothing; φ's part is zeros where unreached,
-    the others' part None. ``reach``: gets whether any of them was reached at all."""
+    the others' part None. ``reach``: gets, per hparam, whether it was reached at all."""
     kept = [i for i, o in enumerate(outputs) if o.requires_grad]
     extra = [i for i, (t, c) in enumerate(zip(originals, phi)) if t is not c and t.requires_grad]
     if not kept:
         if reach is not None:
-            reach.append(False)
+            reach.extend(False for _ in phi)
         return [torch.zeros_like(p) for p in phi], [None] * len(others)
     grads = torch.autograd.grad(
         [outputs[i] for i in kept],
@@ -100,8 +100,10 @@ def vjp_to_phi(
         None if cotangents is None else [cotangents[i] for i in kept],
         allow_unused=True,
     )
-    if reach is not None:  # whether any hparam (or a tie's start) got a gradient at all
-        reach.append(any(g is not None for g in grads))
+    if reach is not None:  # per hparam: whether it (a copy or the user's tensor) got a gradient
+        reach.extend(g is not None for g in grads[: len(phi)])
+        for i, g in zip(extra, grads[len(phi) : len(phi) + len(extra)]):
+            reach[len(reach) - len(phi) + i] |= g is not None
     return _summed(phi, extra, grads), list(grads[len(phi) + len(extra) :])
 
 
@@ -140,7 +142,7 @@ class PlainRun:
         self.problem, self.stepper, self.cheap, self.phi = problem, stepper, cheap, phi
         self.batches, self.graph_from = batches, graph_from
         self.start: Tensors = ()  # θ's leaves at the first graph step (θ_0 of a tie's chain rule)
-        self.reached_phi = True  # whether the outer loss reached any hparam (set by backward)
+        self.unreached: list[int] = []  # hparams the outer loss does not reach (set by backward)
 
     def forward(self, theta: Tensors, state: Any, fresh_state: bool) -> tuple[Tensors, Any]:
         """θ_T and s_T after the steps."""
@@ -160,5 +162,6 @@ class PlainRun:
         start = self.start if self.problem.tied else ()
         reach: list[bool] = []
         grads, adjoints = vjp_to_phi((outer,), None, self.phi, self.problem.phi0, start, reach)
-        self.reached_phi = reach[0]
+        # a tied hparam (MAML's initialisation) is reached through the run's start
+        self.unreached = [i for i, r in enumerate(reach) if not r and i not in self.problem.tied]
         return add_start(self.problem, grads, adjoints)

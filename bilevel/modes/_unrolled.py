@@ -366,8 +366,9 @@ class UnrolledMode(Mode):
             stats.extra["tangent_bytes"] = run.tangent_bytes()
         if meter is not None:
             stats.extra["saved_bytes_peak"] = meter.peak
-        if not getattr(run, "reached_phi", True):
-            stats.extra["hparams_unreached"] = True
+        if isinstance(run, PlainRun) and run.unreached:
+            stats.extra["hparams_unreached"] = run.problem.hparams_names(run.unreached)
+            stats.extra["hparams_all_unreached"] = len(run.unreached) == len(run.problem.phi0)
 
     def _initial_state(self, stepper: Stepper, theta: Tensors) -> tuple[Any, bool]:
         """The optimizer state the steps start from, and whether it is fresh: the state kept

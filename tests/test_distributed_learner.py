@@ -200,6 +200,10 @@ def scenario(rank: int, world: int) -> dict:
         weighted.step(split(batch, sizes, rank), split(aux, aux_sizes, rank))
     report["weighted"] = flat(weighted)
 
+    skewed = build(wrap=True)  # ranks resumed from different checkpoints
+    skewed.steps = rank
+    report["steps_differ"] = refused(skewed, lambda: skewed.step(shards[0], aux_shard))
+
     undeclared = build(wrap=True)  # a DDP primary whose HyperGradient has no distributed=...
     undeclared.hypergradient = bilevel.HyperGradient("implicit-exact")
     report["undeclared"] = refused(undeclared, lambda: undeclared.step(shards[0], aux_shard))
@@ -299,3 +303,10 @@ def test_a_ddp_primary_without_distributed_is_refused_before_the_first_step(worl
     for r in ranks(world):
         kind, message, unchanged = r["undeclared"]
         assert kind == "ValueError" and "distributed=True" in message and unchanged
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_learners_at_different_steps_raise_on_every_rank_before_anything_moves(world):
+    for r in ranks(world):
+        kind, message, unchanged = r["steps_differ"]
+        assert kind == "ValueError" and unchanged and "different steps" in message and "rank 1: 1" in message

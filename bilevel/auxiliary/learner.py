@@ -52,24 +52,24 @@ class AuxiliaryLearner:
     the data order and random number generators are the caller's.
 
     Data parallel. With ``hypergradient=HyperGradient(..., distributed=True)`` (or a
-    ``ProcessGroup``), W ranks each pass ``step`` their equal shard of the global batches,
-    and ``train_loss`` and ``main_loss`` return means over the shard. The primary step then
-    uses the gradient averaged over the ranks, and the auxiliary step the global
-    hypergradient, so every rank's models stay identical and equal to one process's on the
-    concatenated batches (``train_loss`` in the result is the global one too). Each step
-    makes one all-reduce of ``3W + 1 + T + N`` entries (``T`` trainable primary tensors of
-    ``N`` entries in all): per rank a failure flag and the sizes of its ``train_batch`` and
-    ``aux_batch``, the mean loss, a used flag per tensor (one no rank uses gets no gradient)
-    and the gradients. A rank whose ``train_loss`` raises joins it with its flag set and
-    raises its error; the others raise :class:`~bilevel.PeerError`; nothing moves on any
-    rank. The size of a batch is the leading dimension of its first tensor (a batch without
-    one is not compared); ranks with different sizes raise ``ValueError`` on every rank
-    before anything moves, unless ``check_shards=False``. A ``DistributedDataParallel``
-    primary or auxiliary model is evaluated through the module it wraps (DDP's forward,
-    hence its buffer broadcast, never runs: keep buffers identical yourself), and parameter
-    names (``unused`` above) carry no ``module.`` prefix. ``state_dict()`` saves the models
-    as they are wrapped (a DDP's keys start with ``module.``); ``load_state_dict`` also loads
-    a checkpoint of the unwrapped module into a DDP and the reverse.
+    ``ProcessGroup``), W ranks each pass ``step`` their equal shard of the global batches, and
+    ``train_loss`` and ``main_loss`` return means over the shard. The primary step then uses
+    the gradient averaged over the ranks, and the auxiliary step the global hypergradient, so
+    every rank's models stay identical and equal to one process's on the concatenated batches
+    (``train_loss`` in the result is the global one too). Each step makes one all-reduce of
+    ``4W + 1 + T + N`` entries (``T`` trainable primary tensors of ``N`` entries in all): per
+    rank a failure flag, the sizes of its ``train_batch`` and ``aux_batch`` and its step count
+    (ranks at different steps raise), the mean loss, a used flag per tensor (one no rank uses
+    gets no gradient) and the gradients. A rank whose ``train_loss`` raises joins it with its
+    flag set and raises its error; the others raise :class:`~bilevel.PeerError`; nothing moves
+    on any rank. The size of a batch is the leading dimension of its first tensor (a batch
+    without one is not compared); ranks with different sizes raise ``ValueError`` on every
+    rank before anything moves, unless ``check_shards=False``. A ``DistributedDataParallel``
+    primary or auxiliary model is evaluated through the module it wraps (DDP's forward, hence
+    its buffer broadcast, never runs: keep buffers identical yourself), and parameter names
+    (``unused`` above) carry no ``module.`` prefix. ``state_dict()`` saves the models as they
+    are wrapped (a DDP's keys start with ``module.``); ``load_state_dict`` also loads a
+    checkpoint of the unwrapped module into a DDP and the reverse.
     """
 
     def __init__(
@@ -176,16 +176,17 @@ class AuxiliaryLearner:
         import torch.distributed as dist
 
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        failure: Exception | None = None
+        failure: BaseException | None = None
         value = 0.0  # what a failed rank sends
         grads: list[Tensor | None] = [None] * len(params)
         try:
             value, grads = self._local_gradients(primary, auxiliary, params, train_batch)
-        except Exception as error:  # noqa: BLE001 - every rank must hear of it before any raises
+        except BaseException as error:  # noqa: BLE001 - every rank must hear of it before any raises
             failure = error
-        head = [0.0] * (3 * world + 1)  # failure flags, train and aux batch sizes, loss
+        head = [0.0] * (4 * world + 1)  # failure flags, train and aux batch sizes, step counts, loss
         head[rank] = float(failure is not None)
         head[world + rank], head[2 * world + rank] = _shard_size(train_batch), _shard_size(aux_batch)
+        head[3 * world + rank] = float(self.steps)
         head[-1] = value
         out = _all_reduce_sum(group, head, params, grads)
         if failure is not None:
@@ -197,6 +198,13 @@ class AuxiliaryLearner:
                 f"rank(s) {', '.join(map(str, failed))} of the process group raised an error in "
                 "AuxiliaryLearner.step (see their traceback); every rank stops here, and no "
                 "rank's models or optimizers changed"
+            )
+        counts = sums[3 * world : 4 * world]
+        if len(set(counts)) > 1:  # resumed from different checkpoints: update steps would differ
+            shown = ", ".join(f"rank {r}: {int(c)}" for r, c in enumerate(counts))
+            raise ValueError(
+                f"distributed: the ranks' learners are at different steps ({shown}); load the same "
+                "checkpoint on every rank (AuxiliaryLearner.load_state_dict); nothing was changed"
             )
         if self.check_shards:
             for name, start in (("train_batch", world), ("aux_batch", 2 * world)):

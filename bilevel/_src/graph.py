@@ -67,9 +67,12 @@ def reached(loss: Tensor, tensors: Tensors) -> list[bool]:
 
 
 def _is_synchronize(node: Any) -> bool:
+    forward = getattr(node, "_forward_cls", None)  # custom Functions' nodes only
+    if forward is None:
+        return False
     from .distributed import Synchronize
 
-    return getattr(node, "_forward_cls", None) is Synchronize
+    return forward is Synchronize
 
 
 #: the code of every ``@once_differentiable`` backward (one wrapper, made per decorated function)

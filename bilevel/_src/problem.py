@@ -32,17 +32,19 @@ _DTYPE_MIXTURE = re.compile(r"same dtype|same scalar type|expected scalar type")
 
 
 class _ClosureCall(nn.Module):
-    """Holds the user's modules as children so ``functional_call`` can rebind all of them."""
+    """Holds the user's modules as children so ``functional_call`` can rebind all of them;
+    one per problem, calling the closure its first argument names (a module costs tens of
+    microseconds to build, and a MAML task is one call)."""
 
-    def __init__(self, closure: Closure, modules: Sequence[nn.Module]) -> None:
+    def __init__(self, closures: dict[str, Callable[..., Any]], modules: Sequence[nn.Module]) -> None:
         super().__init__()
-        self.closure = closure
+        self.closures = closures
         self.bound = nn.ModuleList(modules)
         self.context: Callable[[], Any] = contextlib.nullcontext  # sharded.py suspends hooks
 
-    def forward(self, params: Any, hparams: Any, *extra: Any) -> Tensor:
+    def forward(self, name: str, params: Any, hparams: Any, *extra: Any) -> Tensor:
         with self.context():
-            return self.closure(params, hparams, *extra)
+            return self.closures[name](params, hparams, *extra)
 
 
 class BilevelProblem:
@@ -126,7 +128,8 @@ class BilevelProblem:
         self._bound = _bound_modules(self.params_structure, self.hparams_structure, self._phi_as_dicts)
         modules = [s.module for _, s, _ in self._bound]
         self._closures: dict[str, Callable[..., Any]] = {}
-        self._calls: dict[str, _ClosureCall] = {}  # with modules to rebind: for functional_call
+        # with modules to rebind: what functional_call runs
+        self._call = _ClosureCall(self._closures, modules) if modules else None
         self.add_closure("inner_loss", inner_loss)
         self.add_closure("outer_loss", outer_loss)
         self.stationarity_map = stationarity
@@ -200,8 +203,6 @@ class BilevelProblem:
         """Register another closure ``(params, hparams, *extra)`` evaluated like the losses
         (modules rebound), for subclasses that need more than the two losses."""
         self._closures[name] = closure
-        if self._bound:
-            self._calls[name] = _ClosureCall(closure, [s.module for _, s, _ in self._bound])
 
     def hparams_names(self, indices: list[int]) -> list[str]:
         """How the user would write hparams' flat entries ``indices``: ``hparams['lr']``."""
@@ -209,7 +210,7 @@ class BilevelProblem:
         return [f"hparams{pytree.keystr(paths[i][0])}" for i in indices]
 
     def closure_modules(self) -> list[_ClosureCall]:
-        return list(self._calls.values())
+        return [] if self._call is None else [self._call]
 
     def evaluate(self, name: str, theta: Tensors, phi: Tensors, *extra: Any) -> Any:
         """The closure registered as ``name`` at (θ, φ), unchecked."""
@@ -268,7 +269,8 @@ class BilevelProblem:
         for i, (source, s, offset) in enumerate(self._bound):
             leaves = sources[source][offset : offset + len(s.names)]
             bindings.update({f"bound.{i}.{k}": t for k, t in zip(s.names, leaves)})
-        return functional_call(self._calls[name], bindings, (p_arg, h_arg, *extra))
+        assert self._call is not None
+        return functional_call(self._call, bindings, (name, p_arg, h_arg, *extra))
 
     def inner(self, theta: Tensors, phi: Tensors, *extra: Any, second_order: bool = True) -> Tensor:
         """f(θ, φ) as a scalar tensor; ``extra`` arguments (a mini-batch) are passed on.

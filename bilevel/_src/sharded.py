@@ -21,6 +21,7 @@ practice (the same code and structures), so this is a documented limit, not a gu
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -33,11 +34,10 @@ __all__ = ["gather_sharded", "has_sharded", "sharded_modules_refusal"]
 
 
 def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a build without distributed support
-        return None
-    return DTensor
+    """DTensor if its module is loaded (no DTensor can exist otherwise: importing it here
+    would cost every first call half a second)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None) if module is not None else None
 
 
 def has_sharded(tensors: Tensors) -> bool:

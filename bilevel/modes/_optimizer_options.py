@@ -82,6 +82,7 @@ def check_inner_optimizer(optimizer: Any) -> None:
     )
 
 
+@functools.lru_cache(maxsize=256)
 def signature_parameters(function: Callable[..., Any]) -> Mapping[str, inspect.Parameter]:
     """``inspect.signature(function).parameters``, cached (a stepper is built at every call)."""
     return inspect.signature(function).parameters

@@ -16,7 +16,7 @@ from torch import Tensor
 from .errors import HypergradientWarning, user_stacklevel
 from .typing import Tensors
 
-__all__ = ["code_of", "custom_functions", "reached", "screen_once", "warn_once_differentiable"]
+__all__ = ["code_of", "custom_functions", "reached", "reaches_any", "screen_once", "warn_once_differentiable"]
 
 
 def _function_nodes(loss: Tensor) -> list[Any]:
@@ -42,7 +42,13 @@ def custom_functions(loss: Tensor) -> str:
     return f" (custom autograd Functions in the graph: {', '.join(names)})" if names else ""
 
 
-def reached(loss: Tensor, tensors: Tensors) -> list[bool]:
+def reaches_any(loss: Tensor, tensors: Tensors) -> bool:
+    """Whether the graph of ``loss`` reaches any of ``tensors``: :func:`reached`, stopping at
+    the first (a check made on every unrolled call need not walk the whole graph)."""
+    return any(reached(loss, tensors, first=True))
+
+
+def reached(loss: Tensor, tensors: Tensors, first: bool = False) -> list[bool]:
     """Whether the autograd graph of ``loss`` reaches each tensor (structurally, no backward).
     A :class:`~bilevel._src.distributed.Synchronize` node passes each output to its own input."""
     nodes: dict[Any, list[int]] = {}
@@ -61,6 +67,8 @@ def reached(loss: Tensor, tensors: Tensors) -> list[bool]:
         variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
         for i in nodes.get(node, []) + (nodes.get(id(variable), []) if variable is not None else []):
             found[i] = True
+            if first:
+                return found
         edges = node.next_functions
         stack.extend([edges[output]] if through else edges)
     return found

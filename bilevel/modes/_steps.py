@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._src.errors import check_finite, second_order_guard
-from .._src.graph import reached
+from .._src.graph import reaches_any
 from .._src.problem import BilevelProblem
 from .._src.typing import Tensors
 from ._backends import Stepper
@@ -66,7 +66,7 @@ def inner_step(
     """θ_{t+1}, s_{t+1} = Φ(θ_t, s_t, φ) on f(θ_t, φ, batch) (``graph``: keep the step
     differentiable); step 0 checks that the loss reaches θ, every step that it is finite."""
     loss = problem.inner(theta, phi, *batch)
-    if step == 0 and not any(reached(loss, theta)):
+    if step == 0 and not reaches_any(loss, theta):
         raise ValueError(_NO_PARAMS_REACHED)
     # the value only: a check deferred to the call's end must not keep the loss's graph alive
     check_finite((loss.detach(),), f"the value of inner_loss at unrolled step {step}")

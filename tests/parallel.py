@@ -9,6 +9,7 @@ failing rank's traceback, and kills every process still running at ``timeout`` s
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import queue
 import socket
@@ -51,6 +52,7 @@ def _entry(
         try:
             results.put((rank, True, target(rank, world, *args)))
         finally:
+            gc.collect()  # DDP objects freed after their group can hang in gloo's teardown
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
         results.put((rank, False, traceback.format_exc()))

@@ -373,25 +373,23 @@ def test_the_group_works_again_after_the_failed_calls(world):
         assert rel(r["after_failures"], expected) < 1e-6  # iters=50
 
 
-def test_a_ddp_module_without_distributed_is_refused():
-    import torch.distributed as dist
+def ddp_on_one_rank(rank: int, world: int) -> tuple[str, bool]:
+    """On a one-process group: a DDP module without distributed=... is refused; with False and
+    with True (W = 1) it gives the same answer."""
+    net = nn.parallel.DistributedDataParallel(Net())
+    inner, outer = module_losses(*data())
+    log_decay = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+    refused = outcome(lambda: bilevel.HyperGradient("unroll", steps=2).compute(inner, outer, net, log_decay))
+    local = bilevel.HyperGradient("unroll", steps=2, distributed=False).compute(inner, outer, net, log_decay)
+    one = bilevel.HyperGradient("unroll", steps=2, distributed=True).compute(inner, outer, net, log_decay)
+    return refused[1], bool(torch.allclose(local, one, rtol=1e-12, atol=0))
 
-    # a one-process gloo group, so that DistributedDataParallel can be built here
-    store = dist.HashStore()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        net = nn.parallel.DistributedDataParallel(Net())
-        inner, outer = module_losses(*data())
-        log_decay = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
-        with pytest.raises(ValueError, match="distributed=True"):
-            bilevel.HyperGradient("unroll", steps=2).compute(inner, outer, net, log_decay)
-        local = bilevel.HyperGradient("unroll", steps=2, distributed=False).compute(
-            inner, outer, net, log_decay
-        )
-        one = bilevel.HyperGradient("unroll", steps=2, distributed=True).compute(inner, outer, net, log_decay)
-        torch.testing.assert_close(local, one, rtol=1e-12, atol=0)
-    finally:
-        dist.destroy_process_group()
+
+def test_a_ddp_module_without_distributed_is_refused():
+    # in a process of its own: a DDP module freed after its process group can hang the
+    # interpreter (gloo joins a thread), which the harness's timeout turns into a failure
+    message, same = run_ranks(ddp_on_one_rank, 1, timeout=60)[0]
+    assert "distributed=True" in message and same
 
 
 def test_local_solves_needs_distributed():

@@ -18,9 +18,10 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch.multiprocessing as mp
 
-__all__ = ["RankError", "run_ranks"]
+__all__ = ["RankError", "outcome", "rel", "run_ranks"]
 
 
 class RankError(AssertionError):
@@ -95,3 +96,18 @@ def run_ranks(target: Callable, world: int, *args: Any, timeout: float = 60.0) -
         report = "".join(f"\n--- rank {r} ---\n{v}" for r, v in sorted(failed.items()))
         raise RankError(f"ranks {missing} did not finish within {timeout:.0f} s" * bool(missing) + report)
     return [outcomes[r][1] for r in range(world)]
+
+
+def outcome(call: Callable[[], Any]) -> tuple[str, str]:
+    """(the exception's class name or "ok", its message): what a rank reports of a call."""
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - the test reads which rank raised what
+        return type(error).__name__, str(error)
+    return "ok", ""
+
+
+def rel(a: Any, b: Any) -> float:
+    """max |a − b| / max |b|, of arrays."""
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))

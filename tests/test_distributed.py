@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from parallel import run_ranks
+from parallel import outcome, rel, run_ranks
 from torch import nn
 
 import bilevel
@@ -158,15 +158,6 @@ def uneven(rank: int, world: int) -> np.ndarray:
     return hg.compute(*weighted, w, log_decay).numpy()
 
 
-def outcome(call) -> tuple[str, str]:
-    """(the exception's class name or "ok", its message)."""
-    try:
-        call()
-    except Exception as error:  # noqa: BLE001 - the test reads which rank raised what
-        return type(error).__name__, str(error)
-    return "ok", ""
-
-
 def scenario(rank: int, world: int) -> dict:
     """Everything a rank reports: each mode's hypergradient and collectives, and the
     outcomes of the calls that must fail on every rank (then one that must work again)."""
@@ -266,11 +257,6 @@ def single() -> dict:
         hg = bilevel.HyperGradient(mode, **options)
         out[label(mode, options)] = hg.compute(inner, outer, initial(mode, w), log_decay)
     return out
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
 
 WORLDS = [2, pytest.param(3, marks=pytest.mark.slow)]

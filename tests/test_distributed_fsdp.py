@@ -13,8 +13,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from parallel import run_ranks
-from test_distributed import Net, data, module_losses, rel, shard
+from parallel import rel, run_ranks
+from test_distributed import Net, data, module_losses, shard
 
 import bilevel
 

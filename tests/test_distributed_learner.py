@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from parallel import run_ranks
+from parallel import outcome, rel, run_ranks
 from torch import nn
 
 import bilevel
@@ -104,14 +104,6 @@ def same(a: list, b: list) -> bool:
     return len(a) == len(b) and all(
         torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b)
     )
-
-
-def outcome(call) -> tuple[str, str]:
-    try:
-        call()
-    except Exception as error:  # noqa: BLE001 - the test reads which rank raised what
-        return type(error).__name__, str(error)
-    return "ok", ""
 
 
 def split(tensors, sizes: list[int], rank: int):
@@ -223,11 +215,6 @@ def reference() -> dict:
     learner = build()
     infos = [learner.step(batch, aux) for batch in batches]
     return {"final": flat(learner), "losses": [i["train_loss"] for i in infos]}
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 WORLDS = [2, pytest.param(3, marks=pytest.mark.slow)]

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .errors import PeerError
+from .tree_math import flat, unflat
 from .typing import Tensors
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "resolve_group",
     "shard_weight",
     "unwrap_data_parallel",
+    "unwrap_pair",
 ]
 
 SYNCHRONIZE, CLOSE, VALUE = 1, 2, 3  # the tags of the call's all-reduces
@@ -96,6 +98,12 @@ def unwrap_data_parallel(tree: Any) -> Any:
     return tree
 
 
+def unwrap_pair(params: Any, hparams: Any) -> tuple[Any, Any]:
+    """params and hparams through :func:`unwrap_data_parallel`, one object still one (MAML)."""
+    unwrapped = unwrap_data_parallel(params)
+    return unwrapped, unwrapped if hparams is params else unwrap_data_parallel(hparams)
+
+
 def contains_data_parallel(tree: Any) -> bool:
     from torch.nn import DataParallel
     from torch.nn.parallel import DistributedDataParallel
@@ -136,7 +144,7 @@ class _MeanAcrossRanks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, channel: Channel, buffer: Tensor) -> Tensor:
-        ctx.channel, ctx.flags = channel, buffer[channel.payload + channel.slots :].detach().clone()
+        ctx.channel, ctx.flags = channel, buffer[channel.payload :].detach().clone()
         return channel.all_reduce_mean(buffer)
 
     @staticmethod
@@ -146,8 +154,9 @@ class _MeanAcrossRanks(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, _: None, tangent: Tensor) -> Tensor:
         # forward-mode AD (direction="forward"): the tangent of a mean is the mean of tangents,
-        # one all-reduce of the same kind (the forward's tag and flags, whose tangents are 0)
-        start = ctx.channel.payload + ctx.channel.slots
+        # one all-reduce of the same kind (the forward's used flags, tag and failure flags,
+        # whose tangents are 0: the tail it leaves in the channel is the forward's)
+        start = ctx.channel.payload
         out = ctx.channel.all_reduce_mean(torch.cat([tangent[:start], ctx.flags]))
         return torch.cat([out[:start], torch.zeros_like(ctx.flags)])
 
@@ -191,6 +200,7 @@ class Channel:
         self.bytes = 0
         self.peer_failed = False  # this rank has seen a failure flag: it makes no more collectives
         self.payload = 0  # set by bind: the payload of every all-reduce
+        self.tail: list[float] = []  # the last all-reduce's mean after its payload
         self.slots = 0
         self.dtype = torch.float64
         self.device = torch.device("cpu")
@@ -242,9 +252,10 @@ class Channel:
         took another path) raises ``RuntimeError``; both on every rank, which all read the
         same sums (the mean of one-hot tags is a unit vector only if all ranks agree)."""
         out = self._all_reduce(buffer)
-        flags = out[-self.world :].tolist()
-        start = self.payload + self.slots
-        tags = (out[start : start + _TAGS] / self.world).tolist()
+        # the part after the payload, in one host read: used flags, tags, failure flags
+        self.tail = (out[self.payload :] / self.world).tolist()
+        flags = self.tail[-self.world :]
+        tags = self.tail[self.slots : self.slots + _TAGS]
         if any(flags):
             self.peer_failed = True
             ranks = ", ".join(str(r) for r, f in enumerate(flags) if f)
@@ -278,12 +289,12 @@ class Channel:
             torch.zeros(s, dtype=self.dtype, device=self.device).reshape(-1) if g is None else g.reshape(-1)
             for g, s in zip(grads, shapes)
         ]
-        flat = torch.cat(pieces).to(self.dtype)
+        vector = torch.cat(pieces).to(self.dtype)
         # the buffer's layout: [payload | a used flag per slot | tag | a failure flag per rank]
         rest = self._buffer(tag)
         rest[self.payload : self.payload + len(grads)] = torch.tensor([float(g is not None) for g in grads])
-        out = _MeanAcrossRanks.apply(self, torch.cat([flat, rest[flat.numel() :]]))
-        anywhere = out[self.payload : self.payload + len(grads)].tolist()
+        out = _MeanAcrossRanks.apply(self, torch.cat([vector, rest[vector.numel() :]]))
+        anywhere = self.tail[: len(grads)]  # read with the flags
         result: list[Tensor | None] = []
         offset = 0
         for s, u in zip(shapes, anywhere):
@@ -308,17 +319,13 @@ class Channel:
         buffer = self._buffer(CLOSE)
         buffer[self.payload] = float(bool(flags))  # in the first used-flag slot
         if grads is not None:
-            flat = torch.cat([g.reshape(-1) for g in grads]).to(self.dtype)
-            buffer[: flat.numel()] = flat
+            vector = flat(grads).to(self.dtype)
+            buffer[: vector.numel()] = vector
         out = self.all_reduce_mean(buffer)
-        count = round(out[self.payload].item() * self.world)
+        count = round(self.tail[0] * self.world)  # read with the flags
         if grads is None:
             return count, None
-        pieces, offset = [], 0
-        for g in grads:
-            pieces.append(out[offset : offset + g.numel()].view(g.shape))
-            offset += g.numel()
-        return count, tuple(pieces)
+        return count, unflat(out[: sum(g.numel() for g in grads)], grads)
 
 
 def shard_weight(local_size: int, group: Any = None) -> float:

@@ -11,12 +11,11 @@ import torch
 from ..modes.base import Mode, get_mode
 from .checkpoint import check_state_devices, differences, layout_of, pack, upgrade
 from .conditions import Condition, make_problem
-from .distributed import Channel, resolve_group, unwrap_data_parallel
+from .distributed import Channel, resolve_group, unwrap_pair
 from .errors import HypergradientWarning, SolverBreakdownError, user_stacklevel
 from .implicit import FAR_FROM_STATIONARY
 from .parallel_call import (
     agree_on_problem,
-    finish_call,
     note_collectives,
     refuse_data_parallel,
     warn_if_sharded,
@@ -171,9 +170,7 @@ class HyperGradient:
             if self.distributed is None:
                 refuse_data_parallel(params, hparams)
             else:
-                same = hparams is params
-                params = unwrap_data_parallel(params)
-                hparams = params if same else unwrap_data_parallel(hparams)
+                params, hparams = unwrap_pair(params, hparams)
             problem = make_problem(inner_loss, outer_loss, params, hparams)
             if has_sharded(problem.theta0 + problem.phi0):
                 raise ValueError(sharded_modules_refusal())
@@ -236,7 +233,8 @@ class HyperGradient:
     def _finish(self, channel: Channel, stats: Stats, grads: Tensors) -> Tensors:
         """The distributed call's last collective: a strict stop on any rank stops all."""
         stop = self.strict and bool(self._breakdowns(stats))
-        count, grads = finish_call(channel, stop, grads, self.local_solves)
+        count, mean = channel.finish(int(stop), grads if self.local_solves else None)
+        grads = grads if mean is None else mean  # local_solves: the mean of the ranks' own
         note_collectives(stats, channel, self.local_solves)
         if count and not stop:
             raise SolverBreakdownError(

@@ -1,10 +1,9 @@
-"""One data-parallel call of :class:`~bilevel.HyperGradient`: setting up, agreeing, finishing.
+"""One data-parallel call of :class:`~bilevel.HyperGradient`: setting up and agreeing.
 
 :func:`agree_on_problem` builds the problem on every rank and checks, in the call's first
 collective, that every rank could and that all hold the same layout, params, hparams and
-mode state; :func:`finish_call` is the call's last collective, in which the ranks agree on
-whether to stop (a strict breakdown anywhere) and, for ``local_solves``, average their
-hypergradients. Both raise on every rank or on none (``distributed.py``).
+mode state; it raises on every rank or on none (``distributed.py``). The call's last
+collective is :meth:`~bilevel._src.distributed.Channel.finish`.
 """
 
 from __future__ import annotations
@@ -20,16 +19,14 @@ from .distributed import (
     collective_device,
     contains_data_parallel,
     fingerprint,
-    unwrap_data_parallel,
+    unwrap_pair,
 )
 from .errors import PeerError
 from .problem import BilevelProblem
 from .sharded import gather_sharded
-from .typing import Tensors
 
 __all__ = [
     "agree_on_problem",
-    "finish_call",
     "note_collectives",
     "refuse_data_parallel",
     "warn_if_sharded",
@@ -56,9 +53,7 @@ def agree_on_problem(
     entries = None
     problem: BilevelProblem | None = None
     try:
-        same = hparams is params
-        params = unwrap_data_parallel(params)
-        problem = build(params, params if same else unwrap_data_parallel(hparams))
+        problem = build(*unwrap_pair(params, hparams))
         check(problem)
         gather_sharded(problem, mode)  # FSDP2 modules: full copies of their parameters
         seed = mode.random_seed()
@@ -133,15 +128,6 @@ def warn_if_sharded(distributed: Any) -> str | None:
         "was built without distributed=...: each rank computes the hypergradient of its own "
         "data. Pass distributed=True for the global one, or distributed=False to keep the local one"
     )
-
-
-def finish_call(
-    channel: Channel, strict_stop: bool, grads: Tensors, local_solves: bool
-) -> tuple[int, Tensors]:
-    """The call's last collective: how many ranks would stop on a strict breakdown, and the
-    hypergradient (for ``local_solves``, the mean of the ranks' own)."""
-    count, mean = channel.finish(int(strict_stop), grads if local_solves else None)
-    return count, (mean if mean is not None else grads)
 
 
 def note_collectives(stats: Any, channel: Channel, local_solves: bool) -> None:

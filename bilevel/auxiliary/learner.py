@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._src.distributed import unwrap_data_parallel
+from .._src.distributed import collective_device, unwrap_data_parallel
 from .._src.errors import PeerError
 from .._src.hypergradient import HyperGradient
-from .._src.parallel_call import collective_device, refuse_data_parallel
+from .._src.parallel_call import refuse_data_parallel
 
 __all__ = ["AuxiliaryLearner"]
 

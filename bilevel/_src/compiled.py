@@ -102,6 +102,7 @@ class CompiledPath:
         phi = tuple(t.detach() for t in problem.phi0)
         if cuda and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
             torch.compiler.cudagraph_mark_step_begin()
+        problem.closure_call()  # functional_call's module, built outside the trace
         try:
             out = self._compiled(problem, theta, phi, problem.buffers, *args)
         except Exception as error:  # noqa: BLE001 - any capture or backend failure falls back

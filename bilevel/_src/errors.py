@@ -24,6 +24,7 @@ __all__ = [
     "SolverBreakdownError",
     "check_finite",
     "check_loss",
+    "closure_runtime_error",
     "closure_type_error",
     "deferred_finite_checks",
     "second_order_guard",
@@ -57,6 +58,35 @@ def closure_type_error(name: str, error: TypeError) -> TypeError | None:
         f"{name} called a {match.group(1)} as a module: the closures receive params and hparams "
         "in the structure they were given, so to call a model pass the module itself "
         "(params=model), not list(model.parameters()). Original error: " + str(error)
+    )
+
+
+# PyTorch's errors for an op whose inputs live on different devices
+_DEVICE_MIXTURE = re.compile(r"same device|expected device|on different devices")
+# ... and whose inputs have different floating dtypes (float32 data with float64 params)
+_DTYPE_MIXTURE = re.compile(r"same dtype|same scalar type|expected scalar type")
+
+
+def closure_runtime_error(
+    name: str, error: RuntimeError, dtype: torch.dtype, device: torch.device
+) -> Exception | None:
+    """A clearer error for the closure ``name`` that mixed devices or floating dtypes with
+    the params' ``dtype`` and ``device``, or None for other errors."""
+    devices = _DEVICE_MIXTURE.search(str(error)) is not None
+    if not devices and _DTYPE_MIXTURE.search(str(error)):
+        return TypeError(
+            f"{name} combined tensors of different dtypes: params and hparams are "
+            f"{dtype}, so every floating tensor and module the closure uses (data, "
+            f"constants) must be too; convert them with .to({dtype}). "
+            f"Original error: {error}"
+        )
+    if not devices:
+        return None
+    return ValueError(
+        f"{name} combined tensors on different devices: params and hparams are on "
+        f"{device}, so every tensor and module the closure uses (data, targets, "
+        f"constants) must be there too; move them with .to({str(device)!r}). "
+        f"Original error: {error}"
     )
 
 

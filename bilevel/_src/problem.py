@@ -8,43 +8,42 @@
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .errors import check_finite, check_loss, closure_type_error, second_order_guard
+from .binding import bind_modules, bound_modules
+from .errors import (
+    check_finite,
+    check_loss,
+    closure_runtime_error,
+    closure_type_error,
+    second_order_guard,
+)
 from .graph import code_of, custom_functions, screen_once
-from .pytree import ModuleSlot, Tree, flatten
+from .pytree import flatten
 from .tied import find_ties, hparams_modules_tied
 from .typing import Closure, Tensors
 
 __all__ = ["BilevelProblem"]
 
-# PyTorch's errors for an op whose inputs live on different devices
-_DEVICE_MIXTURE = re.compile(r"same device|expected device|on different devices")
-# ... and whose inputs have different floating dtypes (float32 data with float64 params)
-_DTYPE_MIXTURE = re.compile(r"same dtype|same scalar type|expected scalar type")
-
 
 class _ClosureCall(nn.Module):
-    """Holds the user's modules as children so ``functional_call`` can rebind all of them;
-    one per problem, calling the closure its first argument names (a module costs tens of
-    microseconds to build, and a MAML task is one call)."""
+    """Holds the user's modules as children so ``functional_call`` can rebind all of them,
+    calling the closure its first argument names: for a traced evaluation, and for modules
+    that redefine how they list their members (binding.py)."""
 
-    def __init__(self, closures: dict[str, Callable[..., Any]], modules: Sequence[nn.Module]) -> None:
+    def __init__(self, problem: BilevelProblem, modules: Sequence[nn.Module]) -> None:
         super().__init__()
-        self.closures = closures
+        self.problem = problem
         self.bound = nn.ModuleList(modules)
-        self.context: Callable[[], Any] = contextlib.nullcontext  # sharded.py suspends hooks
 
     def forward(self, name: str, params: Any, hparams: Any, *extra: Any) -> Tensor:
-        with self.context():
-            return self.closures[name](params, hparams, *extra)
+        return self.problem.run_closure(name, (params, hparams, *extra))
 
 
 class BilevelProblem:
@@ -125,11 +124,11 @@ class BilevelProblem:
         #: {hparams index: params index} of the tensors passed as both (the inner run starts at φ)
         self.tied = find_ties(self.theta0, self.phi0)
         self._phi_as_dicts = hparams_modules_tied(self.hparams_structure, self.tied)
-        self._bound = _bound_modules(self.params_structure, self.hparams_structure, self._phi_as_dicts)
-        modules = [s.module for _, s, _ in self._bound]
+        self._bound = bound_modules(self.params_structure, self.hparams_structure, self._phi_as_dicts)
         self._closures: dict[str, Callable[..., Any]] = {}
-        # with modules to rebind: what functional_call runs
-        self._call = _ClosureCall(self._closures, modules) if modules else None
+        self._call: _ClosureCall | None = None  # what functional_call runs, built when needed
+        #: around every evaluation of a closure (sharded.py suspends the forward hooks)
+        self.context: Callable[[], contextlib.AbstractContextManager] | None = None
         self.add_closure("inner_loss", inner_loss)
         self.add_closure("outer_loss", outer_loss)
         self.stationarity_map = stationarity
@@ -137,35 +136,20 @@ class BilevelProblem:
             self.add_closure("stationarity", stationarity)
         if symmetric is not None or stationarity is not None:
             self.symmetric = bool(symmetric)
-        self.buffers: dict[str, Tensor] = {
-            f"bound.{i}.{name}": b.detach().clone()
-            for i, module in enumerate(modules)
-            for name, b in module.named_buffers()
-        }
+        #: private copies of the modules' buffers, and how the modules are rebound (binding.py)
+        self.buffers, self._binding = bind_modules([s for _, s, _ in self._bound])
 
     # ------------------------------------------------------------------ checks
     def _check_tensors(self) -> None:
         reference = self.phi0[0]
-        for argument, tensors in (("params", self.theta0), ("hparams", self.phi0)):
+        device, dtype = reference.device, reference.dtype
+        sides = [("params", self.theta0)]
+        if self.phi0 is not self.theta0:  # MAML's one module is checked once
+            sides.append(("hparams", self.phi0))
+        for argument, tensors in sides:
             for i, t in enumerate(tensors):
-                where = f"{argument}[{i}]" if len(tensors) > 1 else argument
-                if not t.is_floating_point():
-                    raise TypeError(f"{where}: expected a floating-point tensor, got {t.dtype}")
-                if not t.requires_grad:
-                    raise ValueError(
-                        f"{where} does not require grad; call .requires_grad_() on it "
-                        "(hparams receive the hypergradient, params are differentiated)"
-                    )
-                if t.device != reference.device:
-                    raise ValueError(
-                        f"{where} is on {t.device} but hparams[0] is on "
-                        f"{reference.device}; move params and hparams to one device"
-                    )
-                if t.dtype != reference.dtype:
-                    raise ValueError(
-                        f"{where} has dtype {t.dtype} but hparams[0] has "
-                        f"{reference.dtype}; use one floating dtype for params and hparams"
-                    )
+                if not (t.requires_grad and t.is_floating_point() and t.dtype == dtype) or t.device != device:
+                    self._refuse_tensor(argument, tensors, i)  # raises, naming what is wrong
         seen: dict[int, tuple[str, int]] = {}  # each tensor's first place
         for argument, tensors in (("params", self.theta0), ("hparams", self.phi0)):
             for j, t in enumerate(tensors):
@@ -178,6 +162,27 @@ class BilevelProblem:
                     f"pass each tensor once. Modules that share a weight: put them in one module "
                     f"(an nn.ModuleList), whose parameters() lists the shared weight once"
                 )
+
+    def _refuse_tensor(self, argument: str, tensors: Tensors, i: int) -> NoReturn:
+        """The error for ``tensors[i]`` of ``argument`` (a check that failed above)."""
+        t, reference = tensors[i], self.phi0[0]
+        where = f"{argument}[{i}]" if len(tensors) > 1 else argument
+        if not t.is_floating_point():
+            raise TypeError(f"{where}: expected a floating-point tensor, got {t.dtype}")
+        if not t.requires_grad:
+            raise ValueError(
+                f"{where} does not require grad; call .requires_grad_() on it "
+                "(hparams receive the hypergradient, params are differentiated)"
+            )
+        if t.device != reference.device:
+            raise ValueError(
+                f"{where} is on {t.device} but hparams[0] is on "
+                f"{reference.device}; move params and hparams to one device"
+            )
+        raise ValueError(
+            f"{where} has dtype {t.dtype} but hparams[0] has "
+            f"{reference.dtype}; use one floating dtype for params and hparams"
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -209,8 +214,18 @@ class BilevelProblem:
         paths = pytree.tree_flatten_with_path(self.hparams_structure.unflatten(self.phi0))[0]
         return [f"hparams{pytree.keystr(paths[i][0])}" for i in indices]
 
-    def closure_modules(self) -> list[_ClosureCall]:
-        return [] if self._call is None else [self._call]
+    def closure_call(self) -> _ClosureCall:
+        """The module that ``functional_call`` rebinds (built once, outside any trace)."""
+        if self._call is None:
+            self._call = _ClosureCall(self, [s.module for _, s, _ in self._bound])
+        return self._call
+
+    def run_closure(self, name: str, args: tuple) -> Any:
+        """The closure ``name`` on ``args``, inside ``context`` (modules already rebound)."""
+        if self.context is None:
+            return self._closures[name](*args)
+        with self.context():
+            return self._closures[name](*args)
 
     def evaluate(self, name: str, theta: Tensors, phi: Tensors, *extra: Any) -> Any:
         """The closure registered as ``name`` at (θ, φ), unchecked."""
@@ -227,22 +242,10 @@ class BilevelProblem:
                 raise
             raise clearer from error
         except RuntimeError as error:
-            devices = _DEVICE_MIXTURE.search(str(error)) is not None
-            if not devices and _DTYPE_MIXTURE.search(str(error)):
-                raise TypeError(
-                    f"{name} combined tensors of different dtypes: params and hparams are "
-                    f"{self.dtype}, so every floating tensor and module the closure uses (data, "
-                    f"constants) must be too; convert them with .to({self.dtype}). "
-                    f"Original error: {error}"
-                ) from error
-            if not devices:
+            mixture = closure_runtime_error(name, error, self.dtype, self.device)
+            if mixture is None:
                 raise
-            raise ValueError(
-                f"{name} combined tensors on different devices: params and hparams are on "
-                f"{self.device}, so every tensor and module the closure uses (data, targets, "
-                f"constants) must be there too; move them with .to({str(self.device)!r}). "
-                f"Original error: {error}"
-            ) from error
+            raise mixture from error
         return check_loss(loss, name) if check else loss
 
     def call(
@@ -263,14 +266,21 @@ class BilevelProblem:
         hparams = self.hparams_structure
         h_arg = hparams.unflatten(phi) if self._phi_as_dicts else hparams.call_form(phi)
         if not self._bound:
-            return self._closures[name](p_arg, h_arg, *extra)
+            return self.run_closure(name, (p_arg, h_arg, *extra))
+        buffers = self.buffers if buffers is None else buffers
         sources = {"theta": theta, "phi": phi}
-        bindings = dict(self.buffers if buffers is None else buffers)
-        for i, (source, s, offset) in enumerate(self._bound):
-            leaves = sources[source][offset : offset + len(s.names)]
-            bindings.update({f"bound.{i}.{k}": t for k, t in zip(s.names, leaves)})
-        assert self._call is not None
-        return functional_call(self._call, bindings, (name, p_arg, h_arg, *extra))
+        values = [buffers[k] for k in self.buffers]
+        for source, s, offset in self._bound:
+            values.extend(sources[source][offset : offset + len(s.names)])
+        if self._binding is None or torch.compiler.is_compiling():
+            names = (f"bound.{i}.{k}" for i, (_, s, _) in enumerate(self._bound) for k in s.names)
+            bindings = dict(zip([*self.buffers, *names], values))
+            return functional_call(self.closure_call(), bindings, (name, p_arg, h_arg, *extra))
+        replaced = self._binding.swap(values)
+        try:
+            return self.run_closure(name, (p_arg, h_arg, *extra))
+        finally:
+            self._binding.restore(replaced)
 
     def inner(self, theta: Tensors, phi: Tensors, *extra: Any, second_order: bool = True) -> Tensor:
         """f(θ, φ) as a scalar tensor; ``extra`` arguments (a mini-batch) are passed on.
@@ -385,10 +395,3 @@ def _no_scalar_inner(*args: Any) -> Tensor:
         "this problem is defined by a stationarity map, not by one inner loss (its "
         "update is not a gradient), so only implicit modes for non-symmetric systems apply"
     )
-
-
-def _bound_modules(params: Tree, hparams: Tree, phi_tied: bool) -> list[tuple[str, ModuleSlot, int]]:
-    """The modules to rebind at each evaluation: (which flat tuple, module, first leaf); tied
-    hparams modules are the params' modules (or inside them), bound to θ."""
-    sides = (("theta", params),) + (() if phi_tied else (("phi", hparams),))
-    return [(side, s, s.offset) for side, tree in sides for s in tree.modules]

@@ -21,6 +21,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.utils._pytree import KeyEntry, MappingKey, TreeSpec
 
+from .binding import Members, module_members
 from .typing import Tensors
 
 __all__ = ["ModuleSlot", "Tree", "describe", "flatten", "leaf_paths", "plain"]
@@ -31,10 +32,16 @@ _PLAIN_NAMES = {tuple: "tuple", list: "list", dict: "dict"}  # the kinds 0.1.0 s
 class _Module:
     """A module inside a flattened structure: the pytree node of its trainable parameters."""
 
-    __slots__ = ("module", "names", "tensors")
+    __slots__ = ("members", "module", "names", "tensors")
 
-    def __init__(self, module: nn.Module, names: tuple[str, ...], tensors: tuple[Tensor, ...]) -> None:
-        self.module, self.names, self.tensors = module, names, tensors
+    def __init__(
+        self,
+        module: nn.Module,
+        names: tuple[str, ...],
+        tensors: tuple[Tensor, ...],
+        members: Members | None,
+    ) -> None:
+        self.module, self.names, self.tensors, self.members = module, names, tensors, members
 
 
 def _module_flatten(node: _Module) -> tuple[list[Tensor], tuple[str, tuple[str, ...]]]:
@@ -69,6 +76,7 @@ class ModuleSlot:
     module: nn.Module
     names: tuple[str, ...]
     offset: int
+    members: Members | None = None  # the module's walk (binding.py); None: functional_call
 
 
 # how a tree rebuilds its objects: precomputed once, because BilevelProblem.call rebuilds the
@@ -180,7 +188,7 @@ def flatten(obj: Any, argument: str) -> tuple[Tensors, Tree]:
         elif isinstance(leaf, nn.Module):
             node = _module_node(leaf, functools.partial(_path, obj, argument, len(leaves), i))
             nodes.append(node)
-            modules.append(ModuleSlot(leaf, node.names, count))
+            modules.append(ModuleSlot(leaf, node.names, count, node.members))
             plan.append(leaf)
             count += len(node.names)
         else:
@@ -202,13 +210,18 @@ def _as_plain(leaf: Any) -> Any:
 
 def _module_node(module: nn.Module, path: Callable[[], str]) -> _Module:
     """``module`` as a node of its trainable parameters; ``path()`` names it in the error."""
-    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    members = module_members(module)
+    named: list[tuple[str, Tensor]]
+    if members is None:
+        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    else:
+        named = [(name, p) for name, (p, _) in members.parameters.items() if p.requires_grad]
     if not named:
         raise ValueError(
             f"{path()}: module {type(module).__name__} has no parameters that require "
             "grad; call .requires_grad_() on the ones to differentiate"
         )
-    return _Module(module, tuple(name for name, _ in named), tuple(p for _, p in named))
+    return _Module(module, tuple(name for name, _ in named), tuple(p for _, p in named), members)
 
 
 def _path(obj: Any, argument: str, count: int, i: int) -> str:

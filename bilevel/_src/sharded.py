@@ -58,7 +58,7 @@ def sharded_modules_refusal() -> str:
 @contextlib.contextmanager
 def _hooks_suspended(modules: list[nn.Module]) -> Iterator[None]:
     """The forward (pre-)hooks of ``modules`` and their submodules removed for the block:
-    FSDP's would replace the tensors ``functional_call`` binds by its own gathered ones."""
+    FSDP's would replace the tensors the problem binds by its own gathered ones."""
     saved = []
     for module in {id(m): m for root in modules for m in root.modules()}.values():
         saved.append((module, module._forward_pre_hooks, module._forward_hooks))
@@ -100,5 +100,4 @@ def gather_sharded(problem: BilevelProblem, mode: Any) -> None:
         )
     problem.theta0 = tuple(_full(t) for t in problem.theta0)
     modules = [slot.module for slot in problem.params_structure.modules]
-    for call in problem.closure_modules():
-        call.context = lambda: _hooks_suspended(modules)
+    problem.context = lambda: _hooks_suspended(modules)

@@ -13,7 +13,9 @@ meta-batch, each implementation returns the summed meta-gradient dg(θ_5)/dφ ov
 Timing: per round, each implementation runs once on the same meta-batch (their order
 alternates between rounds), after untimed warm-up rounds; the ratio is the median over
 rounds of ours/hand in the same round (a load change within a round slows both alike).
-Also reports the median seconds and the relative difference of the results.
+Also reports the median seconds and the relative difference of the results, and what one
+loss evaluation of the model costs: called directly, through ``functional_call`` (what the
+hand-written loop pays), and as the library evaluates it at its own tensors.
 
     python benchmarks/maml.py [--tasks 4] [--repeats 21] [--dtype float32] [--quick]
 
@@ -32,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from bilevel import HyperGradient
+from bilevel import BilevelProblem, HyperGradient
 
 STEPS, LR = 5, 0.01
 Task = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -129,6 +131,35 @@ def measure(tasks: int, repeats: int, dtype: torch.dtype, warmup: int = 3) -> Re
     )
 
 
+def evaluation_costs(dtype: torch.dtype, calls: int = 2000) -> dict[str, float]:
+    """Microseconds per evaluation of a task's support loss at tensors other than the model's
+    own (best of 5 runs of ``calls``): directly (the model at its own parameters, the floor),
+    through ``functional_call``, and through ``BilevelProblem.inner`` (the library's path)."""
+    model = make_model(dtype)
+    xs, ys, _, _ = sine_tasks(1, dtype)[0]
+    inner, outer = _losses(xs, ys, xs, ys)
+    problem = BilevelProblem(inner, outer, model, model)
+    theta, phi = problem.leaf_copies()
+    named = dict(zip([n for n, _ in model.named_parameters()], theta))
+    ways = {
+        "direct": lambda: _mse(model(xs), ys),
+        "functional_call": lambda: _mse(functional_call(model, named, (xs,)), ys),
+        "bilevel": lambda: problem.inner(theta, phi),
+    }
+    costs = {}
+    for name, way in ways.items():
+        for _ in range(100):
+            way()
+        runs = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(calls):
+                way()
+            runs.append((time.perf_counter() - start) / calls * 1e6)
+        costs[name] = min(runs)
+    return costs
+
+
 def main(argv: list[str] | None = None) -> Result:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=4)
@@ -141,6 +172,8 @@ def main(argv: list[str] | None = None) -> Result:
     print(f"MAML, {STEPS} SGD steps, MLP 1-40-40-1, {result.tasks} tasks, {args.dtype}, {repeats} rounds")
     print(f"{'ours ms':>9} {'hand ms':>9} {'ours/hand':>10} {'rel diff':>9}")
     print(f"{result.ours_s * 1e3:9.2f} {result.hand_s * 1e3:9.2f} {result.ratio:10.3f} {result.diff:9.1e}")
+    costs = evaluation_costs(getattr(torch, args.dtype), calls=200 if args.quick else 2000)
+    print("one support-loss evaluation, us: " + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()))
     return result
 
 

@@ -96,6 +96,41 @@ def test_a_tied_weight_is_bound_at_both_places() -> None:
         torch.testing.assert_close(got[name], e, rtol=1e-12, atol=1e-14)
 
 
+class BiasAsBuffer(nn.Module):
+    """The linear layer's bias is also registered as a buffer, and the forward reads both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+        self.register_buffer("alias", self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.alias
+
+
+def test_a_parameter_registered_as_a_buffer_too_follows_the_parameter() -> None:
+    torch.manual_seed(0)
+    model = BiasAsBuffer()
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    inner = lambda m, init: ((m(x) - y) ** 2).mean()
+    outer = lambda m, init: ((m(x - 1) - y) ** 2).mean()
+    got = HyperGradient("unroll", steps=3, lr=0.1).compute(inner, outer, model, model)
+    assert "alias" not in module_members(model).buffers  # type: ignore[union-attr]
+
+    def forward(w: torch.Tensor, b: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs @ w.T + 2 * b  # the bias read twice
+
+    phi = [model.linear.weight, model.linear.bias]
+    theta = phi
+    for _ in range(3):
+        loss = ((forward(*theta, x) - y) ** 2).mean()
+        theta = [t - 0.1 * g for t, g in zip(theta, torch.autograd.grad(loss, theta, create_graph=True))]
+    expected = torch.autograd.grad(((forward(*theta, x - 1) - y) ** 2).mean(), phi)
+    torch.testing.assert_close(got["linear.weight"], expected[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got["linear.bias"], expected[1], rtol=1e-12, atol=1e-14)
+    assert model.alias is model.linear.bias
+
+
 class OwnListing(nn.Sequential):
     """A class that redefines a listing: the walk cannot vouch for it."""
 

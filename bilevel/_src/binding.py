@@ -15,6 +15,7 @@ evaluates it with ``functional_call``, as does a traced (``torch.compile``) eval
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -39,13 +40,16 @@ _PLAIN = tuple(getattr(nn.Module, name) for name in _LISTING)
 class Members:
     """A module tree's parameters and buffers, each name -> (tensor, the places holding it),
     in ``named_parameters()``/``named_buffers()`` order: a weight tied across modules is listed
-    once, under its first name, with every place that holds it."""
+    once, under its first name, with every place that holds it. A parameter that is also
+    registered as a buffer is a parameter held at the buffer's place too (``named_buffers()``
+    would list it; a private copy of it would not follow the parameter)."""
 
     parameters: dict[str, tuple[Tensor, list[Place]]]
     buffers: dict[str, tuple[Tensor, list[Place]]]
 
 
-_PLAIN_CLASSES: dict[type, bool] = {}  # class -> whether it keeps nn.Module's listings
+# class -> whether it keeps nn.Module's listings; weak: parametrize makes a class per module
+_PLAIN_CLASSES: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
 
 def _lists_plainly(cls: type) -> bool:
@@ -85,6 +89,10 @@ def module_members(root: nn.Module) -> Members | None:
                 listing[prefix + name] = (tensor, held)
         children = [(prefix + name + ".", m) for name, m in module._modules.items() if m is not None]
         stack.extend(reversed(children))  # popped in order: the preorder of named_modules
+    for name, (tensor, held) in list(buffers.items()):
+        if id(tensor) in places[0]:  # a parameter registered as a buffer too
+            places[0][id(tensor)].extend(held)
+            del buffers[name]
     return Members(parameters, buffers)
 
 

@@ -4,11 +4,14 @@ its own way goes through functional_call, and the user's modules come back untou
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
+from torch.utils.checkpoint import checkpoint
 
 from bilevel import HyperGradient
 from bilevel._src.binding import Binding, module_members
@@ -180,3 +183,51 @@ def test_a_place_bound_twice_gets_its_original_back() -> None:
     assert holder["w"].item() == 2.0
     binding.restore(replaced)
     assert holder["w"] is original
+
+
+class CheckpointedBlock(nn.Module):
+    """The second layer runs under non-reentrant activation checkpointing when ``recompute``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(3, 4), nn.Linear(4, 1)
+        self.recompute = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.first(x))
+        if self.recompute:
+            return checkpoint(self.second, h, use_reentrant=False)
+        return self.second(h)
+
+
+@pytest.mark.parametrize("mode, options", [("unroll", {"steps": 2}), ("implicit-cg", {})])
+def test_activation_checkpointing_in_the_model_is_refused(mode: str, options: dict) -> None:
+    torch.manual_seed(0)
+    model = CheckpointedBlock()
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    decay = torch.tensor(0.1, requires_grad=True)
+    inner = lambda m, d: ((m(x) - y) ** 2).mean() + d * sum((p**2).sum() for p in m.parameters())
+    outer = lambda m, d: ((m(x + 1) - y) ** 2).mean()
+    hg = HyperGradient(mode, **options)
+    for _ in range(2):  # a refused call does not count as screened
+        with pytest.raises(ValueError, match="activation checkpointing"):
+            hg.compute(inner, outer, model, decay)
+    model.recompute = False
+    got = hg.compute(inner, outer, model, decay)
+    assert torch.isfinite(got)
+    pickle.loads(pickle.dumps(hg))  # what it records of the screened closures pickles
+    model.recompute = True  # a new HyperGradient screens its first call again
+    with pytest.raises(ValueError, match="activation checkpointing"):
+        HyperGradient(mode, **options).compute(inner, outer, model, decay)
+
+
+def test_a_submodule_at_two_places_gets_its_own_parameters_back() -> None:
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(shared, nn.Tanh(), shared)
+    weight, bias = shared.weight, shared.bias
+    x = torch.randn(4, 3)
+    HyperGradient("unroll", steps=2).compute(
+        lambda m, i: m(x).pow(2).mean(), lambda m, i: m(x).mean(), model, model
+    )
+    assert shared.weight is weight and shared.bias is bias
+    assert isinstance(shared.weight, nn.Parameter)

@@ -21,6 +21,7 @@ from .parallel_call import (
     warn_if_sharded,
 )
 from .problem import BilevelProblem
+from .recompute import recompute_guard
 from .sharded import has_sharded, sharded_modules_refusal
 from .solvers import BREAKDOWNS, MESSAGES
 from .stats import Stats, not_converged
@@ -103,6 +104,7 @@ class HyperGradient:
         self.local_solves = bool(local_solves)
         self.stats = Stats(mode=self.mode.name)
         self._warned: set[str] = set()
+        self._screened: set[int] = set()  # closure sets run with the recompute guard (recompute.py)
         self._layout: dict[str, Any] | None = None  # of the last call (or of a loaded checkpoint)
         self._layout_source = "the last call"
         self._loaded = False  # a loaded state whose devices the next call checks
@@ -209,7 +211,8 @@ class HyperGradient:
         try:
             start = time.perf_counter()
             try:
-                grads = self.mode.hypergradient(problem, stats)
+                with recompute_guard(problem, self._screened):  # the first call with these closures
+                    grads = self.mode.hypergradient(problem, stats)
             except BaseException:  # also KeyboardInterrupt: the others must not wait
                 if channel is not None:
                     channel.fail()  # the others stop at their next collective, with this rank

@@ -214,6 +214,9 @@ class BilevelProblem:
         paths = pytree.tree_flatten_with_path(self.hparams_structure.unflatten(self.phi0))[0]
         return [f"hparams{pytree.keystr(paths[i][0])}" for i in indices]
 
+    def closures(self) -> dict[str, Callable[..., Any]]:
+        return dict(self._closures)  # the registered closures, by name
+
     def closure_call(self) -> _ClosureCall:
         """The module that ``functional_call`` rebinds (built once, outside any trace)."""
         if self._call is None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 
 @dataclass
@@ -287,3 +288,35 @@ def symmetric_system(eigenvalues, seed: int = 0):
         return out[:-2], out[-2:]
 
     return matrix, matvec, v
+
+
+def mse(a, b):
+    # not F.mse_loss: torch's forward-over-reverse of its backward writes into an implicit zero
+    # tangent (RuntimeError "ZeroTensors are immutable"), which direction="forward" needs
+    return ((a - b) ** 2).mean()
+
+
+def sgd_rule(theta, grads, state, t, lr, momentum=0.0, weight_decay=0.0):
+    """torch.optim.SGD's rule: g + wd·θ; b = g at the first step, else μ·b + g; θ − lr·b."""
+    grads = [g + weight_decay * p for g, p in zip(grads, theta)]
+    if momentum:
+        state = grads if t == 0 else [momentum * b + g for b, g in zip(state, grads)]
+        grads = state
+    return [p - lr * g for p, g in zip(theta, grads)], state
+
+
+def maml_reference(model, task, rule, steps=5, **options):
+    """dg(θ_T)/dφ by hand: θ_0 = φ (the module's own parameters), ``steps`` steps of ``rule``."""
+    xs, ys, xq, yq = task
+    names = [n for n, _ in model.named_parameters()]
+    phi = [p for _, p in model.named_parameters()]
+    buffers = dict(model.named_buffers())
+
+    def loss(theta, x, y):
+        return mse(functional_call(model, {**dict(zip(names, theta)), **buffers}, (x,)), y)
+
+    theta, state = list(phi), None
+    for t in range(steps):
+        grads = torch.autograd.grad(loss(theta, xs, ys), theta, create_graph=True)
+        theta, state = rule(theta, grads, state, t, **options)
+    return dict(zip(names, torch.autograd.grad(loss(theta, xq, yq), phi)))

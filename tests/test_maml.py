@@ -13,15 +13,9 @@ from torch.func import functional_call
 
 from bilevel import HyperGradient
 
-from problems import load_script, rel_error
+from problems import load_script, maml_reference, mse, rel_error, sgd_rule
 
 STEPS = 5
-
-
-def _mse(a, b):
-    # not F.mse_loss: torch's forward-over-reverse of its backward writes into an implicit zero
-    # tangent (RuntimeError "ZeroTensors are immutable"), which direction="forward" needs
-    return ((a - b) ** 2).mean()
 
 
 class Scaled(nn.Module):
@@ -51,16 +45,7 @@ def _task(seed: int):
 
 def _closures(task):
     xs, ys, xq, yq = task
-    return (lambda m, init: _mse(m(xs), ys)), (lambda m, init: _mse(m(xq), yq))
-
-
-def _sgd(theta, grads, state, t, lr, momentum=0.0, weight_decay=0.0):
-    """torch.optim.SGD's rule: g + wd·θ; b = g at the first step, else μ·b + g; θ − lr·b."""
-    grads = [g + weight_decay * p for g, p in zip(grads, theta)]
-    if momentum:
-        state = grads if t == 0 else [momentum * b + g for b, g in zip(state, grads)]
-        grads = state
-    return [p - lr * g for p, g in zip(theta, grads)], state
+    return (lambda m, init: mse(m(xs), ys)), (lambda m, init: mse(m(xq), yq))
 
 
 def _adam(theta, grads, state, t, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, higher=False):
@@ -78,26 +63,9 @@ def _adam(theta, grads, state, t, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay
     return [p - s for p, s in zip(theta, step)], (m, v)
 
 
-def _reference(model, task, rule, steps=STEPS, **options):
-    """dg(θ_T)/dφ by hand: θ_0 = φ (the module's own parameters), ``steps`` steps of ``rule``."""
-    xs, ys, xq, yq = task
-    names = [n for n, _ in model.named_parameters()]
-    phi = [p for _, p in model.named_parameters()]
-    buffers = dict(model.named_buffers())
-
-    def loss(theta, x, y):
-        return _mse(functional_call(model, {**dict(zip(names, theta)), **buffers}, (x,)), y)
-
-    theta, state = list(phi), None
-    for t in range(steps):
-        grads = torch.autograd.grad(loss(theta, xs, ys), theta, create_graph=True)
-        theta, state = rule(theta, grads, state, t, **options)
-    return dict(zip(names, torch.autograd.grad(loss(theta, xq, yq), phi)))
-
-
 CASES = [
-    (torch.optim.SGD, _sgd, {"lr": 0.1}),
-    (torch.optim.SGD, _sgd, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.05}),
+    (torch.optim.SGD, sgd_rule, {"lr": 0.1}),
+    (torch.optim.SGD, sgd_rule, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.05}),
     (torch.optim.Adam, _adam, {"lr": 0.05, "weight_decay": 0.1}),
 ]
 
@@ -109,7 +77,7 @@ def test_maml_with_the_module_as_params_and_hparams_equals_the_hand_written_loop
 ):
     model, task = _model(), _task(1)
     placement = {"higher": backend == "higher"} if rule is _adam else {}  # where higher adds eps
-    expected = _reference(model, task, rule, **options, **placement)
+    expected = maml_reference(model, task, rule, **options, **placement)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hg = HyperGradient("unroll", steps=STEPS, inner_optimizer=optimizer, backend=backend, **options)
     got = hg.compute(*_closures(task), model, model)
@@ -151,7 +119,7 @@ def test_maml_with_a_learned_learning_rate_beside_the_init():
     hg = HyperGradient("unroll", steps=STEPS, lr=lambda h: h["log_lr"].exp())
     hparams = {"init": model, "log_lr": log_lr}  # the closures' hparams: {"init": dict, "log_lr": tensor}
     got = hg.compute(lambda m, h: inner(m, h["init"]), lambda m, h: outer(m, h["init"]), model, hparams)
-    expected = _reference(model, task, _sgd, lr=float(log_lr.exp()))
+    expected = maml_reference(model, task, sgd_rule, lr=float(log_lr.exp()))
     for name in expected:
         assert rel_error(got["init"][name], expected[name]) < 1e-10, name
     step = 1e-6  # the learning rate's part by central differences of the hand-written loop
@@ -162,16 +130,16 @@ def test_maml_with_a_learned_learning_rate_beside_the_init():
         theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
         lr = float((log_lr + sign * step).exp())
         for _ in range(STEPS):
-            loss = _mse(functional_call(model, dict(zip(names, theta)), (xs,)), ys)
+            loss = mse(functional_call(model, dict(zip(names, theta)), (xs,)), ys)
             theta = [p - lr * g for p, g in zip(theta, torch.autograd.grad(loss, theta))]
             theta = [p.detach().requires_grad_() for p in theta]
-        values.append(float(_mse(functional_call(model, dict(zip(names, theta)), (xq,)), yq)))
+        values.append(float(mse(functional_call(model, dict(zip(names, theta)), (xq,)), yq)))
     assert abs(float(got["log_lr"]) - (values[0] - values[1]) / (2 * step)) < 1e-7
 
 
 def test_a_meta_batch_is_the_mean_over_tasks_of_backward():
     model, tasks = _model(), [_task(s) for s in (4, 5, 6)]
-    expected = [_reference(model, t, _sgd, lr=0.1) for t in tasks]
+    expected = [maml_reference(model, t, sgd_rule, lr=0.1) for t in tasks]
     hg = HyperGradient("unroll", steps=STEPS, lr=0.1)
     for task in tasks:  # .grad accumulates over the tasks; divide for the mean
         hg.backward(*_closures(task), model, model)
@@ -195,7 +163,7 @@ def test_checkpointed_forward_and_full_truncation_agree_with_the_plain_unroll(op
 @pytest.mark.slow
 def test_the_compiled_sgd_program_starts_at_the_init():
     model, task = _model(), _task(8)
-    expected = _reference(model, task, _sgd, lr=0.1, momentum=0.9)
+    expected = maml_reference(model, task, sgd_rule, lr=0.1, momentum=0.9)
     hg = HyperGradient("unroll", steps=STEPS, lr=0.1, momentum=0.9, compile=True)
     for _ in range(2):  # the first call runs eagerly, the second the program
         got = hg.compute(*_closures(task), model, model)
@@ -257,7 +225,7 @@ def test_readme_maml_recipe():
     # --- README recipe: MAML (end)
     task = sine_task()  # one more task's meta-gradient, against the hand-written loop
     got = hg.compute(*task_losses(*task), model, model)
-    expected = _reference(model, task, _sgd, lr=0.1)
+    expected = maml_reference(model, task, sgd_rule, lr=0.1)
     assert all(rel_error(got[k], expected[k]) < 1e-5 for k in expected)  # float32
 
 
@@ -281,7 +249,7 @@ def test_the_imaml_recipe_of_the_refusal_gives_the_closed_form():
     lam = 0.7
 
     def task_loss(p):
-        return _mse(functional_call(model, p, (x,)), y)
+        return mse(functional_call(model, p, (x,)), y)
 
     theta = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
     inner = lambda p, init: task_loss(p) + lam / 2 * sum(((p[k] - init[k]) ** 2).sum() for k in p)
@@ -290,7 +258,7 @@ def test_the_imaml_recipe_of_the_refusal_gives_the_closed_form():
     star = torch.linalg.solve(a, 2 * x.T @ y / len(x) + lam * phi)
     with torch.no_grad():
         theta["weight"].copy_(star.reshape(1, 4))  # trained to the minimiser of inner
-    outer = lambda p, init: _mse(functional_call(model, p, (xq,)), yq)
+    outer = lambda p, init: mse(functional_call(model, p, (xq,)), yq)
     got = HyperGradient("implicit-exact").compute(inner, outer, theta, dict(model.named_parameters()))
     expected = lam * torch.linalg.solve(a, 2 * xq.T @ (xq @ star - yq) / len(xq))
     assert rel_error(got["weight"], expected.reshape(1, 4)) < 1e-10
